@@ -1,0 +1,30 @@
+"""pipeline: embed every video frame once with a frozen torchvision CNN, then train temporal heads on the cache.
+
+    import pipeline
+    report = pipeline.extract_videos(["videos/"], "cache.h5", backbone="resnet18", fps=5)
+    cache = pipeline.open_cache("cache.h5")
+    x = cache.features(cache.keys()[0])  # (T, D)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["extract_videos", "open_cache", "ExtractConfig", "Sampling", "FeatureSpec", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy: `pipeline --help` and `import pipeline` stay instant; torch loads on first real use.
+    if name == "extract_videos":
+        from pipeline.extract.run import extract_videos
+
+        return extract_videos
+    if name in ("open_cache", "FeatureSpec"):
+        from pipeline.data import cache
+
+        return getattr(cache, name)
+    if name in ("ExtractConfig", "Sampling"):
+        from pipeline import config
+
+        return getattr(config, name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

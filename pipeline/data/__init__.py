@@ -1,0 +1,1 @@
+"""The feature cache format and the datasets read from it."""

@@ -1,0 +1,262 @@
+"""A frozen torchvision classifier turned into a per-frame embedding, with the preprocessing of its weights.
+
+Weights come from torchvision (its cache $TORCH_HOME/hub/checkpoints/, downloaded when online), from a local state-dict
+file, or are a seeded random initialisation ('none').
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+class WeightsError(RuntimeError):
+    """Weights that cannot be found or loaded; the message names the remedies."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Frame -> network input: resize the shorter side, centre-crop, scale to [0, 1], normalise RGB.
+
+    Exactly the operations (and order) of torchvision's ImageClassification preset that ships with the weights.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bilinear"
+    antialias: bool = True
+    color: str = "RGB"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def crop_frame(self, frame: torch.Tensor) -> torch.Tensor:
+        """Shapes: (3, H, W) or (N, 3, H, W) uint8 -> (..., 3, crop, crop) uint8. Runs in decode workers."""
+        frame = F.resize(frame, [self.resize], interpolation=InterpolationMode(self.interpolation),
+                         antialias=self.antialias)
+        return F.center_crop(frame, [self.crop])
+
+    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
+        """Shapes: (N, 3, crop, crop) uint8 -> float32, normalised. Runs next to the model (on its device)."""
+        return F.normalize(F.convert_image_dtype(batch, torch.float32), mean=list(self.mean), std=list(self.std))
+
+    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.crop_frame(frame))
+
+
+def model_weights_enum(backbone: str):
+    try:
+        return torchvision.models.get_model_weights(backbone)
+    except (ValueError, KeyError) as e:
+        names = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
+        raise ValueError(f"--backbone {backbone!r} is not a torchvision classification model "
+                         f"(for example: {names}, ...)") from e
+
+
+def default_preprocessing(weights) -> Preprocessing:
+    t = weights.transforms()
+    return Preprocessing(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
+                         std=tuple(t.std), interpolation=t.interpolation.value, antialias=bool(t.antialias))
+
+
+def is_weights_file(weights: str) -> bool:
+    return os.sep in weights or weights.lower().endswith(WEIGHT_FILE_SUFFIXES) or Path(weights).is_file()
+
+
+@dataclass
+class LoadedBackbone:
+    model: nn.Module
+    """The classifier with its last Linear replaced by Identity: (N, 3, crop, crop) -> (N, dim)."""
+    weights: str
+    weights_sha256: str | None
+    preprocessing: Preprocessing
+    dim: int
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Replace the model's last nn.Linear (its classifier) by Identity; returns the embedding size."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier to remove; choose another --backbone")
+    parent_name, _, attr = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    dim = getattr(parent, attr).in_features
+    setattr(parent, attr, nn.Identity())
+    return dim
+
+
+def _unwrap_state_dict(obj) -> dict:
+    for key in ("state_dict", "model", "model_state_dict", "backbone"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError("the file does not hold a state dict of tensors")
+    return obj
+
+
+def match_state_dict(state: dict, model: nn.Module) -> tuple[dict, str]:
+    """Map a state dict's keys onto the model's, stripping the prefix (e.g. 'module.') that matches best."""
+    wanted = set(model.state_dict())
+    best, best_prefix = -1, ""
+    candidates = {""} | {k[: i + 1] for k in state for i, c in enumerate(k) if c == "." and k.count(".", 0, i) < 3}
+    for prefix in candidates:
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
+        if hits > best:
+            best, best_prefix = hits, prefix
+    mapped = {k[len(best_prefix):]: v for k, v in state.items() if k.startswith(best_prefix)}
+    return mapped, best_prefix
+
+
+def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: int | None = None,
+                  mean: tuple | None = None, std: tuple | None = None, progress: bool = True) -> LoadedBackbone:
+    """Build `backbone` with `weights`, drop its classifier, freeze it and resolve its preprocessing."""
+    enum = model_weights_enum(backbone)
+    source_weights = enum.DEFAULT
+    sha = None
+    if weights.lower() in ("none", "random"):
+        log.warning("backbone %s uses RANDOM weights (--weights none): features carry no ImageNet knowledge", backbone)
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = torchvision.models.get_model(backbone, weights=None)
+        weights_name = f"none(seed={RANDOM_INIT_SEED})"
+        state = None
+    elif is_weights_file(weights):
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist; pass an existing state-dict file, a torchvision "
+                               f"weights name (e.g. DEFAULT) or 'none'")
+        try:
+            state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from None
+        except Exception as e:
+            raise WeightsError(f"cannot load weights file {path}: {e}") from e
+        model = torchvision.models.get_model(backbone, weights=None)
+        weights_name, sha = path.name, sha256_file(path)
+    else:
+        source_weights = _weights_member(enum, weights, backbone)
+        weights_name = f"{enum.__name__}.{source_weights.name}"
+        state, sha = _torchvision_state_dict(source_weights, backbone, progress)
+        model = torchvision.models.get_model(backbone, weights=None)
+    dim = strip_classifier(model)
+    if state is not None:
+        mapped, prefix = match_state_dict(state, model)
+        own = model.state_dict()
+        missing = [k for k in own if k not in mapped]
+        if missing:
+            raise WeightsError(f"weights {weights_name} do not fit {backbone}: {len(missing)} tensors missing "
+                               f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of another architecture?")
+        bad = [k for k in own if mapped[k].shape != own[k].shape]
+        if bad:
+            raise WeightsError(f"weights {weights_name} do not fit {backbone}: shape mismatch for {', '.join(bad[:3])}")
+        unused = sorted(set(mapped) - set(own))
+        if unused:
+            log.info("ignoring %d tensors of %s not in the embedding (classifier): %s", len(unused), weights_name,
+                     ", ".join(unused[:4]))
+        if prefix:
+            log.info("stripped key prefix %r from %s", prefix, weights_name)
+        model.load_state_dict({k: mapped[k] for k in own})
+    pre = default_preprocessing(source_weights)
+    pre = Preprocessing(resize=resize or pre.resize, crop=crop or pre.crop, mean=tuple(mean or pre.mean),
+                        std=tuple(std or pre.std), interpolation=pre.interpolation, antialias=pre.antialias)
+    model.eval().requires_grad_(False)
+    return LoadedBackbone(model=model, weights=weights_name, weights_sha256=sha, preprocessing=pre, dim=dim)
+
+
+def _weights_member(enum, name: str, backbone: str):
+    key = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
+    if "." in key:
+        raise WeightsError(f"--weights {name!r} names weights of another model; {backbone} takes {enum.__name__}.*")
+    try:
+        return enum[key]
+    except KeyError:
+        options = ", ".join(["DEFAULT"] + [w.name for w in enum])
+        raise WeightsError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
+                           f"a state-dict file, or none") from None
+
+
+def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict, str]:
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    target = checkpoints / os.path.basename(member.url)
+    try:
+        state = member.get_state_dict(progress=progress, check_hash=True)
+    except Exception as e:  # offline (URLError), hub unreachable, or a corrupt file in the cache
+        raise WeightsError(
+            f"weights {type(member).__name__}.{member.name} for {backbone} are not in the torchvision cache and could "
+            f"not be downloaded ({type(e).__name__}: {e}).\nRemedies:\n"
+            f"  - on a machine with internet, download {member.url}\n"
+            f"    and copy it to {target} (the cache follows $TORCH_HOME), or\n"
+            f"  - pass a local state-dict file: --weights /path/to/weights.pth, or\n"
+            f"  - pass --weights none for a random initialisation (features carry no ImageNet knowledge)") from e
+    return state, sha256_file(target)
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return dev
+
+
+class FrameEmbedder:
+    """Runs a frozen backbone on batches of cropped uint8 frames: channels_last, autocast on CUDA."""
+
+    def __init__(self, loaded: LoadedBackbone, device: torch.device):
+        self.device = device
+        self.pre = loaded.preprocessing
+        self.model = loaded.model.to(device, memory_format=torch.channels_last)
+        self.autocast_dtype = None
+        if device.type == "cuda":
+            self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @torch.inference_mode()
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """Shapes: (N, 3, crop, crop) uint8 -> (N, D) float32 on the CPU."""
+        x = self.pre.normalize(frames.to(self.device, non_blocking=True))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is not None:
+            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float().flatten(1).cpu()

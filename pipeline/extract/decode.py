@@ -1,0 +1,211 @@
+"""Frames and their timestamps, decoded from video files (OpenCV/FFmpeg) or folders of images, in RGB order.
+
+Frame counts and timestamps always come from decoding: container headers (CAP_PROP_FRAME_COUNT, FPS) are recorded for
+reference only, because on real files they are often wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from pipeline.config import Sampling
+
+VIDEO_EXTENSIONS = frozenset({
+    ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv", ".3gp", ".ts",
+    ".mts", ".m2ts", ".ogv", ".vob", ".y4m",
+})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
+
+
+class DecodeError(RuntimeError):
+    """An input that cannot be turned into frames; the message says why."""
+
+
+def natural_key(name: str) -> list:
+    """Sort key that puts img_2 before img_10."""
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The image files directly inside `folder`, naturally sorted."""
+    images = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")]
+    return sorted(images, key=lambda p: natural_key(p.name))
+
+
+@dataclass
+class SourceInfo:
+    """What the container says about itself (for the record; decoding decides the truth)."""
+
+    native_fps: float
+    width: int
+    height: int
+    header_frame_count: int
+
+
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """Any OpenCV image (gray, BGR, BGRA; 8 or 16 bit) -> (H, W, 3) uint8 RGB."""
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise DecodeError(f"unsupported pixel type {image.dtype}")
+    if image.ndim == 2:
+        return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
+    if image.shape[2] == 4:
+        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
+    if image.shape[2] == 1:
+        return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+# ------------------------------------------------------------------------------------------------------ sources
+class Source:
+    """A sequence of frames: `probe()` then `frames(keep)` yields (index, timestamp_s, rgb or None)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def probe(self) -> SourceInfo:
+        raise NotImplementedError
+
+    def count(self) -> int:
+        """Number of frames, by decoding (needed only for uniform --num-frames sampling)."""
+        return sum(1 for _ in self.frames(lambda i, t: False))
+
+    def frames(self, keep) -> Iterator[tuple[int, float, np.ndarray | None]]:
+        """Every decoded frame in order; the RGB image is produced only when keep(index, timestamp) is true."""
+        raise NotImplementedError
+
+
+class VideoSource(Source):
+    def _open(self) -> cv2.VideoCapture:
+        if not self.path.exists():
+            raise DecodeError("file does not exist (a broken link?)")
+        if not self.path.is_file():
+            raise DecodeError("not a regular file")
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb"):
+                pass
+        except OSError as e:
+            raise DecodeError(f"cannot read the file ({e.strerror})") from e
+        if size == 0:
+            raise DecodeError("empty file (0 bytes)")
+        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if not cap.isOpened():
+            cap.release()
+            raise DecodeError("OpenCV/FFmpeg cannot open it as a video (not a video, or a corrupt/truncated one)")
+        cap.set(cv2.CAP_PROP_CONVERT_RGB, 1)
+        return cap
+
+    def probe(self) -> SourceInfo:
+        cap = self._open()
+        try:
+            fps = cap.get(cv2.CAP_PROP_FPS)
+            return SourceInfo(
+                native_fps=float(fps) if fps and math.isfinite(fps) and fps > 0 else 0.0,
+                width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                header_frame_count=max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), -1))
+        finally:
+            cap.release()
+
+    def frames(self, keep):
+        cap = self._open()
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        fps = fps if fps and math.isfinite(fps) and fps > 0 else 0.0
+        last_t = -1.0
+        index = 0
+        try:
+            while cap.grab():
+                t = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+                # Some containers report no or non-increasing positions: fall back to the nominal frame rate.
+                if not math.isfinite(t) or t <= last_t:
+                    t = index / fps if fps else last_t + 1.0 / 30.0
+                    t = max(t, last_t + 1e-6)
+                last_t = t
+                image = None
+                if keep(index, t):
+                    ok, bgr = cap.retrieve()
+                    if not ok or bgr is None:
+                        break  # a frame that demuxes but does not decode ends a damaged stream
+                    image = to_rgb(bgr)
+                yield index, t, image
+                index += 1
+        finally:
+            cap.release()
+
+
+class FolderSource(Source):
+    """A folder of images, one frame each, naturally sorted; timestamps at a nominal frame rate."""
+
+    def __init__(self, path: Path, fps: float):
+        super().__init__(path)
+        self.fps = fps
+        self.images = list_images(path)
+
+    def _read(self, image_path: Path) -> np.ndarray:
+        image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+        if image is None:
+            raise DecodeError(f"cannot decode image {image_path.name!r} (corrupt or not an image)")
+        return to_rgb(image)
+
+    def probe(self) -> SourceInfo:
+        if not self.images:
+            raise DecodeError("folder holds no images")
+        first = self._read(self.images[0])
+        return SourceInfo(native_fps=self.fps, width=first.shape[1], height=first.shape[0],
+                          header_frame_count=len(self.images))
+
+    def count(self) -> int:
+        return len(self.images)
+
+    def frames(self, keep):
+        for index, image_path in enumerate(self.images):
+            t = index / self.fps
+            yield index, t, (self._read(image_path) if keep(index, t) else None)
+
+
+def open_source(path: Path, frames_fps: float) -> Source:
+    return FolderSource(path, frames_fps) if path.is_dir() else VideoSource(path)
+
+
+# ----------------------------------------------------------------------------------------------------- sampling
+class FrameSelector:
+    """Streaming decision 'is this decoded frame a feature row?' for one video and one Sampling."""
+
+    def __init__(self, sampling: Sampling, total: int | None = None):
+        self.s = sampling
+        self.kept = 0
+        self.next_t = 0.0
+        self.uniform: set[int] | None = None
+        if sampling.num_frames is not None:
+            if total is None:
+                raise ValueError("uniform sampling needs the frame count")
+            n = min(sampling.num_frames, total)
+            self.uniform = set(np.round(np.linspace(0, total - 1, n)).astype(int).tolist()) if n else set()
+
+    def __call__(self, index: int, t: float) -> bool:
+        s = self.s
+        if self.uniform is not None:
+            return index in self.uniform
+        if s.max_frames is not None and self.kept >= s.max_frames:
+            return False
+        if s.fps is not None:
+            # one frame per interval [k/fps, (k+1)/fps): the first frame whose timestamp enters it
+            if t + 1e-9 < self.next_t:
+                return False
+            self.next_t = (math.floor(t * s.fps + 1e-9) + 1) / s.fps
+        elif index % s.stride:
+            return False
+        self.kept += 1
+        return True

@@ -213,13 +213,17 @@ class CacheWriter:
             raise CacheError(f"{self.path} exists and is not a pipeline feature cache; choose another -o path")
         self.parts.mkdir(parents=True, exist_ok=True)
         self._lock_fd = _lock(self.parts / ".lock", self.path)
-        self._check_spec(overwrite)
-        for stale in self.parts.glob(".*.tmp"):  # left by a killed run
-            stale.unlink(missing_ok=True)
-        _write_text_atomic(self.parts / SPEC_FILE, json.dumps(
-            {"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype}, indent=1, sort_keys=True))
-        self._index = _read_index_rows(self.path)
-        self.write_index()
+        try:
+            self._check_spec(overwrite)
+            for stale in self.parts.glob(".*.tmp"):  # left by a killed run
+                stale.unlink(missing_ok=True)
+            _write_text_atomic(self.parts / SPEC_FILE, json.dumps(
+                {"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype}, indent=1, sort_keys=True))
+            self._index = _read_index_rows(self.path)
+            self.write_index()
+        except BaseException:
+            self.close()
+            raise
 
     def _check_spec(self, overwrite: bool) -> None:
         spec_file = self.parts / SPEC_FILE
@@ -452,6 +456,10 @@ class FeatureCache:
 
     def labels(self) -> dict[str, str | None]:
         return {k: (r["label"] or None) for k, r in self._rows.items()}
+
+    def splits(self) -> dict[str, str | None]:
+        """The split each video was given in a CSV manifest (train, val, test, ...), None where it has none."""
+        return {k: (r["split"] or None) for k, r in self._rows.items()}
 
     def failures(self) -> list[dict]:
         """Inputs that failed in the last run that met them: key, source_path, reason, time."""

@@ -7,12 +7,20 @@ reference only, because on real files they are often wrong.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
+# FFmpeg and OpenCV print their own complaints about damaged files to stderr; the run reports each failure itself.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+import cv2  # noqa: E402  (after the log settings above)
+
+if hasattr(cv2, "setLogLevel"):  # also when cv2 was imported before the variables above were set
+    cv2.setLogLevel(2)  # 2 = LOG_LEVEL_ERROR
 import numpy as np
 
 from pipeline.config import Sampling

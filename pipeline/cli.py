@@ -64,6 +64,8 @@ def extract(
     workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _e("workers"),
     threads: Annotated[Optional[int], typer.Option(help="Torch threads of the model process.")] = _e("threads"),
     overwrite: Annotated[bool, typer.Option(help="Discard a cache of another feature spec instead of refusing.")] = _e("overwrite"),
+    shard: Annotated[Optional[str], typer.Option(help="i/n: extract share i of n of the inputs (Slurm arrays, plain "
+                                                      "processes); then `pipeline merge`. Not needed under torchrun.")] = _e("shard"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors only.")] = False,
 ) -> None:
     """Extract per-frame features of videos into an HDF5 cache (resumable; failed inputs are reported and skipped)."""
@@ -72,7 +74,8 @@ def extract(
         sampling = Sampling(fps=fps, stride=stride, max_frames=max_frames, num_frames=num_frames, frames_fps=frames_fps)
         config = ExtractConfig(output=output, backbone=backbone, weights=weights, resize=resize, crop=crop, mean=mean,
                                std=std, sampling=sampling, dtype=dtype, device=device, batch_size=batch_size,
-                               workers=workers, threads=threads, overwrite=overwrite, progress=not quiet)
+                               workers=workers, threads=threads, overwrite=overwrite, shard=shard,
+                               progress=not quiet)
     except ValueError as e:
         raise _fail(str(e), EXIT_USAGE) from None
 
@@ -130,9 +133,25 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     if failures:
         for f in bad:
             typer.echo(f"  {f['source_path']}: {f['reason']}")
+    shards = c.shards()
+    if shards:
+        typer.echo(f"shards     {len(shards)}   " + "   ".join(f"{s}: {n} videos" for s, n in shards.items()))
     pending = c.unindexed_parts()
     if pending:
         typer.echo(f"note       {pending} finished videos are not indexed yet: rerun the extract command to resume")
+
+
+@app.command()
+def merge(cache: Annotated[Path, typer.Argument(help="The cache that sharded runs wrote parts for.")]) -> None:
+    """Build the cache index from every finished part (after `extract --shard i/n` runs; torchrun does it itself)."""
+    from pipeline.data.cache import CacheError
+    from pipeline.data.cache import merge as merge_parts
+
+    try:
+        n = merge_parts(cache)
+    except CacheError as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"{cache}: {n} videos")
 
 
 @app.command()

@@ -89,6 +89,9 @@ class ExtractConfig:
     """Torch threads of the model process; default: all CPU cores (decode workers use one thread each)."""
     overwrite: bool = False
     """Discard an existing cache built with a different feature spec instead of refusing."""
+    shard: str | None = None
+    """'i/n': extract only share i (0-based) of n of the inputs, balanced by size, e.g. in a Slurm array; then run
+    `pipeline merge`. Under torchrun the share comes from RANK/WORLD_SIZE instead."""
     progress: bool = True
 
     def __post_init__(self):
@@ -109,6 +112,11 @@ class ExtractConfig:
                 raise ValueError(f"{flag} takes three numbers (R G B), got {value}")
         if self.std is not None and min(self.std) <= 0:
             raise ValueError(f"--std must be positive, got {self.std}")
+        if self.shard is not None:
+            parse_shard(self.shard)
+            if self.overwrite:
+                raise ValueError("--overwrite cannot be combined with --shard (shards would delete each other's "
+                                 "work); delete the cache and its .parts folder first")
         if self.output.suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"-o/--output should name an .h5 file, got {str(self.output)!r}")
 
@@ -314,6 +322,17 @@ class PredictConfig:
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
         _check_device(self.device)
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes i/n (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard i/n needs 0 <= i < n, got {text!r}")
+    return i, n
+
 
 def cpu_count() -> int:
     try:

@@ -132,9 +132,9 @@ class PartWriter:
     buffer moves into a resizable (CHUNK_ROWS, D) dataset and memory stays bounded however long the video is.
     """
 
-    def __init__(self, final: Path, dim: int, dtype: str):
+    def __init__(self, final: Path, dim: int, dtype: str, tag: str = ""):
         self.final = final
-        self.tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        self.tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
         self.dim, self.dtype = dim, np.dtype(dtype)
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered = 0
@@ -197,30 +197,43 @@ class PartWriter:
 # Columns of the /index table, read in one go by open_cache (no part file opened to list a cache).
 _INDEX_COLUMNS = {
     "key": str, "id": str, "label": str, "split": str, "num_frames": np.int64, "source_path": str,
-    "source_size": np.int64, "source_mtime_ns": np.int64, "part_size": np.int64, "part_mtime_ns": np.int64,
+    "source_size": np.int64, "source_mtime_ns": np.int64, "shard": str, "spec_id": str,
+    "part_size": np.int64, "part_mtime_ns": np.int64,
 }
 
 
 class CacheWriter:
-    """Owns CACHE.h5 and CACHE.h5.parts/ for one extraction run (one process at a time, enforced by a lock)."""
+    """Owns CACHE.h5 and CACHE.h5.parts/ for one extraction run.
+
+    One unsharded writer at a time (an exclusive lock on .lock). Shard writers (`shard=(i, n)`, e.g. torchrun ranks
+    or Slurm array tasks) share .lock, hold .lock.shard-i-of-n exclusively, write only their own videos' parts and
+    no index: `merge()` (or rank 0 after a barrier) builds it once they are all done.
+    """
 
     def __init__(self, path: str | os.PathLike, spec: FeatureSpec, dtype: str, overwrite: bool = False,
-                 versions: dict | None = None):
+                 shard: tuple[int, int] | None = None):
         self.path = Path(path)
         self.parts = parts_dir(self.path)
-        self.spec, self.dtype, self.versions = spec, dtype, versions or {}
+        self.spec, self.dtype, self.shard = spec, dtype, shard
+        self.tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
         if self.path.exists() and not (self.parts / SPEC_FILE).exists() and not _is_cache_file(self.path):
             raise CacheError(f"{self.path} exists and is not a pipeline feature cache; choose another -o path")
         self.parts.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = _lock(self.parts / ".lock", self.path)
+        self._lock_fds = [_lock(self.parts / ".lock", self.path, shared=shard is not None)]
         try:
+            if shard:
+                self._lock_fds.append(_lock(self.parts / f".lock{self.tag}", self.path))
             self._check_spec(overwrite)
-            for stale in self.parts.glob(".*.tmp"):  # left by a killed run
+            # Temporary files left by a killed run: all of them, or a shard's own (others may be writing theirs).
+            for stale in self.parts.glob(f".*{self.tag}.*.tmp" if shard else ".*.tmp"):
                 stale.unlink(missing_ok=True)
-            _write_text_atomic(self.parts / SPEC_FILE, json.dumps(
-                {"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype}, indent=1, sort_keys=True))
+            spec_text = json.dumps({"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype},
+                                   indent=1, sort_keys=True)
+            if not (self.parts / SPEC_FILE).exists():
+                _write_text_atomic(self.parts / SPEC_FILE, spec_text)
             self._index = _read_index_rows(self.path)
-            self.write_index()
+            if not shard:
+                self.write_index()
         except BaseException:
             self.close()
             raise
@@ -268,7 +281,7 @@ class CacheWriter:
         return row["source_size"] == source_size and row["source_mtime_ns"] == source_mtime_ns
 
     def begin(self, key: str, dim: int) -> PartWriter:
-        return PartWriter(self.part_path(key), dim, self.dtype)
+        return PartWriter(self.part_path(key), dim, self.dtype, self.tag)
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
         record = {"key": key, "source_path": source_path, "reason": reason,
@@ -293,6 +306,11 @@ class CacheWriter:
                     part.unlink(missing_ok=True)
                     continue
             rows[vid] = row
+        foreign = sorted(r["key"] for r in rows.values() if r["spec_id"] != self.spec.id)
+        if foreign:
+            raise CacheError(f"{self.parts} holds {len(foreign)} videos of another feature spec than {self.spec.id} "
+                             f"(e.g. {', '.join(foreign[:3])}); shards of different specs cannot be merged: "
+                             f"remove those parts or extract them into another cache")
         self._index = rows
         failures = []
         for f in sorted(self.parts.glob("*" + FAILED_SUFFIX)):
@@ -306,7 +324,7 @@ class CacheWriter:
             f.attrs["spec_id"] = self.spec.id
             f.attrs["dtype"] = self.dtype
             f.attrs["parts_dir"] = self.parts.name
-            f.attrs["versions"] = json.dumps(self.versions, sort_keys=True)
+            f.attrs["versions"] = json.dumps(package_versions(), sort_keys=True)
             f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             videos = f.create_group("videos")
             ordered = sorted(rows.values(), key=lambda r: r["key"])
@@ -326,19 +344,47 @@ class CacheWriter:
         _commit(tmp, self.path)
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        for fd in self._lock_fds:
+            os.close(fd)
+        self._lock_fds = []
 
 
-def _lock(lock_path: Path, cache: Path) -> int:
+def merge(path: str | os.PathLike) -> int:
+    """Build CACHE.h5 from every finished part in CACHE.h5.parts/ (after sharded runs); returns the video count.
+
+    Refuses while a writer is running and when parts of another feature spec are present."""
+    parts = parts_dir(path)
+    spec_file = parts / SPEC_FILE
+    if not spec_file.exists():
+        raise CacheError(f"nothing to merge: {parts} does not exist or holds no spec.json")
+    stored = json.loads(spec_file.read_text(encoding="utf-8"))
+    writer = CacheWriter(path, FeatureSpec(**stored["spec"]), stored["dtype"])  # its start writes the index
+    writer.close()
+    return len(writer._index)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the features, recorded in every index."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("framecache", "torch", "torchvision", "opencv-python-headless", "opencv-python", "h5py", "numpy"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as e:
         os.close(fd)
         if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise CacheError(f"another extraction is writing to {cache}; wait for it or choose another -o path") from e
+            raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); wait for it, "
+                             f"or choose another -o path") from e
         raise
     return fd
 
@@ -370,8 +416,8 @@ def _part_row(part: Path) -> dict | None:
                 "key": _attr(a, "key"), "id": part.name[: -len(PART_SUFFIX)], "label": _attr(a, "label", ""),
                 "split": _attr(a, "split", ""), "num_frames": int(f["features"].shape[0]),
                 "source_path": _attr(a, "source_path", ""), "source_size": int(_attr(a, "source_size", -1)),
-                "source_mtime_ns": int(_attr(a, "source_mtime_ns", -1)),
-                "part_size": st.st_size, "part_mtime_ns": st.st_mtime_ns,
+                "source_mtime_ns": int(_attr(a, "source_mtime_ns", -1)), "shard": _attr(a, "shard", ""),
+                "spec_id": _attr(a, "spec_id", ""), "part_size": st.st_size, "part_mtime_ns": st.st_mtime_ns,
             }
     except (OSError, KeyError):
         return None
@@ -407,7 +453,10 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"no feature cache at {self.path}; create it with `pipeline extract ... -o {path}`")
+            hint = (f"sharded runs leave their parts in {parts_dir(self.path)}: build the index with "
+                    f"`pipeline merge {path}`" if (parts_dir(self.path) / SPEC_FILE).exists() else
+                    f"create it with `pipeline extract ... -o {path}`")
+            raise FileNotFoundError(f"no feature cache at {self.path}; {hint}")
         try:
             with h5py.File(self.path, "r") as f:
                 if f.attrs.get("format") != FORMAT_NAME:
@@ -460,6 +509,14 @@ class FeatureCache:
     def splits(self) -> dict[str, str | None]:
         """The split each video was given in a CSV manifest (train, val, test, ...), None where it has none."""
         return {k: (r["split"] or None) for k, r in self._rows.items()}
+
+    def shards(self) -> dict[str, int]:
+        """Videos per shard that extracted them ('i/n'); empty when no sharded run contributed."""
+        counts: dict[str, int] = {}
+        for r in self._rows.values():
+            if r["shard"]:
+                counts[r["shard"]] = counts.get(r["shard"], 0) + 1
+        return dict(sorted(counts.items()))
 
     def failures(self) -> list[dict]:
         """Inputs that failed in the last run that met them: key, source_path, reason, time."""

@@ -15,7 +15,6 @@ import traceback
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.config import ExtractConfig, Sampling, cpu_count
-from pipeline.data.cache import CacheWriter, FeatureSpec
+from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard
+from pipeline.data.cache import CacheWriter, FeatureSpec, merge
 from pipeline.extract.backbone import FrameEmbedder, Preprocessing, load_backbone, pick_device
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
@@ -41,6 +40,7 @@ class ExtractReport:
 
     cache: Path
     spec: FeatureSpec
+    shard: tuple[int, int] | None = None
     extracted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
@@ -56,16 +56,6 @@ class ExtractReport:
         text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
                 f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> {self.cache}")
         return text
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for dist in ("framecache", "torch", "torchvision", "opencv-python-headless", "opencv-python", "h5py", "numpy"):
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ decode workers
@@ -162,20 +152,28 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     """
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
+    dist = Distributed.from_env(cfg.shard)
     items = discover(inputs)
-    device = pick_device(cfg.device)
+    if dist.shard:
+        # Every rank computes the same balanced split of ALL inputs (finished or not), so no video is ever
+        # owned by two ranks or by none, whatever the others have done.
+        items = [items[i] for i in balance([it.signature()[0] for it in items], dist.world)[dist.rank]]
+    device = pick_device(dist.device(cfg.device))
     workers = cfg.workers if cfg.workers is not None else _default_workers(device)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
-    # beat 1 thread + a worker by 30% on ResNet-18).
-    threads = cfg.threads or cpu_count()
+    # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
+    threads = cfg.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
     batch_size = cfg.batch_size or (8 if device.type == "cpu" else 64)
 
     loaded = load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.progress)
     spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
                        preprocessing=loaded.preprocessing.to_dict(), sampling=cfg.sampling.to_dict(), dim=loaded.dim)
-    writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, versions=package_versions())
-    report = ExtractReport(cache=cfg.output, spec=spec)
+    if dist.shard and cfg.overwrite:
+        raise ValueError("--overwrite cannot be used by several ranks at once; delete the cache and its .parts "
+                         "folder first")
+    writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
+    report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
     try:
         todo, signatures = [], {}
         for item in items:
@@ -190,10 +188,65 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
             embedder = FrameEmbedder(loaded, device)
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
     finally:
-        writer.write_index()
+        if not dist.shard:
+            writer.write_index()
         writer.close()
+    if dist.torchrun:
+        dist.barrier()  # every rank's parts are committed; one process builds the index
+        if dist.rank == 0:
+            merge(cfg.output)
+        dist.barrier()
+    elif dist.shard:
+        log.warning("shard %d/%d done; when every shard is, build the index with `pipeline merge %s`",
+                    dist.rank, dist.world, cfg.output)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass
+class Distributed:
+    """Which share of the inputs this process extracts: all of them, --shard i/n, or a torchrun rank."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+    torchrun: bool = False
+
+    @classmethod
+    def from_env(cls, shard: str | None) -> Distributed:
+        import os
+
+        if shard is not None:
+            i, n = parse_shard(shard)
+            return cls(rank=i, world=n)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import datetime
+
+        import torch.distributed as torch_dist
+
+        if not torch_dist.is_initialized():
+            # gloo for the two barriers only (CPU or GPU): ranks never wait on each other while extracting.
+            torch_dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+        return cls(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torchrun=True)
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        return (self.rank, self.world) if self.world > 1 else None
+
+    def device(self, requested: str) -> str:
+        """Each rank on its own GPU: cuda -> cuda:LOCAL_RANK."""
+        if self.torchrun and requested in ("auto", "cuda") and torch.cuda.is_available():
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
+        return requested
+
+    def barrier(self) -> None:
+        import torch.distributed as torch_dist
+
+        torch_dist.barrier()
 
 
 def _default_workers(device: torch.device) -> int:
@@ -232,7 +285,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         parts.pop(i).commit({
             "key": item.key, "source_path": str(item.path.resolve()), "label": item.label, "split": item.split,
             "kind": item.kind, "source_size": size, "source_mtime_ns": mtime, "spec_id": writer.spec.id,
-            "device": str(device), "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **ended.pop(i)})
+            "device": str(device), "shard": f"{writer.shard[0]}/{writer.shard[1]}" if writer.shard else "",
+            "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **ended.pop(i)})
         outstanding.pop(i, None)
         writer.clear_failure(item.key)
         report.extracted.append(item.key)
@@ -304,7 +358,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
                     queue.remove(entry)
                     queued -= len(entry[1])
                 fail(i, message[2])
-            if time.monotonic() - last_index > INDEX_EVERY_S:
+            if not writer.shard and time.monotonic() - last_index > INDEX_EVERY_S:
                 writer.write_index()
                 last_index = time.monotonic()
         while queued:

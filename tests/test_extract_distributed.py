@@ -1,0 +1,162 @@
+"""Extraction shared by several processes: torchrun ranks (gloo on CPU) and --shard i/n, then one merged cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import FAST, make_video
+from typer.testing import CliRunner
+
+import pipeline
+from pipeline.cli import app
+from pipeline.data.cache import CacheError, CacheWriter, merge, open_cache, parts_dir
+
+ARGS = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56", "--dtype", "float32",
+        "--workers", "0", "-q"]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist") / "videos"
+    for k in range(10):  # uneven lengths, so balancing by size matters
+        make_video(root / f"c{k % 3}" / f"v{k}.avi", 4 + 3 * (k % 4), offset=k)
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(videos, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "ref.h5"
+    pipeline.extract_videos([videos], out, **{**FAST, "dtype": "float32"})
+    return open_cache(out)
+
+
+def assert_same_cache(got, ref):
+    assert sorted(got.keys()) == sorted(ref.keys())
+    assert got.spec.id == ref.spec.id
+    for key in ref.keys():
+        np.testing.assert_array_equal(got.frame_indices(key), ref.frame_indices(key))
+        np.testing.assert_allclose(got.features(key), ref.features(key), rtol=1e-5, atol=1e-5)
+        assert got.label(key) == ref.label(key)
+
+
+def torchrun(videos: Path, out: Path, nproc: int = 2) -> subprocess.Popen:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "pipeline", "extract", str(videos), "-o", str(out), *ARGS]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equal_single_process(videos, reference, tmp_path):
+    out = tmp_path / "c.h5"
+    proc = torchrun(videos, out)
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, log
+    cache = open_cache(out)
+    assert_same_cache(cache, reference)
+    shards = cache.shards()
+    assert set(shards) == {"0/2", "1/2"} and sum(shards.values()) == 10 and min(shards.values()) >= 3
+    info = CliRunner().invoke(app, ["info", str(out)])
+    assert "shards     2   0/2:" in info.output
+
+
+@pytest.mark.slow
+def test_killed_rank_then_rerun_does_only_missing_videos(videos, reference, tmp_path):
+    out = tmp_path / "c.h5"
+    proc = torchrun(videos, out)
+    pdir = parts_dir(out)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if pdir.is_dir() and len(list(pdir.glob("*.h5"))) >= 3:
+            break
+        time.sleep(0.005)
+    ranks = children(proc.pid)
+    assert ranks, "no rank process found"
+    os.kill(ranks[-1], signal.SIGKILL)  # one rank dies; torchrun then stops the other
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    with pytest.raises(FileNotFoundError, match="pipeline merge"):
+        open_cache(out)  # no index yet: the ranks never reached the merge
+    before = {p.name: p.stat().st_mtime_ns for p in pdir.glob("*.h5")}
+    assert 3 <= len(before) < 10
+
+    proc = torchrun(videos, out)
+    log = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, log
+    after = {p.name: p.stat().st_mtime_ns for p in pdir.glob("*.h5")}
+    assert len(after) == 10 and all(after[name] == mtime for name, mtime in before.items())
+    assert not list(pdir.glob(".*.tmp"))
+    assert_same_cache(open_cache(out), reference)
+
+
+def test_shards_then_merge_and_other_world_size_resumes(videos, reference, tmp_path):
+    out = tmp_path / "c.h5"
+    opts = {**FAST, "dtype": "float32"}
+    first = pipeline.extract_videos([videos], out, shard="0/2", **opts)
+    with pytest.raises(FileNotFoundError, match="pipeline merge"):
+        open_cache(out)
+    second = pipeline.extract_videos([videos], out, shard="1/2", **opts)
+    assert not set(first.extracted) & set(second.extracted)
+    assert len(first.extracted) + len(second.extracted) == 10
+    result = CliRunner().invoke(app, ["merge", str(out)])
+    assert result.exit_code == 0 and "10 videos" in result.output
+    assert_same_cache(open_cache(out), reference)
+    for i in range(3):  # another world size finds everything done
+        report = pipeline.extract_videos([videos], out, shard=f"{i}/3", **opts)
+        assert report.extracted == [] and len(report.skipped) >= 3
+
+
+def test_merge_refuses_other_spec_and_running_writers(videos, tmp_path):
+    out = tmp_path / "c.h5"
+    pipeline.extract_videos([videos], out, shard="0/2", **FAST)
+    other = tmp_path / "other.h5"
+    pipeline.extract_videos([videos], other, shard="1/2", **{**FAST, "crop": 48})
+    for part in parts_dir(other).glob("*.h5"):  # a shard of another spec lands in this cache's folder
+        shutil.copy(part, parts_dir(out) / part.name)
+    with pytest.raises(CacheError, match="another feature spec"):
+        merge(out)
+    for part in parts_dir(other).glob("*.h5"):
+        (parts_dir(out) / part.name).unlink()
+    writer = CacheWriter(out, _spec_of(out), "float16", shard=(1, 2))  # a shard still running
+    try:
+        with pytest.raises(CacheError, match="another extraction is writing"):
+            merge(out)
+    finally:
+        writer.close()
+    assert merge(out) == len(list(parts_dir(out).glob("*.h5")))
+
+
+def _spec_of(cache: Path):
+    import json
+
+    from pipeline.data.cache import FeatureSpec
+
+    return FeatureSpec(**json.loads((parts_dir(cache) / "spec.json").read_text())["spec"])
+
+
+def test_shard_option_errors():
+    result = CliRunner().invoke(app, ["extract", ".", "-o", "x.h5", "--shard", "2/2"])
+    assert result.exit_code == 2 and "0 <= i < n" in result.output
+    result = CliRunner().invoke(app, ["extract", ".", "-o", "x.h5", "--shard", "0/2", "--overwrite"])
+    assert result.exit_code == 2 and "--overwrite cannot be combined with --shard" in result.output

@@ -159,3 +159,24 @@ def test_prefixed_state_dict_with_foreign_classifier_loads(tmp_path, resnet50_se
         x = torch.stack([pre(torch.from_numpy(f).permute(2, 0, 1)) for f in decode_all_rgb(video)])
         expected = model(x).numpy()
     np.testing.assert_allclose(cache.features("a.avi"), expected, atol=1e-4 * np.abs(expected).max())
+
+
+def test_long_video_streams_into_chunked_storage_with_the_same_rows(tmp_path):
+    """Past 1024 rows a video is appended chunk by chunk (bounded memory); its rows equal those of a short run."""
+    import h5py
+
+    from pipeline.data.cache import CHUNK_ROWS, CONTIGUOUS_MAX_ROWS
+
+    n = CONTIGUOUS_MAX_ROWS + 80
+    video = make_video(tmp_path / "long.avi", n, width=40, height=32)
+    small = dict(FAST, resize=32, crop=32, dtype="float32", batch_size=64)
+    pipeline.extract_videos([video], tmp_path / "long.h5", **small)
+    pipeline.extract_videos([video], tmp_path / "head.h5", max_frames=300, **small)
+    long, head = pipeline.open_cache(tmp_path / "long.h5"), pipeline.open_cache(tmp_path / "head.h5")
+    rows = long.features("long.avi")
+    assert rows.shape == (n, 512)
+    np.testing.assert_array_equal(long.frame_indices("long.avi"), np.arange(n))
+    np.testing.assert_allclose(rows[:300], head.features("long.avi"), atol=1e-5)
+    with h5py.File(tmp_path / "long.h5") as f:
+        ds = f["videos"][f["index/id"].asstr()[0]]["features"]
+        assert ds.chunks == (CHUNK_ROWS, 512) and ds.compression is None

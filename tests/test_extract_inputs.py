@@ -139,3 +139,19 @@ def test_failed_inputs_exit_3_list_in_info_and_are_retried(messy, tmp_path):
     cache = pipeline.open_cache(out)
     assert "zero.mp4" in cache and "zero.mp4" not in {f["key"] for f in cache.failures()}
     assert "text.mp4" in {f["key"] for f in cache.failures()}
+
+
+def test_decode_workers_start_after_opencv_used_its_thread_pool(tmp_path):
+    """Forked decode workers must not hang when the parent process already ran OpenCV on a large image."""
+    import subprocess
+    import sys
+
+    video = make_video(tmp_path / "v" / "a.avi", 3)
+    script = (
+        "import cv2, numpy as np, pipeline\n"
+        "cv2.cvtColor(np.zeros((720, 1280, 3), np.uint8), cv2.COLOR_RGB2BGR)\n"
+        f"r = pipeline.extract_videos([{str(video)!r}], {str(tmp_path / 'c.h5')!r}, backbone='resnet18',"
+        " weights='none', resize=64, crop=56, workers=1, progress=False)\n"
+        "assert r.ok and r.frames == 3\n")
+    result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

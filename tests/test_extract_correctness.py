@@ -63,7 +63,7 @@ def test_frame_folder_rows_equal_pil_reference(tmp_path, resnet18_state_file):
     cache = pipeline.open_cache(tmp_path / "c.h5")
     np.testing.assert_array_equal(cache.frame_indices("seq"), [0, 1, 2, 3])
     files = [folder / f"img_{i}.png" for i in (1, 2, 3, 4)]
-    rgb = [np.asarray(Image.open(f).convert("RGB")) for f in files]
+    rgb = [np.array(Image.open(f).convert("RGB")) for f in files]
     expected = reference_rows(reference_model(resnet18_state_file), rgb)
     np.testing.assert_allclose(cache.features("seq"), expected, rtol=0, atol=1e-4 * np.abs(expected).max())
 
@@ -73,7 +73,7 @@ def test_natural_sort_of_frame_folders(tmp_path, resnet18_state_file):
     opts = {**FAST, "weights": str(resnet18_state_file)}
     pipeline.extract_videos([folder], tmp_path / "c.h5", dtype="float32", frames_fps=4.0, **opts)
     cache = pipeline.open_cache(tmp_path / "c.h5")
-    natural = [np.asarray(Image.open(folder / f"img_{i}.png").convert("RGB")) for i in range(1, 13)]
+    natural = [np.array(Image.open(folder / f"img_{i}.png").convert("RGB")) for i in range(1, 13)]
     expected = reference_rows(reference_model(resnet18_state_file), natural, resize=64, crop=56)
     np.testing.assert_allclose(cache.features("seq"), expected, atol=1e-4 * np.abs(expected).max())
     np.testing.assert_array_equal(cache.frame_indices("seq"), np.arange(12))

@@ -1,0 +1,294 @@
+"""Sequences of feature rows for training and evaluating heads: clip plans, padding, and two stores.
+
+The RAM store reads the chosen videos of a cache once into one (rows, D) array in the cache's own dtype (float16 stays
+float16) and gathers whole batches with one indexing operation, casting to float32 per batch. The lazy store, for caches
+larger than memory, reads each batch's videos in DataLoader worker processes that open the cache themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from pipeline.data.cache import FeatureCache
+
+log = logging.getLogger(__name__)
+
+RAM_SHARE = 0.6  # memory="auto" holds the features in RAM when they need at most this share of the available memory
+STATS_ROWS = 200_000  # rows sampled for the per-dimension mean/std that heads standardise their inputs with
+STATS_CHUNK = 8192  # rows converted to float32 at a time while computing them (64 MiB for D=2048)
+
+
+@dataclass
+class Plan:
+    """Which rows one batch is made of.
+
+    Shapes: videos (B,) store indices; frames (B, L) row positions within each video, -1 for padding;
+    owners (B,) the sample each clip belongs to (several clips of one video share an owner); y (B,) class indices.
+    """
+
+    videos: np.ndarray
+    frames: np.ndarray
+    owners: np.ndarray
+    y: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return (self.frames >= 0).sum(1)
+
+
+@dataclass
+class Batch:
+    """Shapes: x (B, L, D) float32, zero where padded; lengths (B,) int64; y (B,) int64; owners (B,) int64."""
+
+    x: torch.Tensor
+    lengths: torch.Tensor
+    y: torch.Tensor
+    owners: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        if device.type == "cpu":
+            return self
+        return Batch(self.x.to(device, non_blocking=True), self.lengths, self.y.to(device, non_blocking=True),
+                     self.owners)
+
+
+# ----------------------------------------------------------------------------------------------------- stores
+class SequenceStore:
+    """The feature rows of a list of videos. `gather` builds padded float32 batches from a Plan."""
+
+    keys: list[str]
+    lengths: np.ndarray
+    dim: int
+    in_memory: bool
+
+    def gather(self, plan: Plan) -> Batch:
+        raise NotImplementedError
+
+
+def _batch(plan: Plan, x: torch.Tensor) -> Batch:
+    return Batch(x, torch.from_numpy(plan.lengths.astype(np.int64)), torch.from_numpy(plan.y.astype(np.int64)),
+                 torch.from_numpy(plan.owners.astype(np.int64)))
+
+
+class RamStore(SequenceStore):
+    """All rows in one (rows, D) tensor in the cache's dtype; `offsets[i]` is video i's first row."""
+
+    in_memory = True
+
+    def __init__(self, keys: list[str], data: np.ndarray, lengths: np.ndarray):
+        self.keys, self.lengths = keys, lengths
+        self.offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.data = torch.from_numpy(data)  # shares memory with the array
+        self.dim = data.shape[1]
+
+    def gather(self, plan: Plan) -> Batch:
+        b, length = plan.frames.shape
+        valid = plan.frames >= 0
+        rows = self.offsets[plan.videos][:, None] + np.where(valid, plan.frames, 0)
+        x = torch.empty(b, length, self.dim)  # one pass from float16 rows to float32 (faster than .float())
+        x.view(-1, self.dim).copy_(self.data.index_select(0, torch.from_numpy(rows.reshape(-1))))
+        if not valid.all():
+            x[torch.from_numpy(~valid)] = 0.0
+        return _batch(plan, x)
+
+
+class LazyStore(SequenceStore, Dataset):
+    """Reads each video from the cache when a batch needs it. The HDF5 file is opened by FeatureCache on first use in
+    each process, never here, so that DataLoader workers each get their own handle."""
+
+    in_memory = False
+
+    def __init__(self, cache: FeatureCache, keys: list[str], lengths: np.ndarray):
+        self.cache, self.keys, self.lengths = cache, keys, lengths
+        self.dim = cache.spec.dim
+
+    def gather(self, plan: Plan) -> Batch:
+        b, length = plan.frames.shape
+        x = torch.zeros(b, length, self.dim)
+        for i, (v, frames) in enumerate(zip(plan.videos, plan.frames, strict=True)):
+            frames = frames[frames >= 0]
+            x[i, : len(frames)] = torch.from_numpy(self.cache.features(self.keys[v])[frames].astype(np.float32))
+        return _batch(plan, x)
+
+    # Dataset protocol: the DataLoader's sampler yields whole Plans, each worker turns one into a Batch.
+    def __getitem__(self, plan: Plan) -> Batch:
+        return self.gather(plan)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate without swapping: MemAvailable, capped by a cgroup limit if any."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max":
+            room = int(limit) - used
+            avail = room if avail is None else min(avail, room)
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def choose_memory(nbytes: int, memory: str) -> bool:
+    """True to hold `nbytes` of features in RAM: always for 'ram', never for 'lazy', when they fit for 'auto'."""
+    if memory != "auto":
+        return memory == "ram"
+    avail = available_memory()
+    fits = avail is None or nbytes <= RAM_SHARE * avail
+    if not fits:
+        log.warning("features need %.1f GiB, more than %d%% of the %.1f GiB available: reading them lazily per batch "
+                    "(pass --memory ram to force)", nbytes / 2**30, RAM_SHARE * 100, avail / 2**30)
+    return fits
+
+
+def load_sequences(cache: FeatureCache, keys: list[str], memory: str = "auto", progress: bool = True) -> SequenceStore:
+    """A store of the videos `keys` of `cache`, in RAM or lazy (see `choose_memory`)."""
+    lengths = np.array([cache.num_frames(k) for k in keys], dtype=np.int64)
+    itemsize = np.dtype(cache.dtype).itemsize
+    nbytes = int(lengths.sum()) * cache.spec.dim * itemsize
+    if not choose_memory(nbytes, memory):
+        return LazyStore(cache, keys, lengths)
+    data = np.empty((int(lengths.sum()), cache.spec.dim), dtype=cache.dtype)
+    row = 0
+    for key, n in zip(tqdm(keys, desc="loading", unit="video", disable=not progress, leave=False), lengths,
+                      strict=True):
+        features = cache.features(key)
+        if features.shape != (n, cache.spec.dim):
+            raise ValueError(f"{cache.path}: {key!r} holds {features.shape} features, the index says ({n}, "
+                             f"{cache.spec.dim})")
+        data[row: row + n] = features
+        row += n
+    cache.close()
+    log.info("loaded %d videos, %d rows, %.1f MiB (%s) into memory", len(keys), row, nbytes / 2**20, cache.dtype)
+    return RamStore(keys, data, lengths)
+
+
+def feature_stats(store: SequenceStore, videos: np.ndarray, max_rows: int = STATS_ROWS) -> tuple[torch.Tensor,
+                                                                                                   torch.Tensor]:
+    """Per-dimension mean and std (D,) of the rows of `videos`, from at most about `max_rows` rows spread evenly.
+
+    The std is floored at 1% of the median std, so that a dimension constant in these rows cannot blow up elsewhere.
+    """
+    total = int(store.lengths[videos].sum())
+    step = max(1, total // max_rows)
+    if isinstance(store, RamStore):
+        rows = np.concatenate([store.offsets[v] + np.arange(store.lengths[v]) for v in videos])[::step]
+        rows = torch.from_numpy(rows)
+        chunks = (store.data.index_select(0, rows[i: i + STATS_CHUNK]).float()
+                  for i in range(0, len(rows), STATS_CHUNK))
+    else:  # whole videos spread evenly over the list, one read each, until about max_rows rows
+        count = min(len(videos), max(1, round(len(videos) / step)))
+        picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
+        chunks = (torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32)) for v in videos[picked])
+    n, s, ss = 0, torch.zeros(store.dim, dtype=torch.float64), torch.zeros(store.dim, dtype=torch.float64)
+    for x in chunks:  # float32 chunks, float64 sums
+        n += len(x)
+        s += x.sum(0, dtype=torch.float64)
+        ss += (x * x).sum(0, dtype=torch.float64)
+    mean = s / max(n, 1)
+    std = (ss / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+    std = std.clamp(min=max(float(std.median()) * 0.01, 1e-6))
+    return mean.float(), std.float()
+
+
+# ------------------------------------------------------------------------------------------------------ plans
+def clip_frames(lengths: np.ndarray, clip_len: int | None, stride: int, starts: np.ndarray | None = None) -> np.ndarray:
+    """Row positions (B, L) of one clip per video, -1 where a video is too short (padding).
+
+    A clip is clip_len rows `stride` apart from `starts` (0 when None); a video shorter than the clip's span gives
+    every stride-th row from 0. clip_len None means the whole sequence (every stride-th row).
+    """
+    if clip_len is None:
+        length = int(-(-lengths.max() // stride))
+        frames = np.arange(length)[None, :] * stride + np.zeros((len(lengths), 1), np.int64)
+    else:
+        span = (clip_len - 1) * stride + 1
+        starts = np.zeros(len(lengths), np.int64) if starts is None else np.where(lengths >= span, starts, 0)
+        frames = starts[:, None] + np.arange(clip_len)[None, :] * stride
+    return np.where(frames < lengths[:, None], frames, -1).astype(np.int64)
+
+
+def train_plans(lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None, stride: int,
+                rng: np.random.Generator) -> list[Plan]:
+    """One epoch: the videos in a random order, each as one clip at a random start. `lengths` and `y` are indexed
+    by store index; the plans' owners are store indices too."""
+    order = rng.permutation(len(lengths))
+    plans = []
+    for first in range(0, len(order), batch_size):
+        videos = order[first: first + batch_size]
+        starts = None
+        if clip_len is not None:
+            span = (clip_len - 1) * stride + 1
+            room = np.maximum(lengths[videos] - span + 1, 1)
+            starts = np.floor(rng.random(len(videos)) * room).astype(np.int64)
+        frames = clip_frames(lengths[videos], clip_len, stride, starts)
+        plans.append(Plan(videos, _trim(frames), videos, y[videos]))
+    return plans
+
+
+def eval_plans(videos: np.ndarray, lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None,
+               stride: int, eval_clips: int) -> list[Plan]:
+    """Every video of `videos` (store indices) as its whole sequence (eval_clips 0) or as `eval_clips` clips spread
+    evenly from its first to its last row. Owners index into `videos`. Videos are batched by length (less padding)."""
+    if eval_clips == 0 or clip_len is None:
+        owners = np.arange(len(videos))
+        starts = None
+        clip = None
+    else:
+        span = (clip_len - 1) * stride + 1
+        per_video = [np.unique(np.round(np.linspace(0, max(int(lengths[v]) - span, 0), eval_clips)).astype(np.int64))
+                     for v in videos]
+        owners = np.concatenate([np.full(len(s), i) for i, s in enumerate(per_video)])
+        starts = np.concatenate(per_video)
+        clip = clip_len
+    order = np.argsort(-lengths[videos[owners]], kind="stable")
+    plans = []
+    for first in range(0, len(order), batch_size):
+        sel = order[first: first + batch_size]
+        vids = videos[owners[sel]]
+        frames = clip_frames(lengths[vids], clip, stride, None if starts is None else starts[sel])
+        plans.append(Plan(vids, _trim(frames), owners[sel], y[vids]))
+    return plans
+
+
+def _trim(frames: np.ndarray) -> np.ndarray:
+    """Drop trailing columns that are padding in every row."""
+    used = int((frames >= 0).sum(1).max()) if len(frames) else 0
+    return frames[:, : max(used, 1)]
+
+
+def batches(store: SequenceStore, plans: list[Plan], workers: int = 0) -> Iterator[Batch]:
+    """Batches of `plans`, gathered in this process (RAM store) or by `workers` reader processes (lazy store)."""
+    if store.in_memory or workers == 0:
+        for plan in plans:
+            yield store.gather(plan)
+        return
+    loader = DataLoader(store, sampler=plans, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+                        prefetch_factor=4, persistent_workers=False)
+    yield from loader
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)

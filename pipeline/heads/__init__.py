@@ -1,0 +1,5 @@
+"""Stage two: temporal heads trained on the feature cache.
+
+model.py (the heads), train.py (train_one_epoch / evaluate / train_head), checkpoint.py (self-describing checkpoints),
+metrics.py, infer.py (evaluate a checkpoint on a cache, predict on new videos).
+"""

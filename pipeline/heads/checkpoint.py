@@ -1,0 +1,125 @@
+"""Head checkpoints that describe themselves and cannot run code.
+
+A checkpoint is a plain dict of tensors, strings, numbers, lists and dicts, saved with torch.save and loaded with
+torch.load(weights_only=True): head dims, weights, class names, the clip settings, and the identity of the features it
+was trained on (the cache's FeatureSpec: backbone, weights and their sha256, preprocessing, sampling, dim).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+from pipeline.data.cache import FeatureCache, FeatureSpec
+from pipeline.heads.model import Head, HeadDims, build_head
+
+FORMAT_NAME = "pipeline-head-checkpoint"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a usable head checkpoint (unreadable, unsafe, another format or version)."""
+
+
+class FeatureMismatchError(CheckpointError):
+    """A cache whose features are not the ones the head was trained on."""
+
+
+@dataclass
+class HeadCheckpoint:
+    dims: HeadDims
+    state_dict: dict[str, torch.Tensor]
+    classes: list[str]
+    feature_spec: FeatureSpec
+    feature_dtype: str
+    """dtype of the training cache (new features for this head are stored the same way)."""
+    clip_len: int | None
+    clip_stride: int
+    eval_clips: int
+    epoch: int = 0
+    metrics: dict = field(default_factory=dict)
+    """Validation metrics at this epoch (loss, top1, top5)."""
+    config: dict = field(default_factory=dict)
+    """The TrainConfig of the run, the cache path and the split sizes."""
+
+    def model(self, device: torch.device | str = "cpu") -> Head:
+        """The head with these weights, in eval mode."""
+        head = build_head(self.dims)
+        head.load_state_dict(self.state_dict)
+        return head.to(device).eval()
+
+    def to_dict(self) -> dict:
+        plain = {
+            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dims": self.dims.to_dict(),
+            "classes": list(self.classes), "feature_spec": asdict(self.feature_spec),
+            "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
+            "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "epoch": self.epoch,
+            "metrics": self.metrics, "config": self.config, "versions": _versions(),
+        }
+        # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
+        plain = json.loads(json.dumps(plain, default=str))
+        plain["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.state_dict.items()}
+        return plain
+
+    def check_features(self, cache: FeatureCache, checkpoint_path: str | os.PathLike = "the checkpoint") -> None:
+        """Raise FeatureMismatchError naming both sides when `cache` holds features of another spec."""
+        diffs = self.feature_spec.differences(cache.spec)
+        if diffs:
+            raise FeatureMismatchError(
+                f"{checkpoint_path} was trained on features {self.feature_spec.describe()} (spec "
+                f"{self.feature_spec.id}), but {cache.path} holds {cache.spec.describe()} (spec {cache.spec.id}); "
+                f"checkpoint != cache:\n  " + "\n  ".join(diffs)
+                + "\nExtract the videos again with the checkpoint's backbone, weights, preprocessing and sampling.")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("framecache", "torch"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def save_checkpoint(ckpt: HeadCheckpoint, path: str | os.PathLike) -> None:
+    """Write atomically (a temporary file renamed into place), so a killed run never leaves half a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(ckpt.to_dict(), tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
+    """Load a head checkpoint without executing anything it contains (torch.load with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it holds Python objects beyond tensors and plain data, and loading those could "
+            f"run code. Head checkpoints never do; was it made by `pipeline train-head`? ({str(e).splitlines()[0]})"
+        ) from None
+    except Exception as e:  # not a torch file at all, truncated, ...
+        raise CheckpointError(f"cannot read {path} as a head checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a pipeline head checkpoint (best.pt / last.pt of `pipeline train-head`)")
+    if obj.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses checkpoint format {obj['format_version']}; this pipeline reads up to "
+                              f"{FORMAT_VERSION}: upgrade the package")
+    try:
+        return HeadCheckpoint(
+            dims=HeadDims(**obj["dims"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
+            feature_spec=FeatureSpec(**obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
+            clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
+            epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

@@ -1,0 +1,112 @@
+"""Classification metrics from per-video probabilities, and the optional PNG plots (matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts: row = true class, column = predicted class."""
+    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(cm, (y_true, y_pred), 1)
+    return cm
+
+
+def topk_accuracy(probs: np.ndarray, y: np.ndarray, k: int) -> float:
+    """Share of rows whose true class is among the k most probable. Shapes: probs (N, C), y (N,)."""
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return float((top == y[:, None]).any(axis=1).mean())
+
+
+def classification_report(probs: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """top1, top5, loss (NLL of the probabilities), per-class accuracy (None for classes without videos),
+    confusion matrix. Shapes: probs (N, C), y (N,)."""
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y, pred, len(classes))
+    support = cm.sum(axis=1)
+    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
+    loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
+    return {"videos": len(y), "top1": float((pred == y).mean()), "top5": topk_accuracy(probs, y, TOP_K),
+            "loss": loss, "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "classes": list(classes)}
+
+
+def to_json(obj) -> str:
+    """Indented JSON with every list of numbers (a confusion-matrix row) kept on one line."""
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: skipping plots (pip install 'framecache[plots]')")
+        return None
+    return plt
+
+
+def plot_curves(rows: list[dict], path: Path) -> bool:
+    """Loss and accuracy per epoch (rows of metrics.csv) -> PNG. False when matplotlib is missing."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return False
+    epochs = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(epochs, [r["train_loss"] for r in rows], label="train")
+    a.plot(epochs, [r["val_loss"] for r in rows], label="val")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(epochs, [r["train_acc"] for r in rows], label="train (clips)")
+    b.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
+    b.plot(epochs, [r["val_top5"] for r in rows], label="val top-5", alpha=0.6)
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.set_ylim(0, 1)
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> bool:
+    """Row-normalised confusion matrix -> PNG (class names shown up to 40 classes)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    cm = np.asarray(cm, dtype=np.float64)
+    norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    n = len(classes)
+    size = min(4 + 0.25 * n, 20)
+    fig, ax = plt.subplots(figsize=(size, size))
+    im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
+    if n <= 40:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        if n <= 12:
+            for i in range(n):
+                for j in range(n):
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                            color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -1,0 +1,304 @@
+"""Stage two: train a temporal head on the cached sequences, in seconds on a CPU.
+
+The cache is read once (into RAM when it fits); every epoch crops a random clip of each training video, steps AdamW
+under a warm-up + cosine schedule, evaluates the val split, and keeps the best checkpoint.
+
+    pipeline train-head cache.h5 --out runs/lstm --head lstm --clip-len 16
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from pipeline.config import TrainConfig, cpu_count
+from pipeline.data.cache import FeatureCache, open_cache
+from pipeline.data.sequences import (
+    Batch,
+    SequenceStore,
+    batches,
+    eval_plans,
+    feature_stats,
+    load_sequences,
+    train_plans,
+)
+from pipeline.data.splits import Split, SplitError, make_split, read_labels_csv
+from pipeline.extract.backbone import pick_device
+from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
+from pipeline.heads.model import Head, HeadDims, build_head
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "train_seconds",
+                  "val_seconds")
+
+
+@dataclass
+class TrainResult:
+    """What a run produced; `summary` is the content of summary.json."""
+
+    out: Path
+    summary: dict
+
+    @property
+    def top1(self) -> float:
+        return self.summary["top1"]
+
+    def summary_line(self) -> str:
+        s = self.summary
+        return (f"{s['head']}: val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/"
+                f"{s['epochs_run']} ({s['split']['train']} train / {s['split']['val']} val, {s['seconds']:.1f}s) "
+                f"-> {self.out}")
+
+
+# --------------------------------------------------------------------------------------------------- labels
+def video_labels(cache: FeatureCache, labels_csv: Path | None = None) -> dict[str, str]:
+    """key -> class name of every labelled video: the cache's labels, or those of `labels_csv` when given."""
+    if labels_csv is not None:
+        labels = read_labels_csv(labels_csv, cache.keys())
+    else:
+        labels = {k: v for k, v in cache.labels().items() if v}
+    if not labels:
+        raise SplitError(f"no video of {cache.path} has a label; extract from class folders (videos/<class>/...), a "
+                         f"CSV manifest with labels, or pass --labels CSV")
+    unlabelled = len(cache) - len(labels)
+    if unlabelled:
+        log.warning("%d videos of %s have no label and are left out", unlabelled, cache.path)
+    return labels
+
+
+# ------------------------------------------------------------------------------------------------ the loops
+def train_one_epoch(model: Head, batch_iter, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
+                    device: torch.device) -> dict:
+    """One pass over the training clips. Returns mean loss and clip accuracy."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for batch in batch_iter:
+        batch = batch.to(device)
+        logits = model(batch.x, batch.lengths)
+        loss = loss_fn(logits, batch.y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        n = len(batch.y)
+        total_loss += float(loss.detach()) * n
+        correct += int((logits.argmax(1) == batch.y).sum())
+        seen += n
+    return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
+
+
+@torch.inference_mode()
+def evaluate(model: Head, batch_iter, num_samples: int, device: torch.device) -> np.ndarray:
+    """Class probabilities per sample, averaged over its clips. Shapes: -> (num_samples, C) float64."""
+    model.eval()
+    sums = torch.zeros(num_samples, model.dims.num_classes, dtype=torch.float64)
+    counts = torch.zeros(num_samples, dtype=torch.float64)
+    for batch in batch_iter:
+        batch: Batch = batch.to(device)
+        probs = torch.softmax(model(batch.x, batch.lengths).float(), dim=1).double().cpu()
+        sums.index_add_(0, batch.owners, probs)
+        counts.index_add_(0, batch.owners, torch.ones(len(batch.owners), dtype=torch.float64))
+    return (sums / counts.clamp(min=1)[:, None]).numpy()
+
+
+def predict_store(model: Head, store: SequenceStore, videos: np.ndarray, *, clip_len: int | None, clip_stride: int,
+                  eval_clips: int, batch_size: int, device: torch.device, workers: int = 0) -> np.ndarray:
+    """Probabilities (len(videos), C) of the store's videos `videos` (store indices)."""
+    y = np.zeros(len(store.keys), dtype=np.int64)
+    plans = eval_plans(videos, store.lengths, y, batch_size, clip_len, clip_stride, eval_clips)
+    return evaluate(model, batches(store, plans, workers), len(videos), device)
+
+
+# --------------------------------------------------------------------------------------------- optimisation
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on biases and norm scales); the fused kernel where this torch
+    and device have one (one pass over the parameters instead of a dozen small ops per tensor)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # no fused AdamW for this device or torch version
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int):
+    """LambdaLR factor: linear from 1/warmup to 1 over the warm-up, then cosine down to 0 at total_steps."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def class_weight_tensor(y: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, scaled so that a balanced split gets weight 1 everywhere."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    return torch.tensor(len(y) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------- the run
+def build_config(out, config: TrainConfig | None = None, **options) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown train_head options: {', '.join(unknown)}")
+    if config is None:
+        if out is None:
+            raise TypeError("train_head needs `out` (the run folder) or a config")
+        config = TrainConfig(out=out)
+    if out is not None:
+        options["out"] = out
+    return replace(config, **options)
+
+
+def train_head(cache: str | Path, out: str | Path | None = None, *, config: TrainConfig | None = None,
+               **options) -> TrainResult:
+    """Train a head on the labelled videos of `cache`; write the run folder `out` (see docs/train-head.md).
+
+    Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, ...). Raises SplitError for
+    unusable labels or splits, ValueError for settings that do not fit the cache.
+    """
+    cfg = build_config(out, config, **options)
+    started = time.perf_counter()
+    torch.set_num_threads(cfg.threads or cpu_count())
+    device = pick_device(cfg.device)
+    cache_obj = open_cache(cache)
+    labels = video_labels(cache_obj, cfg.labels)
+    split = make_split(labels, mode=cfg.split, cache_splits=cache_obj.splits(), train_list=cfg.train_list,
+                       val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                       group_regex=cfg.group_regex, all_keys=cache_obj.keys())
+    classes = sorted({labels[k] for k in split.train})
+    keys = split.train + split.val
+    longest = max(cache_obj.num_frames(k) for k in keys)
+    if cfg.clip_len is not None and cfg.clip_len > longest:
+        raise ValueError(f"--clip-len {cfg.clip_len} is longer than every sequence (the longest has {longest} rows); "
+                         f"use --clip-len {longest} or less, or 0 for whole sequences")
+    log.info("split: %s; %d classes", split.sizes(), len(classes))
+
+    store = load_sequences(cache_obj, keys, cfg.memory, cfg.progress)
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.array([class_index[labels[k]] for k in keys], dtype=np.int64)
+    n_train = len(split.train)
+    train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(keys))
+    workers = 0 if store.in_memory else cfg.workers
+
+    torch.manual_seed(cfg.seed)
+    dims = HeadDims(head=cfg.head, in_dim=cache_obj.spec.dim, num_classes=len(classes), hidden=cfg.hidden,
+                    layers=cfg.layers, dropout=cfg.dropout, activation=cfg.activation)
+    model = build_head(dims)
+    model.proj[0].set_stats(*feature_stats(store, train_idx))
+    model = model.to(device)
+    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, cfg.epochs * steps_per_epoch))
+    weight = class_weight_tensor(y[train_idx], len(classes)).to(device) if cfg.class_weights else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+    out_dir = cfg.out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_info = {"cache": str(Path(cache).resolve()), "split": _split_info(split, labels, classes),
+                "classes": classes, "feature_spec_id": cache_obj.spec.id, "feature_dim": cache_obj.spec.dim,
+                "in_memory": store.in_memory, "device": str(device)}
+    (out_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **run_info}, indent=1) + "\n")
+
+    def checkpoint(epoch: int, metrics: dict) -> HeadCheckpoint:
+        return HeadCheckpoint(dims=dims, state_dict=model.state_dict(), classes=classes, feature_spec=cache_obj.spec,
+                              feature_dtype=cache_obj.dtype, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
+                              eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
+                              config={"train": cfg.to_dict(), **run_info})
+
+    def validate() -> np.ndarray:
+        return predict_store(model, store, val_idx, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
+                             eval_clips=cfg.eval_clips, batch_size=cfg.batch_size, device=device, workers=workers)
+
+    rows: list[dict] = []
+    best = {"top1": -1.0, "loss": math.inf, "epoch": 0}
+    stale = 0
+    stopped_early = False
+    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.progress)
+    with open(out_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+        writer.writeheader()
+        f.flush()
+        for epoch in bar:
+            t0 = time.perf_counter()
+            rng = np.random.default_rng([cfg.seed, epoch])
+            plans = train_plans(store.lengths[train_idx], y[train_idx], cfg.batch_size, cfg.clip_len,
+                                cfg.clip_stride, rng)
+            lr = optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(model, batches(store, plans, workers), optimizer, scheduler, loss_fn, device)
+            t1 = time.perf_counter()
+            report = classification_report(validate(), y[val_idx], classes)
+            row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
+                   "val_top5": report["top5"], "lr": lr, "train_seconds": t1 - t0,
+                   "val_seconds": time.perf_counter() - t1}
+            rows.append(row)
+            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            f.flush()
+            metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
+            improved = report["top1"] > best["top1"] or (report["top1"] == best["top1"]
+                                                         and report["loss"] < best["loss"])
+            if improved:
+                best = {"top1": report["top1"], "loss": report["loss"], "epoch": epoch}
+                save_checkpoint(checkpoint(epoch, metrics), out_dir / "best.pt")
+                stale = 0
+            else:
+                stale += 1
+            save_checkpoint(checkpoint(epoch, metrics), out_dir / "last.pt")
+            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val=f"{report['top1']:.1%}",
+                            best=f"{best['top1']:.1%}")
+            if cfg.patience and stale >= cfg.patience:
+                stopped_early = True
+                log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, cfg.patience)
+                break
+    bar.close()
+
+    # Final metrics with the best weights.
+    best_ckpt = load_checkpoint(out_dir / "best.pt")
+    model.load_state_dict(best_ckpt.state_dict)
+    report = classification_report(validate(), y[val_idx], classes)
+    summary = {
+        "head": cfg.head, "best_epoch": best["epoch"], "epochs_run": len(rows), "stopped_early": stopped_early,
+        "top1": report["top1"], "top5": report["top5"], "val_loss": report["loss"], "videos": report["videos"],
+        "per_class_accuracy": report["per_class_accuracy"], "confusion_matrix": report["confusion_matrix"],
+        "classes": classes, "split": run_info["split"], "eval": _eval_description(cfg.clip_len, cfg.clip_stride,
+                                                                                   cfg.eval_clips),
+        "seconds": time.perf_counter() - started, "parameters": sum(p.numel() for p in model.parameters()),
+        "feature_spec_id": cache_obj.spec.id,
+    }
+    (out_dir / "summary.json").write_text(to_json(summary))
+    if cfg.plots:
+        plot_curves(rows, out_dir / "curves.png")
+        plot_confusion(np.array(report["confusion_matrix"]), classes, out_dir / "confusion.png",
+                       f"{cfg.head}: val top-1 {report['top1']:.1%}")
+    return TrainResult(out=out_dir, summary=summary)
+
+
+def _split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:
+    return {"method": split.method, "train": len(split.train), "val": len(split.val),
+            "excluded": len(split.excluded), "classes": len(classes),
+            "val_classes": len({labels[k] for k in split.val})}
+
+
+def _eval_description(clip_len: int | None, clip_stride: int, eval_clips: int) -> str:
+    stride = f", stride {clip_stride}" if clip_stride > 1 else ""
+    if eval_clips and clip_len is not None:
+        return f"mean of {eval_clips} clips of {clip_len} rows{stride}"
+    return f"whole sequences{stride}"

@@ -1,0 +1,280 @@
+"""Stage two on caches written straight from arrays: heads, padding, splits, checkpoints, metrics, order-only sample."""
+
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_HEAD, feature_cache, order_videos, separable_videos
+
+import pipeline
+from pipeline.config import HEADS
+from pipeline.data.sequences import RamStore, clip_frames, eval_plans, load_sequences, train_plans
+from pipeline.data.splits import list_split, make_split, random_split
+from pipeline.heads.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
+from pipeline.heads.metrics import classification_report
+from pipeline.heads.model import HeadDims, build_head
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def test_overfits_a_tiny_separable_cache_and_writes_the_run_folder(tiny_run):
+    _, run = tiny_run
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["top1"] == 1.0
+    assert summary["split"]["train"] + summary["split"]["val"] == 24
+    rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+    assert len(rows) == summary["epochs_run"] == TINY_HEAD["epochs"]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.2 * losses[0]
+    assert float(rows[-1]["train_acc"]) == 1.0
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["head"] == "lstm" and config["classes"] == ["class0", "class1", "class2"]
+    for name in ("best.pt", "last.pt", "curves.png", "confusion.png"):
+        assert (run / name).stat().st_size > 0, name
+    cm = np.array(summary["confusion_matrix"])
+    assert cm.sum() == summary["videos"] == summary["split"]["val"] and np.trace(cm) == cm.sum()
+
+
+def test_same_seed_same_result_other_seed_other_result(tmp_path):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=5))
+    opts = {**TINY_HEAD, "epochs": 3}
+    runs = [pipeline.train_head(cache, tmp_path / name, head="gru", seed=seed, **opts)
+            for name, seed in (("a", 1), ("b", 1), ("c", 2))]
+    a, b, c = (load_checkpoint(r.out / "last.pt").state_dict for r in runs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert (runs[0].out / "metrics.csv").read_text().split("\n")[1].split(",")[1] == \
+        (runs[1].out / "metrics.csv").read_text().split("\n")[1].split(",")[1]
+
+
+@pytest.mark.parametrize("head", [h for h in HEADS if h != "lstm"])
+def test_every_head_learns_the_separable_cache(tmp_path, head):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=6))
+    result = pipeline.train_head(cache, tmp_path / head, head=head, **{**TINY_HEAD, "epochs": 8})
+    assert result.top1 >= 0.8, result.summary_line()
+
+
+def test_lazy_store_trains_exactly_like_the_ram_store(tmp_path):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=4))
+    opts = {**TINY_HEAD, "epochs": 2}
+    ram = pipeline.train_head(cache, tmp_path / "ram", memory="ram", **opts)
+    lazy = pipeline.train_head(cache, tmp_path / "lazy", memory="lazy", workers=0, **opts)
+    assert json.loads((tmp_path / "lazy" / "config.json").read_text())["in_memory"] is False
+    a = load_checkpoint(ram.out / "last.pt").state_dict
+    b = load_checkpoint(lazy.out / "last.pt").state_dict
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_lazy_worker_batches_equal_ram_batches(tmp_path):
+    from pipeline.data.sequences import batches
+
+    c = pipeline.open_cache(feature_cache(tmp_path / "c.h5", separable_videos(per_class=3)))
+    keys = c.keys()
+    ram = load_sequences(c, keys, "ram", progress=False)
+    lazy = load_sequences(c, keys, "lazy", progress=False)
+    assert isinstance(ram, RamStore) and not lazy.in_memory
+    plans = train_plans(ram.lengths, np.zeros(len(keys), np.int64), 4, 6, 2, np.random.default_rng(0))
+    for got, want in zip(batches(lazy, plans, workers=1), batches(ram, plans), strict=True):
+        torch.testing.assert_close(got.x, want.x)
+        assert torch.equal(got.lengths, want.lengths)
+    plan = eval_plans(np.array([0]), ram.lengths, np.zeros(len(keys), np.int64), 1, None, 1, 0)[0]
+    assert ram.gather(plan).x[0].numpy().tolist() == c.features(keys[0]).astype(np.float32).tolist()
+
+
+# ------------------------------------------------------------------------------------------------- padding, clips
+@pytest.mark.parametrize("head", HEADS)
+def test_a_sequence_gives_the_same_logits_alone_and_padded_in_a_batch(head):
+    torch.manual_seed(0)
+    model = build_head(HeadDims(head=head, in_dim=12, num_classes=5, hidden=32, layers=2, dropout=0.3,
+                                activation="gelu")).eval()
+    short = torch.randn(1, 4, 12)
+    batch = torch.randn(3, 9, 12) * 5  # padded steps hold garbage: only masking/packing can make them harmless
+    batch[1, :4] = short[0]
+    lengths = torch.tensor([9, 4, 7])
+    with torch.inference_mode():
+        alone = model(short, torch.tensor([4]))
+        padded = model(batch, lengths)
+        longer_alone = model(batch[2:3, :7], torch.tensor([7]))
+    torch.testing.assert_close(padded[1:2], alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(padded[2:3], longer_alone, rtol=1e-4, atol=1e-5)
+    if head != "meanpool":  # order matters to every temporal head
+        with torch.inference_mode():
+            assert not torch.allclose(model(short.flip(1), torch.tensor([4])), alone, atol=1e-4)
+
+
+def test_clip_plans():
+    lengths = np.array([20, 3, 8])
+    frames = clip_frames(lengths, 4, 2, np.array([5, 9, 1]))
+    assert frames.tolist() == [[5, 7, 9, 11], [0, 2, -1, -1], [1, 3, 5, 7]]
+    whole = clip_frames(lengths, None, 3)
+    assert whole.tolist() == [[0, 3, 6, 9, 12, 15, 18], [0, -1, -1, -1, -1, -1, -1], [0, 3, 6, -1, -1, -1, -1]]
+    plans = train_plans(lengths, np.array([0, 1, 2]), 2, 4, 2, np.random.default_rng(0))
+    assert sorted(v for p in plans for v in p.videos) == [0, 1, 2]
+    for p in plans:
+        for v, f in zip(p.videos, p.frames, strict=True):
+            real = f[f >= 0]
+            assert (np.diff(real) == 2).all() and real.max() < lengths[v]
+    # three evenly spaced clips: the first starts at row 0, the last ends at the last row
+    (plan,) = eval_plans(np.array([0]), lengths, np.zeros(3, np.int64), 8, 4, 2, 3)
+    assert sorted(plan.frames[:, 0].tolist()) == [0, 6, 13]
+    assert plan.frames.max() == 19 and (plan.owners == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------------ splits
+def _ucf_like_labels(groups: int = 10, clips: int = 4, classes: int = 5) -> dict[str, str]:
+    return {f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}" for c in range(classes) for g in range(1, groups + 1)
+            for k in range(1, clips + 1)}
+
+
+def test_random_split_is_stratified_and_stable_when_videos_are_added():
+    labels = _ucf_like_labels(groups=20)
+    first = random_split(labels, 0.25, seed=3)
+    val_share = {c: sum(labels[k] == c for k in first.val) / sum(v == c for v in labels.values())
+                 for c in set(labels.values())}
+    assert all(0.1 <= s <= 0.45 for s in val_share.values()), val_share
+    more = {**labels, **{f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}" for c in range(7) for g in range(21, 31)
+                         for k in range(1, 5)}}
+    second = random_split(more, 0.25, seed=3)
+    assert set(first.val) <= set(second.val) and set(first.train) <= set(second.train)
+    assert set(random_split(labels, 0.25, seed=4).val) != set(first.val)
+
+
+def test_group_regex_keeps_each_group_on_one_side():
+    labels = _ucf_like_labels()
+
+    def straddling(split):
+        def group(k):
+            return k.split("_g")[1][:2]
+        return {group(k) for k in split.train} & {group(k) for k in split.val}
+
+    assert straddling(random_split(labels, 0.3, seed=0))  # without groups, clips of one group land on both sides
+    grouped = random_split(labels, 0.3, seed=0, group_regex=r"_g(\d+)_")
+    assert not straddling(grouped) and grouped.val and grouped.train
+    assert set(grouped.train) | set(grouped.val) == set(labels)
+
+
+def test_official_lists_and_split_column(tmp_path):
+    labels = _ucf_like_labels(groups=3, clips=2, classes=2)
+    keys = ["UCF-101/" + k for k in labels]  # the cache was made from the dataset's parent folder
+    labels = {"UCF-101/" + k: v for k, v in labels.items()}
+    train_list = tmp_path / "trainlist01.txt"
+    test_list = tmp_path / "testlist01.txt"
+    train_list.write_text("".join(f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi {c + 1}\n" for c in range(2) for g in (2, 3)
+                                  for k in (1, 2)))
+    test_list.write_text("".join(f"C{c}/v_C{c}_g01_c{k:02d}.avi\n" for c in range(2) for k in (1, 2)))
+    split = list_split(keys, labels, train_list, test_list)
+    assert len(split.train) == 8 and len(split.val) == 4
+    assert all("_g01_" in k for k in split.val)
+    only_test = list_split(keys, labels, None, test_list)  # the train side is everything else
+    assert sorted(only_test.train) == sorted(split.train)
+    column = make_split(labels, cache_splits={k: ("test" if "_g01_" in k else "train") for k in keys})
+    assert sorted(column.val) == sorted(split.val) and column.method == "split column of the cache"
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_round_trip(tiny_run, tmp_path):
+    cache, run = tiny_run
+    raw = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+    assert raw["format"] == FORMAT_NAME and raw["classes"] == ["class0", "class1", "class2"]
+    assert raw["feature_spec"]["backbone"] == "synthetic" and raw["dims"]["head"] == "lstm"
+    ckpt = load_checkpoint(run / "best.pt")
+    c = pipeline.open_cache(cache)
+    key = c.keys()[0]
+    x = torch.from_numpy(c.features(key).astype(np.float32))[None]
+    model = ckpt.model()
+    with torch.inference_mode():
+        logits = model(x, torch.tensor([x.shape[1]]))
+    assert ckpt.classes[int(logits.argmax())] == c.label(key)
+    # evaluate on the training cache reproduces the summary's val accuracy when restricted to the val videos
+    report = pipeline.evaluate(run / "best.pt", cache, progress=False)
+    assert report.metrics["top1"] == 1.0 and report.metrics["videos"] == 24
+    summary = json.loads((run / "summary.json").read_text())
+    assert ckpt.metrics["top1"] == summary["top1"] and ckpt.epoch == summary["best_epoch"]
+
+
+@pytest.mark.parametrize("change", [dict(backbone="resnet50"), dict(weights="ResNet18_Weights.IMAGENET1K_V1"),
+                                    dict(crop=112)])
+def test_a_cache_of_other_features_is_refused_naming_both(tiny_run, tmp_path, change):
+    _, run = tiny_run
+    other = feature_cache(tmp_path / "other.h5", separable_videos(), **change)
+    with pytest.raises(FeatureMismatchError) as e:
+        pipeline.evaluate(run / "best.pt", other, progress=False)
+    text = str(e.value)
+    assert str(run / "best.pt") in text and str(other) in text
+    field = next(iter(change)) if "crop" not in change else "preprocessing"
+    assert f"{field}:" in text
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this object would create the marker file
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT_NAME, "format_version": 1, "payload": _Payload(marker)}, evil)
+    with open(evil.with_suffix(".pkl"), "wb") as f:  # a plain pickle too, not a torch zip file
+        pickle.dump({"format": FORMAT_NAME, "payload": _Payload(marker)}, f)
+    for path in (evil, evil.with_suffix(".pkl")):
+        with pytest.raises(CheckpointError, match=r"refusing|cannot read"):
+            load_checkpoint(path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="not a pipeline head checkpoint"):
+        torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+        load_checkpoint(tmp_path / "plain.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def test_classification_report_against_a_hand_computed_confusion_matrix():
+    probs = np.array([[.7, .2, .1], [.3, .6, .1], [.1, .8, .1], [.2, .1, .7], [.5, .1, .4], [.1, .3, .6]])
+    y = np.array([0, 0, 1, 2, 2, 2])
+    r = classification_report(probs, y, ["a", "b", "c"])
+    assert r["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
+    assert r["top1"] == pytest.approx(4 / 6)
+    assert r["per_class_accuracy"] == pytest.approx({"a": 0.5, "b": 1.0, "c": 2 / 3})
+    assert r["top5"] == 1.0  # 3 classes: top-5 is top-3
+    assert r["loss"] == pytest.approx(-np.mean(np.log([.7, .3, .8, .7, .4, .6])))
+
+
+def test_evaluate_matches_a_confusion_matrix_computed_by_hand(tmp_path):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=6))
+    # a deliberately undertrained head, so that the confusion matrix has off-diagonal entries
+    pipeline.train_head(cache, tmp_path / "run", head="meanpool", **{**TINY_HEAD, "epochs": 1, "lr": 1e-4})
+    test = feature_cache(tmp_path / "test.h5", separable_videos(seed=7, per_class=5))
+    report = pipeline.evaluate(tmp_path / "run" / "best.pt", test, progress=False, batch_size=4)
+    ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
+    model = ckpt.model()
+    c = pipeline.open_cache(test)
+    cm = [[0] * 3 for _ in range(3)]
+    for key in c:  # one video at a time, no padding, no batching
+        x = torch.from_numpy(c.features(key).astype(np.float32))[None]
+        with torch.inference_mode():
+            pred = int(model(x, torch.tensor([x.shape[1]])).argmax())
+        cm[ckpt.classes.index(c.label(key))][pred] += 1
+    assert report.metrics["confusion_matrix"] == cm
+    assert report.metrics["top1"] == pytest.approx(sum(cm[i][i] for i in range(3)) / 15)
+    assert sum(cm[i][i] for i in range(3)) < 15, "the head should not be perfect for this check to mean much"
+
+
+# --------------------------------------------------------------------------------------------- order-only sample
+def test_meanpool_is_at_chance_and_lstm_high_on_the_order_only_sample(tmp_path):
+    cache = feature_cache(tmp_path / "train.h5", order_videos(seed=0))
+    test = feature_cache(tmp_path / "test.h5", order_videos(seed=1, base_clips=12))
+    opts = {**TINY_HEAD, "epochs": 20, "batch_size": 8, "lr": 5e-3, "clip_len": 16,
+            "group_regex": r"clip_(\d+)"}
+    top1 = {}
+    for head in ("lstm", "meanpool"):
+        pipeline.train_head(cache, tmp_path / head, head=head, **opts)
+        top1[head] = pipeline.evaluate(tmp_path / head / "best.pt", test, progress=False).metrics["top1"]
+    assert top1["lstm"] >= 0.85, top1
+    assert top1["meanpool"] <= 0.3, top1

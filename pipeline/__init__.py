@@ -7,6 +7,8 @@
     run = pipeline.train_head("cache.h5", "runs/lstm", head="lstm", clip_len=16)
     pipeline.evaluate("runs/lstm/best.pt", "test.h5").metrics["top1"]
     pipeline.predict("runs/lstm/best.pt", ["new_videos/"], "preds.csv")
+    pipeline.sweep("cache.h5", "runs/sweep", space={"head": ["lstm", "gru"], "hidden": [128, 256]}, trials=8)
+    pipeline.finetune(["videos/"], "runs/lstm/best.pt", "runs/lstm-ft", unfreeze="layer4", epochs=5)
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = ["extract_videos", "open_cache", "train_head", "evaluate", "predict", "ExtractConfig", "Sampling",
-           "TrainConfig", "EvalConfig", "PredictConfig", "FeatureSpec", "__version__"]
+           "TrainConfig", "EvalConfig", "PredictConfig", "FeatureSpec", "sweep", "SweepConfig", "finetune",
+           "FinetuneConfig", "__version__"]
 
 
 def __getattr__(name: str):
@@ -39,7 +42,19 @@ def __getattr__(name: str):
         from pipeline.heads.infer import predict
 
         return predict
-    if name in ("ExtractConfig", "Sampling", "TrainConfig", "EvalConfig", "PredictConfig"):
+    if name == "finetune":
+        from pipeline.finetuning.train import finetune
+
+        return finetune
+    if name == "FinetuneConfig":
+        from pipeline.config import FinetuneConfig
+
+        return FinetuneConfig
+    if name == "sweep":
+        from pipeline.heads.sweep import sweep
+
+        return sweep
+    if name in ("ExtractConfig", "Sampling", "TrainConfig", "EvalConfig", "PredictConfig", "SweepConfig"):
         from pipeline import config
 
         return getattr(config, name)

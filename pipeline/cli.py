@@ -12,7 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.config import EvalConfig, ExtractConfig, PredictConfig, Sampling, TrainConfig, default_of
+from pipeline.config import (
+    EvalConfig,
+    ExtractConfig,
+    FinetuneConfig,
+    PredictConfig,
+    Sampling,
+    SweepConfig,
+    TrainConfig,
+    default_of,
+)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUTS_FAILED = 0, 1, 2, 3
 
@@ -41,6 +50,14 @@ def _v(name: str):
 
 def _p(name: str):
     return default_of(PredictConfig, name)
+
+
+def _f(name: str):
+    return default_of(FinetuneConfig, name)
+
+
+def _w(name: str):
+    return default_of(SweepConfig, name)
 
 
 def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
@@ -78,6 +95,9 @@ def extract(
     overwrite: Annotated[bool, typer.Option(help="Discard a cache of another feature spec instead of refusing.")] = _e("overwrite"),
     shard: Annotated[Optional[str], typer.Option(help="i/n: extract share i of n of the inputs (Slurm arrays, plain "
                                                       "processes); then `pipeline merge`. Not needed under torchrun.")] = _e("shard"),
+    backbone_checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Extract exactly the features of this checkpoint: the fine-tuned backbone of a `pipeline finetune` "
+             "run (or a head's backbone and weights). Backbone, preprocessing and sampling come from it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors only.")] = False,
 ) -> None:
     """Extract per-frame features of videos into an HDF5 cache (resumable; failed inputs are reported and skipped)."""
@@ -95,9 +115,14 @@ def extract(
     from pipeline.extract.backbone import WeightsError
     from pipeline.extract.inputs import InputError
     from pipeline.extract.run import extract_videos
+    from pipeline.heads.infer import extract_with_checkpoint
 
     try:
-        report = extract_videos(inputs, output, config=config)
+        if backbone_checkpoint is not None:
+            weights_file = None if weights == _e("weights") else Path(weights)
+            report = extract_with_checkpoint(backbone_checkpoint, inputs, output, config=config, weights=weights_file)
+        else:
+            report = extract_videos(inputs, output, config=config)
     except (InputError, ValueError) as e:
         raise _fail(str(e), EXIT_USAGE) from None
     except (CacheError, WeightsError, RuntimeError) as e:
@@ -335,6 +360,152 @@ def predict(
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(EXIT_INPUTS_FAILED)
+
+
+@app.command()
+def finetune(
+    inputs: Annotated[list[Path], typer.Argument(help="Labelled videos or frame folders: folders (class "
+                                                      "subfolders), files or CSV manifests, as for extract.",
+                                                 show_default=False)],
+    init: Annotated[Path, typer.Option(help="The head checkpoint to start from (runs/NAME/best.pt).",
+                                       show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config.json, metrics.csv, summary.json, "
+                                                         "split.csv, best.pt, last.pt, plots.", show_default=False)],
+    unfreeze: Annotated[Optional[str], typer.Option(help="Backbone modules to train: layer4 | layer3,layer4 | all | "
+                                                         "none [default: the last stage].")] = _f("unfreeze"),
+    unfreeze_last: Annotated[Optional[int], typer.Option(help="Train the backbone's last N stages.")] = _f("unfreeze_last"),
+    train_bn: Annotated[bool, typer.Option(help="Update BatchNorm running statistics of the trained parts.")] = _f("train_bn"),
+    epochs: Annotated[int, typer.Option(help="Most epochs; 0 = evaluate the start only.")] = _f("epochs"),
+    batch_size: Annotated[int, typer.Option(help="Clips per forward/backward pass.")] = _f("batch_size"),
+    accumulate: Annotated[int, typer.Option(help="Gradient accumulation: one step every N batches.")] = _f("accumulate"),
+    clip_len: Annotated[Optional[int], typer.Option(help="Frames per training clip [default: the head's].")] = _f("clip_len"),
+    clip_stride: Annotated[Optional[int], typer.Option(help="Rows between a clip's frames [default: the head's].")] = _f("clip_stride"),
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the head.")] = _f("lr"),
+    backbone_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the backbone [default: lr/10].")] = _f("backbone_lr"),
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = _f("weight_decay"),
+    warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warm-up, in epochs.")] = _f("warmup_epochs"),
+    patience: Annotated[int, typer.Option(help="Early stop after N epochs without a better val top-1; 0 = never.")] = _f("patience"),
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing of the loss.")] = _f("label_smoothing"),
+    augment: Annotated[bool, typer.Option(help="Random resized crop + flip of training clips (one draw per clip).")] = _f("augment"),
+    min_scale: Annotated[float, typer.Option(help="Smallest area share a random crop keeps.")] = _f("min_scale"),
+    flip: Annotated[bool, typer.Option(help="Horizontal flips (off when left/right matters).")] = _f("flip"),
+    grad_checkpointing: Annotated[bool, typer.Option(help="Recompute the trained blocks in backward: less memory.")] = _f("grad_checkpointing"),
+    amp: Annotated[str, typer.Option(help="Mixed precision on CUDA: auto, bf16, fp16 or off.")] = _f("amp"),
+    labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the inputs' labels.")] = _f("labels"),
+    split: Annotated[str, typer.Option(help="head (the --init run's split), auto, cache or random.")] = _f("split"),
+    train_list: Annotated[Optional[Path], typer.Option(help="Official train list (with --split auto).")] = _f("train_list"),
+    val_list: Annotated[Optional[Path], typer.Option(help="Official val/test list (with --split auto).")] = _f("val_list"),
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out by --split random.")] = _f("val_fraction"),
+    split_seed: Annotated[int, typer.Option(help="Seed of --split random.")] = _f("split_seed"),
+    group_regex: Annotated[Optional[str], typer.Option(help="Keep videos sharing this match on one side.")] = _f("group_regex"),
+    cache: Annotated[Optional[Path], typer.Option(help="The head's feature cache (frame indices) [default: as "
+                                                       "recorded in --init].")] = _f("cache"),
+    weights: Annotated[Optional[Path], typer.Option(help="The backbone weights file, when the head's features came "
+                                                         "from one (checked by sha256).")] = _f("weights"),
+    seed: Annotated[int, typer.Option(help="Seed of clip positions, augmentation, shuffling, dropout.")] = _f("seed"),
+    workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _f("workers"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _f("threads"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _f("device"),
+    plots: Annotated[bool, typer.Option(help="Write curves.png and confusion.png (needs matplotlib).")] = _f("plots"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors only.")] = False,
+) -> None:
+    """Fine-tune the backbone of a head's features together with the head, on clips decoded from the videos."""
+    _setup_logging(quiet)
+    try:
+        config = FinetuneConfig(
+            init=init, out=out, unfreeze=unfreeze, unfreeze_last=unfreeze_last, train_bn=train_bn, epochs=epochs,
+            batch_size=batch_size, accumulate=accumulate, clip_len=clip_len, clip_stride=clip_stride, lr=lr,
+            backbone_lr=backbone_lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, patience=patience,
+            label_smoothing=label_smoothing, augment=augment, min_scale=min_scale, flip=flip,
+            grad_checkpointing=grad_checkpointing, amp=amp, labels=labels, split=split, train_list=train_list,
+            val_list=val_list, val_fraction=val_fraction, split_seed=split_seed, group_regex=group_regex,
+            cache=cache, weights=weights, seed=seed, workers=workers, threads=threads, device=device, plots=plots,
+            progress=not quiet)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+    from pipeline.data.cache import CacheError
+    from pipeline.extract.backbone import WeightsError
+    from pipeline.extract.inputs import InputError
+    from pipeline.finetuning.train import finetune as run
+
+    try:
+        result = run(inputs, config=config)
+    except (InputError, ValueError) as e:  # unusable inputs, split, labels or --unfreeze
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (FileNotFoundError, CacheError, WeightsError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(result.summary_line())
+
+
+@app.command()
+def sweep(
+    cache: Annotated[Path, typer.Argument(help="Feature cache (.h5) made by `pipeline extract`.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: trials/NNNN run folders, leaderboard.csv/.json, "
+                                                         "best.pt, search.png, study.db.", show_default=False)],
+    space: Annotated[Optional[Path], typer.Option(help="YAML search space: NAME: [choices] | {low, high, log, step} | "
+                                                       "value.")] = _w("space"),
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Inline NAME=SPEC, repeatable: "
+                                                       "hidden=64,128,256  lr=1e-4:1e-2:log  dropout=0:0.5:0.1  "
+                                                       "epochs=10.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Trials of the study, all workers together [default: the whole "
+                                                       "grid, else 20].")] = _w("trials"),
+    strategy: Annotated[str, typer.Option(help="tpe, random or grid.")] = _w("strategy"),
+    pruner: Annotated[str, typer.Option(help="median, halving, hyperband or none.")] = _w("pruner"),
+    prune_warmup: Annotated[int, typer.Option(help="Epochs every trial runs before it can be pruned.")] = _w("prune_warmup"),
+    timeout: Annotated[Optional[float], typer.Option(help="Time budget in seconds: no trial starts after it, the "
+                                                          "running one stops at its next epoch end.")] = _w("timeout"),
+    reduce_dim: Annotated[Optional[int], typer.Option(help="PCA of the features to this many dimensions (fit on the "
+                                                           "train split once; folded into the checkpoints).")] = _w("reduce_dim"),
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers: sqlite:///PATH, "
+                                                        "postgresql://..., journal:PATH [default: OUT/study.db].")] = _w("storage"),
+    study: Annotated[Optional[str], typer.Option(help="Study name [default: the name of --out].")] = _w("study"),
+    resume: Annotated[bool, typer.Option(help="Continue or join the study (creates it when missing).")] = _w("resume"),
+    seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = _w("seed"),
+    labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the cache's labels.")] = _w("labels"),
+    split: Annotated[str, typer.Option(help="auto, cache or random (one split for every trial).")] = _w("split"),
+    train_list: Annotated[Optional[Path], typer.Option(help="Official train list.")] = _w("train_list"),
+    val_list: Annotated[Optional[Path], typer.Option(help="Official val/test list.")] = _w("val_list"),
+    val_fraction: Annotated[float, typer.Option(help="Share of each class held out when the split is random.")] = _w("val_fraction"),
+    split_seed: Annotated[int, typer.Option(help="Seed of the random split.")] = _w("split_seed"),
+    group_regex: Annotated[Optional[str], typer.Option(help="Keep videos whose keys share this match on one side.")] = _w("group_regex"),
+    memory: Annotated[str, typer.Option(help="auto, ram or lazy (how the cache is read, once).")] = _w("memory"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _w("threads"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _w("device"),
+    plots: Annotated[bool, typer.Option(help="Write search.png (needs matplotlib).")] = _w("plots"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.")] = False,
+) -> None:
+    """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""
+    _setup_logging(quiet)
+    try:
+        config = SweepConfig(
+            out=out, space=space, params=tuple(param or ()), trials=trials, strategy=strategy, pruner=pruner,
+            prune_warmup=prune_warmup, timeout=timeout, reduce_dim=reduce_dim, storage=storage, study=study,
+            resume=resume, seed=seed, labels=labels, split=split, train_list=train_list, val_list=val_list,
+            val_fraction=val_fraction, split_seed=split_seed, group_regex=group_regex, memory=memory,
+            threads=threads, device=device, plots=plots, progress=not quiet)
+    except ValueError as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+
+    from pipeline.data.cache import CacheError
+    from pipeline.heads.sweep import SweepError
+    from pipeline.heads.sweep import sweep as run
+
+    try:
+        result = run(cache, config=config)
+    except (ValueError, SweepError) as e:  # a bad space, a study of other settings, unusable data
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (FileNotFoundError, CacheError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "
+                   f"({out}/leaderboard.csv lists them)", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(result.table())
+    typer.echo(result.summary_line())
 
 
 @app.command()

@@ -323,6 +323,235 @@ class PredictConfig:
             raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
         _check_device(self.device)
 
+STRATEGIES = ("tpe", "random", "grid")
+PRUNERS = ("median", "halving", "hyperband", "none")
+SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Settings of `pipeline sweep`: the search space and strategy, the data every trial shares, the study's storage.
+
+    The trials' own settings (head, hidden, lr, epochs, ...) come from the space; what it leaves out keeps its
+    TrainConfig default."""
+
+    out: Path
+    """Sweep folder: trials/NNNN/ run folders, leaderboard.csv/.json, best.pt, search.png, sweep.json, and by
+    default the study itself (study.db)."""
+    space: Path | dict | None = None
+    """YAML file (or, from Python, a dict of the same form): parameter -> a list of choices, a range
+    {low, high, log, step}, or one value for every trial."""
+    params: tuple[str, ...] = ()
+    """Inline parameters NAME=SPEC: hidden=64,128,256 (choices), lr=1e-4:1e-2:log, layers=1:3, dropout=0:0.5:0.1
+    (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the file's entry of the same name."""
+    trials: int | None = None
+    """Trials of the whole study, all workers together; default: every combination (grid), else SWEEP_TRIALS."""
+    strategy: str = "tpe"
+    """tpe (Bayesian, Optuna's TPESampler), random, or grid (every combination once)."""
+    pruner: str = "median"
+    """Stop weak trials from their per-epoch val top-1: median, halving (successive halving), hyperband or none."""
+    prune_warmup: int = 2
+    """Epochs every trial runs before it can be pruned (the halving/hyperband minimum resource)."""
+    timeout: float | None = None
+    """Seconds: no trial starts after it, and the running trial stops at the end of its epoch."""
+    reduce_dim: int | None = None
+    """PCA to this many dimensions, fit on the train split once; checkpoints fold it into their first layer."""
+    storage: str | None = None
+    """Optuna storage: an RDB URL (sqlite:///..., postgresql://...), or a journal file (journal:PATH or PATH.log);
+    default: sqlite in OUT/study.db."""
+    study: str | None = None
+    """Study name; default: the name of the out folder."""
+    resume: bool = False
+    """Continue (or join) an existing study of this name; without it, a study that has trials is refused."""
+    seed: int = 0
+    """Seed of the sampler (each trial's own seed is the `seed` parameter, default 0)."""
+    labels: Path | None = default_of(TrainConfig, "labels")
+    split: str = default_of(TrainConfig, "split")
+    train_list: Path | None = default_of(TrainConfig, "train_list")
+    val_list: Path | None = default_of(TrainConfig, "val_list")
+    val_fraction: float = default_of(TrainConfig, "val_fraction")
+    split_seed: int = default_of(TrainConfig, "split_seed")
+    group_regex: str | None = default_of(TrainConfig, "group_regex")
+    memory: str = default_of(TrainConfig, "memory")
+    threads: int | None = default_of(TrainConfig, "threads")
+    device: str = default_of(TrainConfig, "device")
+    plots: bool = True
+    """Write search.png (needs matplotlib); trials write no plots."""
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "params", tuple(self.params))
+        if self.space is not None and not isinstance(self.space, dict):
+            object.__setattr__(self, "space", Path(self.space))
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.pruner not in PRUNERS:
+            raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
+        if self.trials is not None and self.trials < 1:
+            raise ValueError(f"--trials must be >= 1, got {self.trials}")
+        if self.prune_warmup < 1:
+            raise ValueError(f"--prune-warmup must be >= 1, got {self.prune_warmup}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
+        if self.reduce_dim is not None and self.reduce_dim < 1:
+            raise ValueError(f"--reduce-dim must be >= 1, got {self.reduce_dim}")
+        if self.study is not None and not self.study.strip():
+            raise ValueError("--study must not be empty")
+        if self.space is None and not self.params and not self.resume:
+            raise ValueError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        # The split and data settings are TrainConfig's: let it check them, with its own flag names.
+        self.train_config(self.out)
+
+    def train_config(self, out: Path, **options) -> TrainConfig:
+        """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
+        return TrainConfig(out=out, labels=self.labels, split=self.split, train_list=self.train_list,
+                           val_list=self.val_list, val_fraction=self.val_fraction, split_seed=self.split_seed,
+                           group_regex=self.group_regex, memory=self.memory, threads=self.threads,
+                           device=self.device, plots=False, progress=False, **options)
+
+    def to_dict(self) -> dict:
+        """JSON-able: paths as strings."""
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
+                for k, v in asdict(self).items()}
+
+
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+FINETUNE_SPLIT_MODES = ("head", *SPLIT_MODES)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Settings of `pipeline finetune`: the backbone of a trained head's features, trained together with the head on
+    clips decoded from the videos."""
+
+    init: Path
+    """The head checkpoint to start from (best.pt of `pipeline train-head`, or of an earlier fine-tune)."""
+    out: Path
+    """Run folder: config.json, metrics.csv, summary.json, split.csv, best.pt, last.pt, plots (files are replaced)."""
+    unfreeze: str | None = None
+    """Backbone modules to train: comma-separated names (layer4; layer3,layer4; layer4.1; features.7), 'all' or
+    'none'. Default, when --unfreeze-last is not given either: the last stage."""
+    unfreeze_last: int | None = None
+    """Train the backbone's last N stages (ResNet: layer4, then layer3, ...); 0 trains the head only."""
+    train_bn: bool = False
+    """Update the BatchNorm running statistics of the unfrozen parts; by default they stay as stage one used them."""
+    epochs: int = 10
+    """Most epochs to train; 0 evaluates the start and writes it as a fine-tuned checkpoint."""
+    batch_size: int = 8
+    """Clips per forward/backward pass (and videos per validation batch)."""
+    accumulate: int = 1
+    """Gradient accumulation: one optimiser step every N batches (N x --batch-size clips per step)."""
+    clip_len: int | None = None
+    """Feature rows (frames at the cached sampling) per training clip; default: the head's, or 16 for a head trained
+    on whole sequences."""
+    clip_stride: int | None = None
+    """Rows between the frames of a training clip; default: the head's."""
+    lr: float = 1e-4
+    """Peak AdamW learning rate of the head (linear warm-up, then cosine to 0)."""
+    backbone_lr: float | None = None
+    """Peak learning rate of the unfrozen backbone; default: a tenth of --lr."""
+    weight_decay: float = default_of(TrainConfig, "weight_decay")
+    warmup_epochs: float = default_of(TrainConfig, "warmup_epochs")
+    patience: int = 5
+    """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early."""
+    label_smoothing: float = default_of(TrainConfig, "label_smoothing")
+    augment: bool = True
+    """Random resized crop and horizontal flip of training clips, drawn once per clip; validation always gets
+    stage one's exact preprocessing."""
+    min_scale: float = 0.35
+    """Smallest share of a frame's area that a random crop keeps."""
+    flip: bool = True
+    """Horizontal flips (turn off when left and right matter, e.g. classes that differ by direction of motion)."""
+    grad_checkpointing: bool = False
+    """Recompute the unfrozen blocks' activations in the backward pass: less memory, about a third more compute."""
+    amp: str = "auto"
+    """Mixed precision of the backbone on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off."""
+    labels: Path | None = default_of(TrainConfig, "labels")
+    """CSV `key,label` that overrides the labels of the inputs."""
+    split: str = "head"
+    """head: the split of the --init run (its split.csv, else recomputed from its recorded settings); auto, cache or
+    random: a new split as `train-head --split` makes it."""
+    train_list: Path | None = default_of(TrainConfig, "train_list")
+    val_list: Path | None = default_of(TrainConfig, "val_list")
+    val_fraction: float = default_of(TrainConfig, "val_fraction")
+    split_seed: int = default_of(TrainConfig, "split_seed")
+    group_regex: str | None = default_of(TrainConfig, "group_regex")
+    cache: Path | None = None
+    """The head's feature cache, whose frame indices define each video's rows; default: the one recorded in
+    --init. Videos it lacks are indexed by one pass of the sampling over the file."""
+    weights: Path | None = None
+    """The backbone's weights file, when the head's features came from one (checked by sha256)."""
+    seed: int = default_of(TrainConfig, "seed")
+    """Seed of clip positions, augmentation, shuffling and dropout."""
+    workers: int | None = None
+    """Decode worker processes (seeking, cropping); default: as `pipeline extract` chooses; 0 decodes in-process."""
+    threads: int | None = None
+    """Torch threads; default: all CPU cores."""
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    plots: bool = True
+    """Write curves.png and confusion.png when matplotlib is installed."""
+    progress: bool = True
+
+    def __post_init__(self):
+        for name in ("init", "out"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.clip_len == 0:
+            raise ValueError("--clip-len must be >= 1: fine-tuning trains on clips (whole sequences would run the "
+                             "backbone on every frame of a video in one step)")
+        if self.unfreeze is not None and self.unfreeze_last is not None:
+            raise ValueError("use either --unfreeze or --unfreeze-last, not both")
+        if self.unfreeze is not None and not self.unfreeze.strip():
+            raise ValueError("--unfreeze needs module names (e.g. layer4), 'all' or 'none'")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
+        if self.split not in FINETUNE_SPLIT_MODES:
+            raise ValueError(f"--split must be one of {', '.join(FINETUNE_SPLIT_MODES)}, got {self.split!r}")
+        if self.split == "head" and (self.train_list or self.val_list):
+            raise ValueError("--train-list/--val-list make a new split: pass --split auto with them")
+        _check_device(self.device)
+        for flag, value in (("--batch-size", self.batch_size), ("--accumulate", self.accumulate),
+                            ("--clip-len", self.clip_len), ("--clip-stride", self.clip_stride)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        for flag, value in (("--epochs", self.epochs), ("--patience", self.patience),
+                            ("--unfreeze-last", self.unfreeze_last), ("--workers", self.workers)):
+            if value is not None and value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
+            if value is not None and not value > 0:
+                raise ValueError(f"{flag} must be > 0, got {value}")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.min_scale <= 1.0:
+            raise ValueError(f"--min-scale must be in (0, 1], got {self.min_scale}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
+            raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
+
+        if self.group_regex is not None:
+            import re
+
+            try:
+                re.compile(self.group_regex)
+            except re.error as e:
+                raise ValueError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from None
+
+    def to_dict(self) -> dict:
+        """JSON-able: paths as strings."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     try:

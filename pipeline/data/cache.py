@@ -510,6 +510,10 @@ class FeatureCache:
         """The split each video was given in a CSV manifest (train, val, test, ...), None where it has none."""
         return {k: (r["split"] or None) for k, r in self._rows.items()}
 
+    def sources(self) -> dict[str, tuple[str, int, int]]:
+        """key -> (absolute source path, size in bytes, mtime in ns) of the file or folder each video came from."""
+        return {k: (r["source_path"], r["source_size"], r["source_mtime_ns"]) for k, r in self._rows.items()}
+
     def shards(self) -> dict[str, int]:
         """Videos per shard that extracted them ('i/n'); empty when no sharded run contributed."""
         counts: dict[str, int] = {}

@@ -240,3 +240,26 @@ def check_split(split: Split, labels: dict[str, str]) -> None:
         raise SplitError(f"classes missing from the train split: {', '.join(missing[:10])}"
                          + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
                          + "; their val videos could never be classified right")
+
+
+# ---------------------------------------------------------------------------------------------- recorded splits
+SPLIT_FILE = "split.csv"  # in a run folder: every video the run trained or validated on, and its side
+
+
+def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
+    """CSV `key,label,split` (train or val) of every video of `split`, so later stages can reuse it exactly."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "label", "split"])
+        for side in ("train", "val"):
+            for key in getattr(split, side):
+                writer.writerow([key, labels[key], side])
+
+
+def read_split(path: Path) -> dict[str, str]:
+    """key -> 'train' or 'val' from a file written by `write_split`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"key", "split"} <= set(rows[0]):
+        raise SplitError(f"{path} is not a split file (a CSV with columns key,label,split)")
+    return {r["key"]: r["split"] for r in rows}

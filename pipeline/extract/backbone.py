@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 RANDOM_INIT_SEED = 0
 WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+FINETUNED_PREFIX = "finetuned:"  # weights name of a backbone fine-tuned by `pipeline finetune`, kept in its checkpoint
 
 
 class WeightsError(RuntimeError):
@@ -101,6 +102,43 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over a state dict's names, dtypes, shapes and bytes, in name order: the identity of weights that live
+    inside a checkpoint rather than in a file of their own."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def backbone_from_state(backbone: str, state: dict[str, torch.Tensor], weights: str, weights_sha256: str,
+                        preprocessing: Preprocessing) -> LoadedBackbone:
+    """`backbone` without its classifier, with exactly the tensors of `state` (a fine-tuned backbone kept in a
+    checkpoint), frozen. Raises WeightsError when they do not fit or do not hash to `weights_sha256`."""
+    model_weights_enum(backbone)
+    model = torchvision.models.get_model(backbone, weights=None)
+    dim = strip_classifier(model)
+    own = model.state_dict()
+    missing, unused = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    bad = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unused or bad:
+        detail = "; ".join(text for text in (
+            missing and f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})",
+            unused and f"{len(unused)} tensors it does not have (e.g. {', '.join(unused[:3])})",
+            bad and f"shape mismatch for {', '.join(bad[:3])}") if text)
+        raise WeightsError(f"the backbone weights {weights!r} do not fit {backbone}: {detail}; they belong to "
+                           f"another architecture")
+    sha = tensors_sha256(state)
+    if sha != weights_sha256:
+        raise WeightsError(f"the backbone weights {weights!r} hash to {sha[:16]}..., not to the recorded "
+                           f"{(weights_sha256 or '?')[:16]}...: the checkpoint is damaged or was edited")
+    model.load_state_dict(state)
+    model.eval().requires_grad_(False)
+    return LoadedBackbone(model=model, weights=weights, weights_sha256=sha, preprocessing=preprocessing, dim=dim)
 
 
 def strip_classifier(model: nn.Module) -> int:

@@ -116,6 +116,10 @@ class VideoSource(Source):
         cap.set(cv2.CAP_PROP_CONVERT_RGB, 1)
         return cap
 
+    def capture(self) -> cv2.VideoCapture:
+        """An opened capture of the file (with the checks and messages of `frames`), for readers that seek."""
+        return self._open()
+
     def probe(self) -> SourceInfo:
         cap = self._open()
         try:
@@ -176,6 +180,10 @@ class FolderSource(Source):
 
     def count(self) -> int:
         return len(self.images)
+
+    def image(self, index: int) -> np.ndarray:
+        """Frame `index` as (H, W, 3) uint8 RGB, read directly (no other image is touched)."""
+        return self._read(self.images[index])
 
     def frames(self, keep):
         for index, image_path in enumerate(self.images):

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard
 from pipeline.data.cache import CacheWriter, FeatureSpec, merge
-from pipeline.extract.backbone import FrameEmbedder, Preprocessing, load_backbone, pick_device
+from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone, pick_device
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
 
@@ -159,11 +159,14 @@ def build_config(output, config: ExtractConfig | None = None, **options) -> Extr
     return replace(config, output=Path(output), **options)
 
 
-def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None, **options) -> ExtractReport:
+def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
+                   backbone_model: LoadedBackbone | None = None, **options) -> ExtractReport:
     """Extract per-frame features of `inputs` (folders, files, CSV manifests) into the cache `output`.
 
     Options are ExtractConfig fields (backbone="resnet18", weights="none", dtype="float32", ...) or Sampling fields
     (fps=5, stride=2, max_frames=..., num_frames=...). Rerunning resumes; see docs/cache-format.md.
+    `backbone_model`: a backbone built by the caller (the fine-tuned one of a checkpoint), used instead of loading
+    config.weights; the feature spec takes its weights name, sha256 and preprocessing.
     """
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
@@ -181,7 +184,8 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     torch.set_num_threads(threads)
     batch_size = cfg.batch_size or (8 if device.type == "cpu" else 64)
 
-    loaded = load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.progress)
+    loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
+                                             progress=cfg.progress)
     spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
                        preprocessing=loaded.preprocessing.to_dict(), sampling=cfg.sampling.to_dict(), dim=loaded.dim)
     if dist.shard and cfg.overwrite:

@@ -47,6 +47,9 @@ class HeadCheckpoint:
     """Validation metrics at this epoch (loss, top1, top5)."""
     config: dict = field(default_factory=dict)
     """The TrainConfig of the run, the cache path and the split sizes."""
+    backbone_state: dict[str, torch.Tensor] | None = None
+    """The fine-tuned backbone (classifier removed) of a `pipeline finetune` checkpoint; its feature_spec names it
+    'finetuned:<run>' with the sha256 of these tensors. None for a head trained on a cache."""
 
     def model(self, device: torch.device | str = "cpu") -> Head:
         """The head with these weights, in eval mode."""
@@ -65,6 +68,8 @@ class HeadCheckpoint:
         # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
         plain = json.loads(json.dumps(plain, default=str))
         plain["state_dict"] = {k: v.detach().cpu().clone() for k, v in self.state_dict.items()}
+        if self.backbone_state is not None:
+            plain["backbone_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.backbone_state.items()}
         return plain
 
     def check_features(self, cache: FeatureCache, checkpoint_path: str | os.PathLike = "the checkpoint") -> None:
@@ -120,6 +125,7 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
             dims=HeadDims(**obj["dims"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
             feature_spec=FeatureSpec(**obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
             clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
-            epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}))
+            epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
+            backbone_state=obj.get("backbone_state_dict"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

@@ -22,8 +22,19 @@ from pipeline.config import EvalConfig, ExtractConfig, PredictConfig, Sampling, 
 from pipeline.data.cache import FeatureSpec, open_cache
 from pipeline.data.sequences import load_sequences
 from pipeline.data.splits import KeyMatcher, SplitError, read_list
-from pipeline.extract.backbone import RANDOM_INIT_SEED, WeightsError, pick_device, sha256_file
-from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint
+from pipeline.extract.backbone import (
+    FINETUNED_PREFIX,
+    RANDOM_INIT_SEED,
+    LoadedBackbone,
+    Preprocessing,
+    WeightsError,
+    backbone_from_state,
+    load_backbone,
+    model_weights_enum,
+    pick_device,
+    sha256_file,
+)
+from pipeline.heads.checkpoint import FeatureMismatchError, HeadCheckpoint, load_checkpoint
 from pipeline.heads.metrics import classification_report, plot_confusion, to_json
 from pipeline.heads.train import predict_store, video_labels
 
@@ -160,6 +171,11 @@ def extract_config_for(spec: FeatureSpec, output: Path, weights: Path | None = N
 
 
 def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
+    if spec.weights.startswith(FINETUNED_PREFIX):
+        if weights is not None:
+            raise WeightsError(f"the head's features come from the fine-tuned backbone {spec.weights!r} stored in the "
+                               f"checkpoint itself: drop --weights")
+        return spec.weights  # not loadable by name: extract_videos gets checkpoint_backbone(...) instead
     random = RANDOM_WEIGHTS.match(spec.weights)
     if random or TORCHVISION_WEIGHTS.match(spec.weights):
         if weights is not None:
@@ -181,6 +197,80 @@ def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
         raise WeightsError(f"--weights {weights} has sha256 {sha[:16]}..., but the head was trained on features of "
                            f"{spec.weights!r} with sha256 {(spec.weights_sha256 or '?')[:16]}...: another file")
     return str(weights)
+
+
+def checkpoint_backbone(ckpt: HeadCheckpoint, checkpoint: str | Path = "the checkpoint", weights: Path | None = None,
+                        progress: bool = True) -> LoadedBackbone:
+    """The frozen backbone that makes the features of `ckpt`: its own fine-tuned one, or the spec's backbone with the
+    spec's weights (a weights file must be passed and match the recorded sha256). The result's weights name and
+    sha256 are the spec's, so extract_videos(backbone_model=...) writes features of exactly that spec.
+
+    Raises WeightsError for weights that cannot be had or that differ, and for a spec that names no torchvision
+    backbone or one whose embedding does not fit the head.
+    """
+    spec = ckpt.feature_spec
+    try:
+        model_weights_enum(spec.backbone)
+    except ValueError:
+        raise WeightsError(f"{checkpoint} was trained on features of {spec.backbone!r}, which is not a torchvision "
+                           f"classification model, so no backbone can make them again") from None
+    if ckpt.backbone_state is not None:
+        if weights is not None:
+            raise WeightsError(f"{checkpoint} carries its own fine-tuned backbone: drop --weights")
+        loaded = backbone_from_state(spec.backbone, ckpt.backbone_state, spec.weights, spec.weights_sha256,
+                                     Preprocessing.from_dict(spec.preprocessing))
+    else:
+        cfg = extract_config_for(spec, Path("unused.h5"), weights)
+        loaded = load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=progress)
+        if spec.weights_sha256 and loaded.weights_sha256 != spec.weights_sha256:
+            raise WeightsError(f"weights {loaded.weights} of {spec.backbone} hash to "
+                               f"{(loaded.weights_sha256 or '?')[:16]}..., but the head was trained on features of "
+                               f"{spec.weights!r} with sha256 {spec.weights_sha256[:16]}...")
+    if loaded.dim != ckpt.dims.in_dim or loaded.dim != spec.dim:
+        raise WeightsError(f"{checkpoint}: the head takes {ckpt.dims.in_dim}-dim features (spec: {spec.dim}), but "
+                           f"{spec.backbone} gives {loaded.dim}: the checkpoint belongs to another backbone")
+    if loaded.preprocessing.to_dict() != spec.preprocessing:
+        raise WeightsError(f"{checkpoint}: {spec.backbone}'s preprocessing {loaded.preprocessing.to_dict()} differs "
+                           f"from the recorded {spec.preprocessing}")
+    return LoadedBackbone(model=loaded.model, weights=spec.weights, weights_sha256=spec.weights_sha256,
+                          preprocessing=loaded.preprocessing, dim=loaded.dim)
+
+
+SPEC_OPTIONS = ("backbone", "resize", "crop", "mean", "std")  # ExtractConfig fields a checkpoint's spec fixes
+
+
+def extract_with_checkpoint(checkpoint: str | Path, inputs: list, output, *, config: ExtractConfig | None = None,
+                            weights: Path | None = None, **options):
+    """Extract `inputs` into the cache `output` with exactly the features of `checkpoint` (its fine-tuned backbone
+    when it has one): same backbone, weights, preprocessing and sampling, so the cache's spec is the checkpoint's.
+
+        pipeline extract videos/ -o ft.h5 --backbone-checkpoint runs/lstm-ft/best.pt
+
+    Options are ExtractConfig fields that do not change the features (dtype, device, batch_size, workers, ...);
+    `weights` is the weights file of a head trained on features of one. Returns the ExtractReport.
+    """
+    from pipeline.extract.run import build_config, extract_videos
+
+    cfg = build_config(output, config, **options)
+    ckpt = load_checkpoint(checkpoint)
+    spec = ckpt.feature_spec
+    wanted = extract_config_for(spec, cfg.output, None if ckpt.backbone_state is not None else weights)
+    defaults = ExtractConfig(output=cfg.output)
+    conflicts = [name for name in SPEC_OPTIONS if getattr(cfg, name) != getattr(defaults, name)
+                 and getattr(cfg, name) != getattr(wanted, name)]
+    if cfg.sampling != defaults.sampling and cfg.sampling != wanted.sampling:
+        conflicts.append("sampling")
+    if conflicts:
+        raise ValueError(f"--backbone-checkpoint takes the backbone, weights, preprocessing and sampling from "
+                         f"{checkpoint} ({spec.describe()}); drop the options that differ: {', '.join(conflicts)}")
+    loaded = checkpoint_backbone(ckpt, checkpoint, weights, progress=cfg.progress)
+    cfg = replace(cfg, backbone=wanted.backbone, weights=wanted.weights, resize=wanted.resize, crop=wanted.crop,
+                  mean=wanted.mean, std=wanted.std, sampling=wanted.sampling)
+    report = extract_videos(inputs, cfg.output, config=cfg, backbone_model=loaded)
+    if report.spec != spec:
+        raise FeatureMismatchError(f"extraction with {checkpoint}'s backbone gave features of another spec: "
+                                   + "; ".join(report.spec.differences(spec)))
+    return report
 
 
 def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = None, *,
@@ -216,7 +306,8 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
             writer.writerow(["path", "label"])
             for item in items:
                 writer.writerow([str(item.path.resolve()), item.label or ""])
-        report = extract_videos([manifest], cache_path, config=extract_cfg)
+        backbone = checkpoint_backbone(ckpt, checkpoint) if ckpt.backbone_state is not None else None
+        report = extract_videos([manifest], cache_path, config=extract_cfg, backbone_model=backbone)
     cache = open_cache(cache_path)
     ckpt.check_features(cache, checkpoint)
     keys = [str(item.path.resolve()) for item in items]

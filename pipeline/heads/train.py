@@ -13,7 +13,8 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig, cpu_count
-from pipeline.data.cache import FeatureCache, open_cache
+from pipeline.data.cache import FeatureCache, FeatureSpec, open_cache
 from pipeline.data.sequences import (
     Batch,
     SequenceStore,
@@ -32,7 +33,7 @@ from pipeline.data.sequences import (
     load_sequences,
     train_plans,
 )
-from pipeline.data.splits import Split, SplitError, make_split, read_labels_csv
+from pipeline.data.splits import SPLIT_FILE, Split, SplitError, make_split, read_labels_csv, write_split
 from pipeline.extract.backbone import pick_device
 from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
@@ -76,6 +77,69 @@ def video_labels(cache: FeatureCache, labels_csv: Path | None = None) -> dict[st
     if unlabelled:
         log.warning("%d videos of %s have no label and are left out", unlabelled, cache.path)
     return labels
+
+
+# ----------------------------------------------------------------------------------------------------- data
+@dataclass
+class TrainData:
+    """The labelled videos of a cache, split and loaded: everything `train_head` needs besides its settings.
+
+    `load_train_data` builds it; a sweep builds it once and passes it to every trial (`train_head(data=...)`).
+    """
+
+    cache: Path
+    spec: FeatureSpec
+    """The cache's features (what checkpoints record); `store.dim` may be smaller after a reduction."""
+    dtype: str
+    labels: dict[str, str]
+    split: Split
+    classes: list[str]
+    store: SequenceStore
+    """The train videos first, then the val videos."""
+    y: np.ndarray
+    """(videos,) class index of each store video."""
+    notes: dict = field(default_factory=dict)
+    """How the data was prepared beyond the cache (e.g. a reduction), recorded in config.json and checkpoints."""
+    stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+    """Per-dimension mean and std (D,) the heads standardise their inputs with; from the train rows when None."""
+
+    @property
+    def train_idx(self) -> np.ndarray:
+        return np.arange(len(self.split.train))
+
+    @property
+    def val_idx(self) -> np.ndarray:
+        return np.arange(len(self.split.train), len(self.store.keys))
+
+    def train_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`stats`, computed once from the train rows when not given."""
+        if self.stats is None:
+            self.stats = feature_stats(self.store, self.train_idx)
+        return self.stats
+
+
+def check_clip_len(clip_len: int | None, longest: int) -> None:
+    if clip_len is not None and clip_len > longest:
+        raise ValueError(f"--clip-len {clip_len} is longer than every sequence (the longest has {longest} rows); "
+                         f"use --clip-len {longest} or less, or 0 for whole sequences")
+
+
+def load_train_data(cache: str | Path, cfg: TrainConfig) -> TrainData:
+    """Labels, split (cfg's split settings) and the sequences of `cache`, in RAM or lazy (cfg.memory)."""
+    cache_obj = open_cache(cache)
+    labels = video_labels(cache_obj, cfg.labels)
+    split = make_split(labels, mode=cfg.split, cache_splits=cache_obj.splits(), train_list=cfg.train_list,
+                       val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
+                       group_regex=cfg.group_regex, all_keys=cache_obj.keys())
+    classes = sorted({labels[k] for k in split.train})
+    keys = split.train + split.val
+    check_clip_len(cfg.clip_len, max(cache_obj.num_frames(k) for k in keys))
+    log.info("split: %s; %d classes", split.sizes(), len(classes))
+    store = load_sequences(cache_obj, keys, cfg.memory, cfg.progress)
+    class_index = {c: i for i, c in enumerate(classes)}
+    y = np.array([class_index[labels[k]] for k in keys], dtype=np.int64)
+    return TrainData(cache=Path(cache).resolve(), spec=cache_obj.spec, dtype=cache_obj.dtype, labels=labels,
+                     split=split, classes=classes, store=store, y=y)
 
 
 # ------------------------------------------------------------------------------------------------ the loops
@@ -168,41 +232,33 @@ def build_config(out, config: TrainConfig | None = None, **options) -> TrainConf
 
 
 def train_head(cache: str | Path, out: str | Path | None = None, *, config: TrainConfig | None = None,
+               data: TrainData | None = None, on_epoch: Callable[[dict], None] | None = None,
                **options) -> TrainResult:
     """Train a head on the labelled videos of `cache`; write the run folder `out` (see docs/train-head.md).
 
     Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, ...). Raises SplitError for
     unusable labels or splits, ValueError for settings that do not fit the cache.
+    `data` (from `load_train_data`) skips reading the cache, and its split settings replace cfg's. `on_epoch` is
+    called with each epoch's metrics row after its checkpoints are written; an exception it raises stops the run.
     """
     cfg = build_config(out, config, **options)
     started = time.perf_counter()
     torch.set_num_threads(cfg.threads or cpu_count())
     device = pick_device(cfg.device)
-    cache_obj = open_cache(cache)
-    labels = video_labels(cache_obj, cfg.labels)
-    split = make_split(labels, mode=cfg.split, cache_splits=cache_obj.splits(), train_list=cfg.train_list,
-                       val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                       group_regex=cfg.group_regex, all_keys=cache_obj.keys())
-    classes = sorted({labels[k] for k in split.train})
-    keys = split.train + split.val
-    longest = max(cache_obj.num_frames(k) for k in keys)
-    if cfg.clip_len is not None and cfg.clip_len > longest:
-        raise ValueError(f"--clip-len {cfg.clip_len} is longer than every sequence (the longest has {longest} rows); "
-                         f"use --clip-len {longest} or less, or 0 for whole sequences")
-    log.info("split: %s; %d classes", split.sizes(), len(classes))
-
-    store = load_sequences(cache_obj, keys, cfg.memory, cfg.progress)
-    class_index = {c: i for i, c in enumerate(classes)}
-    y = np.array([class_index[labels[k]] for k in keys], dtype=np.int64)
+    if data is None:
+        data = load_train_data(cache, cfg)
+    else:
+        check_clip_len(cfg.clip_len, int(data.store.lengths.max()))
+    store, y, split, labels, classes = data.store, data.y, data.split, data.labels, data.classes
     n_train = len(split.train)
-    train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(keys))
+    train_idx, val_idx = data.train_idx, data.val_idx
     workers = 0 if store.in_memory else cfg.workers
 
     torch.manual_seed(cfg.seed)
-    dims = HeadDims(head=cfg.head, in_dim=cache_obj.spec.dim, num_classes=len(classes), hidden=cfg.hidden,
+    dims = HeadDims(head=cfg.head, in_dim=store.dim, num_classes=len(classes), hidden=cfg.hidden,
                     layers=cfg.layers, dropout=cfg.dropout, activation=cfg.activation)
     model = build_head(dims)
-    model.proj[0].set_stats(*feature_stats(store, train_idx))
+    model.proj[0].set_stats(*data.train_stats())
     model = model.to(device)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
@@ -213,14 +269,15 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
 
     out_dir = cfg.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {"cache": str(Path(cache).resolve()), "split": _split_info(split, labels, classes),
-                "classes": classes, "feature_spec_id": cache_obj.spec.id, "feature_dim": cache_obj.spec.dim,
-                "in_memory": store.in_memory, "device": str(device)}
+    run_info = {"cache": str(data.cache), "split": _split_info(split, labels, classes),
+                "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
+                "in_memory": store.in_memory, "device": str(device), **data.notes}
     (out_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **run_info}, indent=1) + "\n")
+    write_split(out_dir / SPLIT_FILE, split, labels)  # which video was on which side, for `pipeline finetune`
 
     def checkpoint(epoch: int, metrics: dict) -> HeadCheckpoint:
-        return HeadCheckpoint(dims=dims, state_dict=model.state_dict(), classes=classes, feature_spec=cache_obj.spec,
-                              feature_dtype=cache_obj.dtype, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
+        return HeadCheckpoint(dims=dims, state_dict=model.state_dict(), classes=classes, feature_spec=data.spec,
+                              feature_dtype=data.dtype, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
                               eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
                               config={"train": cfg.to_dict(), **run_info})
 
@@ -264,6 +321,8 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
             save_checkpoint(checkpoint(epoch, metrics), out_dir / "last.pt")
             bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val=f"{report['top1']:.1%}",
                             best=f"{best['top1']:.1%}")
+            if on_epoch is not None:
+                on_epoch(dict(row))
             if cfg.patience and stale >= cfg.patience:
                 stopped_early = True
                 log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, cfg.patience)
@@ -281,7 +340,7 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
         "classes": classes, "split": run_info["split"], "eval": _eval_description(cfg.clip_len, cfg.clip_stride,
                                                                                    cfg.eval_clips),
         "seconds": time.perf_counter() - started, "parameters": sum(p.numel() for p in model.parameters()),
-        "feature_spec_id": cache_obj.spec.id,
+        "feature_spec_id": data.spec.id,
     }
     (out_dir / "summary.json").write_text(to_json(summary))
     if cfg.plots:

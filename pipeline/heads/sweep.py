@@ -1,0 +1,635 @@
+"""`pipeline sweep`: many head configurations on one cache, searched by Optuna (grid, random, TPE), weak trials pruned
+from their per-epoch validation, in one process or in many cooperating on one study (SQLite, journal file or RDB).
+
+The cache is read (and optionally PCA-reduced) once per process; every trial is a `train_head` run on that shared
+data, with its own run folder under OUT/trials/NNNN.
+
+    pipeline sweep cache.h5 --space space.yaml --trials 50 --out runs/sweep-heads
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.config import SWEEP_TRIALS, SweepConfig, cpu_count
+from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.heads.metrics import _pyplot, to_json
+from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
+from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
+from pipeline.heads.train import TrainData, load_train_data, train_head
+
+log = logging.getLogger(__name__)
+
+STUDY_FILE = "study.db"  # the default storage: SQLite in the sweep folder
+HEARTBEAT_S = 15  # RDB storages: a running trial records a heartbeat this often ...
+GRACE_S = 60  # ... and one silent for this long is taken as dead (its worker was killed): failed, then retried once
+HALVING_RATE = 3  # successive halving / hyperband: keep the best third at each rung
+MEDIAN_STARTUP = 5  # median pruner: the first trials (at most this many, a quarter of --trials) are never pruned
+SHOWN = 10  # leaderboard rows printed
+PLOTTED_PARAMS = 3  # panels of search.png besides the value-per-trial one
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
+               "WAITING": "waiting"}
+
+
+class SweepError(RuntimeError):
+    """A study that cannot be used as asked (it exists and --resume was not given; another space or other data)."""
+
+
+class _TrialError(Exception):
+    """A trial that cannot run (settings that do not fit together or the cache); recorded, the sweep goes on."""
+
+
+@dataclass
+class SweepResult:
+    """The study after this process's trials: `rows` is the leaderboard, best first."""
+
+    out: Path
+    study: str
+    storage: str
+    rows: list[dict]
+    best_checkpoint: Path | None
+    plot: Path | None
+    trials_here: int
+    """Trials this process ran (other workers may have run more)."""
+    seconds: float
+
+    @property
+    def best(self) -> dict | None:
+        return self.rows[0] if self.rows and self.rows[0]["top1"] is not None else None
+
+    def counts(self) -> Counter:
+        return Counter(r["state"] for r in self.rows)
+
+    def table(self, n: int = SHOWN) -> str:
+        return leaderboard_table(self.rows, n)
+
+    def summary_line(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().most_common())
+        best = self.best
+        head = (f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished")
+        where = f" -> {self.best_checkpoint}" if self.best_checkpoint else ""
+        return (f"sweep {self.study}: {head}; {len(self.rows)} trials ({counts}), {self.trials_here} run here in "
+                f"{self.seconds:.0f}s{where}")
+
+
+# -------------------------------------------------------------------------------------------------- storage
+def open_storage(url: str | None, out: Path):
+    """(url, Optuna storage) for --storage: an RDB URL (with heartbeats), a journal file, or OUT/study.db."""
+    import optuna
+
+    if url is None:
+        url = f"sqlite:///{(out / STUDY_FILE).resolve()}"
+    journal = url.startswith("journal:") or ("://" not in url and Path(url).suffix in (".log", ".jsonl", ".journal"))
+    if journal:
+        path = Path(url.removeprefix("journal:").removeprefix("//")).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            backend = optuna.storages.journal.JournalFileBackend(str(path))
+        except AttributeError:  # Optuna < 4.0
+            backend = optuna.storages.JournalFileStorage(str(path))
+        return f"journal:{path.resolve()}", optuna.storages.JournalStorage(backend)
+    if "://" not in url:
+        if Path(url).suffix not in (".db", ".sqlite", ".sqlite3"):
+            raise ValueError(f"--storage {url!r}: expected an RDB URL (sqlite:///PATH, postgresql://..., "
+                             f"mysql+pymysql://...), journal:PATH, or a file ending in .db (SQLite) or .log (journal)")
+        url = f"sqlite:///{Path(url).expanduser().resolve()}"
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+        optuna.storages.RetryFailedTrialCallback
+    import inspect
+
+    callback_arg = ("heartbeat_stale_trial_callback"
+                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                    else "failed_trial_callback")
+    kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, callback_arg: retry(max_retry=1)}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # workers wait for each other's writes
+    for attempt in range(5):
+        try:
+            return url, optuna.storages.RDBStorage(url, **kwargs)
+        except Exception as e:  # two workers creating the same new database at once
+            if attempt == 4 or "already exists" not in str(e) and "locked" not in str(e):
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def _quiet_optuna():
+    """Optuna's per-trial INFO lines and experimental-feature warnings off while sweeping (the bar says it all)."""
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+            yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+
+
+def make_sampler(strategy: str, space: SearchSpace, trials: int, seed: int):
+    import optuna
+
+    if strategy == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if strategy == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, trials // 3)), constant_liar=True)
+
+
+def make_pruner(name: str, warmup: int, trials: int):
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=min(MEDIAN_STARTUP, max(1, trials // 4)),
+                                           n_warmup_steps=warmup)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup, reduction_factor=HALVING_RATE)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=warmup, reduction_factor=HALVING_RATE)
+    return optuna.pruners.NopPruner()
+
+
+def _counted(t) -> bool:
+    """Whether a trial takes one of the study's --trials: finished or running ones, and failures of its own settings;
+    not a trial of a killed worker (failed without an error of its own, and retried), a retry still waiting to run,
+    nor a surplus one."""
+    if t.user_attrs.get("surplus") or t.state.name == "WAITING":
+        return False
+    if t.state.name == "FAIL":
+        return "error" in t.user_attrs
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------- the sweep
+def build_config(out, config: SweepConfig | None = None, **options) -> SweepConfig:
+    names = {f.name for f in fields(SweepConfig)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise TypeError(f"unknown sweep options: {', '.join(unknown)}")
+    if config is None:
+        if out is None:
+            raise TypeError("sweep needs `out` (the sweep folder) or a config")
+        return SweepConfig(out=out, **options)
+    if out is not None:
+        options["out"] = out
+    return replace(config, **options)
+
+
+def sweep(cache: str | Path, out: str | Path | None = None, *, config: SweepConfig | None = None,
+          **options) -> SweepResult:
+    """Search train-head settings on `cache`; write the sweep folder `out` (see docs/sweep.md).
+
+    Options are SweepConfig fields: space (a YAML file, or a dict of the same form: {"hidden": [64, 128],
+    "lr": {"low": 1e-4, "high": 1e-2, "log": True}}), params=["dropout=0:0.5:0.1"], trials=30, strategy="grid",
+    pruner="halving", reduce_dim=256, storage=..., study=..., resume=True, ... Raises SpaceError for a bad space,
+    SweepError for a study that cannot be used, and what `train_head` raises for unusable data.
+    """
+    return _Sweep(cache, build_config(out, config, **options)).run()
+
+
+class _Sweep:
+    def __init__(self, cache, cfg: SweepConfig):
+        self.cache, self.cfg = Path(cache), cfg
+        self.started = time.perf_counter()
+        self.trials_here = 0
+        self.best_copied: int | None = None
+
+    # ---------------------------------------------------------------------------------------------- setup
+    def _space(self, recorded: dict | None) -> SearchSpace:
+        cfg = self.cfg
+        if cfg.space is not None or cfg.params:
+            return parse_space(cfg.space, cfg.params)
+        if recorded is None:
+            raise SpaceError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES "
+                             "(--resume alone needs an existing study)")
+        return SearchSpace(parse_mapping(recorded, "the study's space"))
+
+    def run(self) -> SweepResult:
+        import optuna
+
+        cfg = self.cfg
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        torch.set_num_threads(cfg.threads or cpu_count())
+        with _quiet_optuna():
+            self.storage_url, storage = open_storage(cfg.storage, cfg.out)
+            name = cfg.study or cfg.out.resolve().name
+            self.name = name
+            try:
+                existing = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                existing = None
+            recorded = existing.user_attrs.get("sweep") if existing is not None else None
+            space = self._space(recorded["space"] if recorded else None)
+            if space.varying and cfg.strategy == "grid":
+                space.grid()  # a space without a grid fails here, before the data is read
+            if existing is not None and not cfg.resume and any(_counted(t) for t in existing.get_trials(
+                    deepcopy=False)):
+                raise SweepError(f"study {name!r} in {self.storage_url} already has trials: pass --resume to continue "
+                                 f"it, or choose another --study or --out")
+            self.space = space
+            self.trials = self._budget(space)
+
+            data, reduction = self._load()
+            identity = self._identity(space, data)
+            if recorded is not None:
+                self._check_same(recorded, identity)
+            study = self._create_or_join(storage, name, space, identity, existing)
+            self.study = study
+            (cfg.out / "sweep.json").write_text(json.dumps(
+                {"study": name, "storage": self.storage_url, "trials": self.trials, "config": cfg.to_dict(),
+                 **identity}, indent=1) + "\n")
+            log.info("study %s in %s: %d trials of %s", name, self.storage_url, self.trials,
+                     "; ".join(space.describe()))
+            try:
+                self._optimize(study, data, reduction)
+            finally:
+                rows = self.finish(study)
+        plot = None
+        if cfg.plots:
+            plot = plot_search(rows, space, _importances(study, space), cfg.out / "search.png")
+        best_ckpt = cfg.out / "best.pt" if (cfg.out / "best.pt").is_file() else None
+        return SweepResult(cfg.out, name, self.storage_url, rows, best_ckpt, plot, self.trials_here,
+                           time.perf_counter() - self.started)
+
+    def _create_or_join(self, storage, name: str, space: SearchSpace, identity: dict, existing):
+        """The study, created with --seed for its sampler, or joined with a seed of this process (so that workers
+        and resumed runs never repeat the first process's draws)."""
+        import optuna
+
+        cfg = self.cfg
+        pruner = make_pruner(cfg.pruner, cfg.prune_warmup, self.trials)
+        if existing is None:
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
+                                            sampler=make_sampler(cfg.strategy, space, self.trials, cfg.seed))
+                study.set_user_attr("sweep", identity)
+                return study
+            except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
+                pass
+        seed = int(np.random.SeedSequence([cfg.seed, os.getpid(), time.time_ns() % 2**32]).generate_state(1)[0])
+        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner,
+                                  sampler=make_sampler(cfg.strategy, space, self.trials, seed))
+        for _ in range(50):  # its creator records the settings right after creating it
+            recorded = study.user_attrs.get("sweep")
+            if recorded is not None:
+                self._check_same(recorded, identity)
+                return study
+            time.sleep(0.1)
+        study.set_user_attr("sweep", identity)
+        return study
+
+    def _budget(self, space: SearchSpace) -> int:
+        cfg = self.cfg
+        if cfg.strategy == "grid":
+            size = space.grid_size()
+            if cfg.trials is not None and cfg.trials > size:
+                log.warning("--trials %d: the grid has %d combinations; running %d", cfg.trials, size, size)
+            return min(cfg.trials or size, size)
+        return cfg.trials or SWEEP_TRIALS
+
+    def _load(self) -> tuple[TrainData, Reduction | None]:
+        """The cache, read once for every trial (the clip length is checked per trial), reduced if asked."""
+        cfg = self.cfg
+        base = cfg.train_config(cfg.out, clip_len=None)
+        data = load_train_data(self.cache, replace(base, progress=cfg.progress))
+        if cfg.reduce_dim is None:
+            return data, None
+        t = time.perf_counter()
+        reduction = fit_pca(data.store, data.train_idx, cfg.reduce_dim)
+        store = reduce_store(data.store, reduction)
+        log.info("reduced %d -> %d dimensions in %.1fs", data.store.dim, reduction.dim, time.perf_counter() - t)
+        # The reduced rows are already in standardised coordinates, which the heads take as they are (standardising
+        # each component again would whiten them: every direction as loud as the top ones).
+        stats = (torch.zeros(reduction.dim), torch.ones(reduction.dim))
+        return replace(data, store=store, stats=stats, notes={**data.notes, "reduction": reduction.describe()}), \
+            reduction
+
+    def _identity(self, space: SearchSpace, data: TrainData) -> dict:
+        """What every worker of a study must share: the space and the data its trials see."""
+        cfg = self.cfg
+        return {"space": space.to_dict(), "strategy": cfg.strategy,
+                "data": {"feature_spec_id": data.spec.id, "classes": data.classes, "split": data.split.method,
+                         "train": len(data.split.train), "val": len(data.split.val), "reduce_dim": cfg.reduce_dim}}
+
+    def _check_same(self, recorded: dict, identity: dict) -> None:
+        diffs = []
+        if recorded.get("space") != identity["space"]:
+            diffs.append(f"space: the study's {json.dumps(recorded.get('space'))} != this "
+                         f"{json.dumps(identity['space'])}")
+        for k, v in identity["data"].items():
+            if recorded.get("data", {}).get(k) != v:
+                diffs.append(f"{k}: the study's {recorded.get('data', {}).get(k)!r} != this {v!r}")
+        if diffs:
+            raise SweepError(f"study {self.name!r} in {self.storage_url} was made with other settings; every worker "
+                             f"of a study needs the same space, features, split and --reduce-dim:\n  "
+                             + "\n  ".join(d if len(d) < 400 else d[:400] + "..." for d in diffs))
+        if recorded.get("strategy") != identity["strategy"]:
+            log.warning("study %s was started with --strategy %s; this worker samples with %s", self.name,
+                        recorded.get("strategy"), identity["strategy"])
+
+    # ------------------------------------------------------------------------------------------- trials
+    def _optimize(self, study, data: TrainData, reduction: Reduction | None) -> None:
+        import optuna
+
+        cfg = self.cfg
+        optuna.storages.fail_stale_trials(study)  # trials of killed workers: failed (and retried) before counting
+        # The time budget counts from the start of the sweep (reading the cache included).
+        remaining = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - self.started)
+        deadline = None if remaining is None else time.time() + remaining
+        done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t) and t.state.is_finished())
+        self.bar = tqdm(total=self.trials, initial=min(done, self.trials), desc="sweep", unit="trial",
+                        disable=not cfg.progress, dynamic_ncols=True)
+        if sum(1 for t in study.get_trials(deepcopy=False) if _counted(t)) >= self.trials:
+            log.info("study %s already has its %d trials", self.name, self.trials)
+            self.bar.close()
+            return
+        if remaining is not None and remaining <= 0:
+            log.warning("--timeout %gs was spent before the first trial (reading the cache)", cfg.timeout)
+            self.bar.close()
+            return
+
+        def objective(trial):
+            return self._trial(study, trial, data, reduction, deadline)
+
+        try:
+            study.optimize(objective, n_trials=None, timeout=remaining, callbacks=[self._after_trial],
+                           catch=(_TrialError,), gc_after_trial=False, show_progress_bar=False)
+        finally:
+            self.bar.close()
+
+    def _trial(self, study, trial, data: TrainData, reduction: Reduction | None, deadline: float | None) -> float:
+        import optuna
+
+        cfg = self.cfg
+        ahead = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counted(t))
+        if ahead >= self.trials:  # another worker took the last place between our check and this trial
+            trial.set_user_attr("surplus", True)
+            study.stop()
+            raise _TrialError("surplus")
+        started = time.perf_counter()
+        self.trials_here += 1
+        run = cfg.out / "trials" / f"{trial.number:04d}"
+        trial.set_user_attr("run", str(run.resolve()))
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        params = self.space.suggest(trial)
+        best = {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None, "epochs": 0}
+
+        def record(**extra):
+            for k, v in {"epochs_run": best["epochs"], "best_epoch": best["epoch"], "top5": best["top5"],
+                         "val_loss": None if best["loss"] == math.inf else best["loss"],
+                         "seconds": time.perf_counter() - started, **extra}.items():
+                trial.set_user_attr(k, v)
+
+        def on_epoch(row: dict) -> None:
+            best["epochs"] = row["epoch"]
+            if row["val_top1"] > best["top1"] or (row["val_top1"] == best["top1"] and row["val_loss"] < best["loss"]):
+                best.update(top1=row["val_top1"], loss=row["val_loss"], epoch=row["epoch"], top5=row["val_top5"])
+            trial.report(best["top1"], row["epoch"])
+            if deadline is not None and time.time() > deadline:
+                record(stopped="timeout")
+                raise optuna.TrialPruned(f"time budget spent at epoch {row['epoch']}")
+            if trial.should_prune():
+                record(stopped=f"pruned at epoch {row['epoch']}")
+                raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
+
+        try:
+            try:
+                train_cfg = cfg.train_config(run, **params)
+            except ValueError as e:
+                raise self._error(trial, f"settings do not fit together: {e}") from None
+            try:
+                result = train_head(data.cache, config=train_cfg, data=data, on_epoch=on_epoch)
+            except optuna.TrialPruned:
+                raise
+            except KeyboardInterrupt:  # the trial fails with the interrupt; its settings wait for the next run
+                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+                raise
+            except (ValueError, RuntimeError) as e:  # e.g. a clip longer than every sequence; out of memory
+                record()
+                raise self._error(trial, f"{type(e).__name__}: {e}") from None
+        finally:
+            if reduction is not None:
+                _fold_run(run, reduction)
+        s = result.summary
+        best.update(top5=s["top5"], loss=s["val_loss"])
+        record(stopped="early stop" if s["stopped_early"] else None)
+        return s["top1"]
+
+    def _error(self, trial, message: str) -> _TrialError:
+        trial.set_user_attr("error", message)
+        log.warning("trial %d failed: %s", trial.number, message)
+        return _TrialError(message)
+
+    def _after_trial(self, study, frozen) -> None:
+        import optuna
+
+        optuna.storages.fail_stale_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        finished = sum(1 for t in trials if _counted(t) and t.state.is_finished())
+        self.bar.n = min(finished, self.trials)
+        rows = self.write_results(trials)
+        if rows and rows[0]["top1"] is not None:
+            self.bar.set_postfix(best=f"{rows[0]['top1']:.1%}", trial=rows[0]["trial"])
+        self.bar.refresh()
+        if sum(1 for t in trials if _counted(t)) >= self.trials:
+            study.stop()
+
+    # ----------------------------------------------------------------------------------------- results
+    def finish(self, study) -> list[dict]:
+        return self.write_results(study.get_trials(deepcopy=False))
+
+    def write_results(self, trials) -> list[dict]:
+        """leaderboard.csv/.json from the whole study, and best.pt when the best trial's run folder is here."""
+        rows = leaderboard_rows(trials)
+        out = self.cfg.out
+        names = list(self.space.varying)
+        names += sorted({k for r in rows for k in r["params"]} - set(names))
+        _write_atomic(out / "leaderboard.json", to_json(
+            {"study": self.name, "storage": self.storage_url, "trials": self.trials, "space": self.space.to_dict(),
+             "rows": rows}))
+        columns = ["rank", "trial", "state", "top1", "top5", "val_loss", "epochs_run", "best_epoch", "seconds", *names,
+                   "stopped", "error", "run", "worker"]
+        tmp = out / f".leaderboard.csv.{os.getpid()}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            for rank, r in enumerate(rows, start=1):
+                cells = {**{k: v for k, v in r.items() if k != "params"}, **r["params"], "rank": rank}
+                writer.writerow({k: _cell(cells.get(k)) for k in columns})
+        os.replace(tmp, out / "leaderboard.csv")
+        self._copy_best(rows)
+        return rows
+
+    def _copy_best(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r["top1"] is None:
+                return
+            source = Path(r["run"]) / "best.pt" if r["run"] else None
+            if source is not None and source.is_file():
+                if self.best_copied != r["trial"]:
+                    target = self.cfg.out / "best.pt"
+                    tmp = target.with_name(f".best.pt.{os.getpid()}.tmp")
+                    shutil.copyfile(source, tmp)
+                    os.replace(tmp, target)
+                    _write_atomic(self.cfg.out / "best.json", json.dumps(r, indent=1) + "\n")
+                    self.best_copied = r["trial"]
+                return
+
+
+def _fold_run(run: Path, reduction: Reduction) -> None:
+    """Rewrite a trial's checkpoints trained on reduced rows as checkpoints on the cache's own features."""
+    for name in ("best.pt", "last.pt"):
+        path = run / name
+        if path.is_file():
+            ckpt = load_checkpoint(path)
+            if ckpt.dims.in_dim == reduction.dim:
+                save_checkpoint(fold_reduction(ckpt, reduction), path)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------------- leaderboard
+def leaderboard_rows(trials) -> list[dict]:
+    """One row per trial (surplus ones left out), best first: by val top-1, then val loss, then trial number."""
+    rows = []
+    for t in trials:
+        a = t.user_attrs
+        if a.get("surplus"):
+            continue
+        seconds = a.get("seconds")
+        if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
+            seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        rows.append({"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
+                     "top1": t.value, "top5": a.get("top5"), "val_loss": a.get("val_loss"),
+                     "epochs_run": a.get("epochs_run"),
+                     "best_epoch": a.get("best_epoch"), "seconds": seconds, "params": dict(t.params),
+                     "stopped": a.get("stopped"), "error": a.get("error"), "run": a.get("run"),
+                     "worker": a.get("worker")})
+
+    def key(r):
+        return (r["top1"] is None, -(r["top1"] or 0.0), math.inf if r["val_loss"] is None else r["val_loss"],
+                r["trial"])
+
+    return sorted(rows, key=key)
+
+
+def leaderboard_table(rows: list[dict], n: int = SHOWN) -> str:
+    """The first n rows as an aligned text table."""
+    names = []
+    for r in rows:
+        names += [k for k in r["params"] if k not in names]
+    header = ["#", "trial", "state", "top-1", "epochs", "sec", *names]
+    lines = [header]
+    for rank, r in enumerate(rows[:n], start=1):
+        state = r["state"] if not r["stopped"] or r["state"] != "pruned" else r["stopped"]
+        lines.append([str(rank), str(r["trial"]), state, "-" if r["top1"] is None else f"{r['top1']:.1%}",
+                      "-" if r["epochs_run"] is None else str(r["epochs_run"]),
+                      "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                      *[_short(r["params"].get(k)) for k in names]])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    text = "\n".join("  ".join(c.rjust(w) if i in (0, 1, 3, 4, 5) else c.ljust(w) for i, (c, w) in
+                               enumerate(zip(line, widths, strict=True))).rstrip() for line in lines)
+    if len(rows) > n:
+        text += f"\n... {len(rows) - n} more in leaderboard.csv"
+    return text
+
+
+def _short(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------------------------- plot
+def _importances(study, space: SearchSpace) -> dict[str, float]:
+    """Optuna's parameter importances (complete trials); empty when it cannot say (too few trials, one value)."""
+    import optuna
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < 3 or not space.varying:
+        return {}
+    try:
+        with _quiet_optuna():
+            return dict(optuna.importance.get_param_importances(study))
+    except (ImportError, RuntimeError, ValueError) as e:  # an evaluator needing scikit-learn; a degenerate study
+        log.info("no parameter importances: %s", e)
+        return {}
+
+
+def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, float], path: Path) -> Path | None:
+    """search.png: val top-1 per trial (best so far as a line), then val top-1 against the most important
+    parameters (pruned trials as crosses: their best before they were stopped). None without matplotlib."""
+    plt = _pyplot()
+    scored = [r for r in rows if r["top1"] is not None]
+    if plt is None or not scored:
+        return None
+    order = [n for n in importances if n in space.varying] + [n for n in space.varying if n not in importances]
+    shown = order[:PLOTTED_PARAMS]
+    fig, axes = plt.subplots(1, 1 + len(shown), figsize=(4.2 * (1 + len(shown)), 3.8), squeeze=False)
+    axes = axes[0]
+    by_trial = sorted(scored, key=lambda r: r["trial"])
+    for state, marker in (("complete", "o"), ("pruned", "x")):
+        pts = [r for r in by_trial if r["state"] == state]
+        axes[0].scatter([r["trial"] for r in pts], [r["top1"] for r in pts], marker=marker, label=state, alpha=0.8)
+    axes[0].plot([r["trial"] for r in by_trial], np.maximum.accumulate([r["top1"] for r in by_trial]), color="k",
+                 lw=1, label="best so far")
+    axes[0].set_xlabel("trial")
+    axes[0].set_ylabel("val top-1")
+    axes[0].legend(fontsize=8)
+    for ax, name in zip(axes[1:], shown, strict=True):
+        p = space.params[name]
+        pts = [r for r in scored if name in r["params"]]
+        if p.kind == "choice":
+            labels = [_short(v) for v in p.values]
+            xs = [labels.index(_short(r["params"][name])) if _short(r["params"][name]) in labels else -1 for r in pts]
+            ax.set_xticks(range(len(labels)), labels)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        else:
+            xs = [r["params"][name] for r in pts]
+            if p.log:
+                ax.set_xscale("log")
+        for state, marker in (("complete", "o"), ("pruned", "x")):
+            sel = [i for i, r in enumerate(pts) if r["state"] == state]
+            ax.scatter([xs[i] for i in sel], [pts[i]["top1"] for i in sel], marker=marker, alpha=0.8)
+        imp = importances.get(name)
+        ax.set_title(name + (f" (importance {imp:.2f})" if imp is not None else ""), fontsize=10)
+        ax.set_xlabel(name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -199,7 +199,7 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
             frames += sum(1 for _ in open_source(v, 30.0).frames(lambda i, t: True))
         decode = time.process_time() - start
         start = time.process_time()
-        stream = run._FrameStream(  # the worker's own code, run in this process
+        stream = run.FrameStream(  # the worker's own code, run in this process
             items, [list(range(len(items)))], Sampling(), pre)
         for message in stream:
             if message[0] == "error":
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
     threads = args.threads or cpu_count()
-    workers = args.workers if args.workers is not None else run._default_workers(device)
+    workers = args.workers if args.workers is not None else run.default_workers(device)
     torch.set_num_threads(threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
     print(f"machine: {machine(device)}")
     print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
-          f"{args.workers if args.workers is not None else run._default_workers(device)}, features stored as float32; "
+          f"{args.workers if args.workers is not None else run.default_workers(device)}, features stored as float32; "
           f"CPU reference on {args.cpu_clips} clips x {args.cpu_frames} frames per resolution", flush=True)
     failures = []
     results = []

@@ -285,10 +285,10 @@ def batches(store: SequenceStore, plans: list[Plan], workers: int = 0) -> Iterat
         for plan in plans:
             yield store.gather(plan)
         return
-    loader = DataLoader(store, sampler=plans, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+    loader = DataLoader(store, sampler=plans, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
                         prefetch_factor=4, persistent_workers=False)
     yield from loader
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
     torch.set_num_threads(1)

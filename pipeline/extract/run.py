@@ -71,7 +71,7 @@ def balance(weights: list[int], n: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-class _FrameStream(IterableDataset):
+class FrameStream(IterableDataset):
     """Yields ('rows', i, frames uint8 (n, 3, C, C), frame_indices, timestamps), then ('end', i, info) per video,
     or ('error', i, reason). Each worker decodes its own share of the videos, in order."""
 
@@ -125,17 +125,17 @@ class _FrameStream(IterableDataset):
             yield "error", i, reason
 
 
-def _worker_init(_: int) -> None:
+def worker_init(_: int) -> None:
     import cv2
 
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
 
 
-def _start_workers(source) -> Iterator:
+def start_workers(source) -> Iterator:
     """iter(source), with OpenCV's thread pool at one thread while the decode workers fork.
 
-    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (_worker_init) joins threads
+    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins threads
     that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large image)."""
     import cv2
 
@@ -177,7 +177,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
         # owned by two ranks or by none, whatever the others have done.
         items = [items[i] for i in balance([it.signature()[0] for it in items], dist.world)[dist.rank]]
     device = pick_device(dist.device(cfg.device))
-    workers = cfg.workers if cfg.workers is not None else _default_workers(device)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
     threads = cfg.threads or max(1, cpu_count() // dist.local_world)
@@ -268,7 +268,7 @@ class Distributed:
         torch_dist.barrier()
 
 
-def _default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device) -> int:
     if device.type == "cpu":
         return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
     return max(1, min(8, cpu_count() - 1))
@@ -279,11 +279,11 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     pre = embed.pre
     n_shares = max(workers, 1)
     shares = balance([max(signatures[it.key][0], 0) for it in todo], n_shares)
-    stream = _FrameStream(todo, shares, cfg.sampling, pre)
+    stream = FrameStream(todo, shares, cfg.sampling, pre)
     if workers > 0:
         # in_order=False (torch >= 2.6) lets a fast worker's videos pass a slow one's; each worker stays in order
         kwargs = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
-        source = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+        source = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
                             prefetch_factor=4, pin_memory=device.type == "cuda", persistent_workers=False, **kwargs)
     else:
         source = stream
@@ -353,7 +353,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         report.frames += len(feats)
 
     try:
-        for message in _start_workers(source):
+        for message in start_workers(source):
             kind, i = message[0], message[1]
             if i in dead:
                 continue

@@ -299,8 +299,8 @@ def clip_batches(dataset: ClipDataset, jobs: list[ClipJob], workers: int, pin_me
         for job in jobs:
             yield dataset[job]
         return
-    from pipeline.extract.run import _start_workers, _worker_init
+    from pipeline.extract.run import start_workers, worker_init
 
-    loader = DataLoader(dataset, sampler=jobs, batch_size=None, num_workers=workers, worker_init_fn=_worker_init,
+    loader = DataLoader(dataset, sampler=jobs, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
                         prefetch_factor=2, pin_memory=pin_memory, persistent_workers=False)
-    yield from _start_workers(loader)
+    yield from start_workers(loader)

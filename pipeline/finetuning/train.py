@@ -37,7 +37,7 @@ from pipeline.data.splits import (
 from pipeline.extract.backbone import FINETUNED_PREFIX, pick_device, tensors_sha256
 from pipeline.extract.decode import DecodeError
 from pipeline.extract.inputs import VideoItem, discover
-from pipeline.extract.run import _default_workers
+from pipeline.extract.run import default_workers
 from pipeline.finetuning.clips import (
     READ_MODES,
     ClipAugment,
@@ -54,8 +54,8 @@ from pipeline.heads.metrics import classification_report, plot_confusion, plot_c
 from pipeline.heads.train import (
     METRIC_COLUMNS,
     TrainResult,
-    _eval_description,
-    _split_info,
+    eval_description,
+    split_info,
     evaluate,
     make_optimizer,
     warmup_cosine,
@@ -293,7 +293,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     clip_len = cfg.clip_len or ckpt.clip_len or DEFAULT_CLIP_LEN
     clip_stride = cfg.clip_stride or ckpt.clip_stride
     unfrozen = "all" if unfreeze == [""] else ", ".join(unfreeze) or "nothing"
-    workers = cfg.workers if cfg.workers is not None else _default_workers(device)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
     # -- data: the inputs' labels, the head's split, each video's feature rows
     items = discover(inputs)
@@ -346,7 +346,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     run_info = {
         "init": str(cfg.init.resolve()), "init_feature_spec_id": spec.id, "cache": str(cache_path or ""),
         "backbone": spec.backbone, "unfrozen": unfreeze, "clip_len": clip_len, "clip_stride": clip_stride,
-        "backbone_lr": backbone_lr, "split": _split_info(split, labels, ckpt.classes), "classes": ckpt.classes,
+        "backbone_lr": backbone_lr, "split": split_info(split, labels, ckpt.classes), "classes": ckpt.classes,
         "rows_from_cache": from_cache, "rows_indexed": len(keys) - from_cache, "trainable_parameters": trainable,
         "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off", "workers": workers,
         "train": ckpt.config.get("train", {}),
@@ -437,7 +437,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         "stopped_early": stopped_early, "top1": report["top1"], "top5": report["top5"], "val_loss": report["loss"],
         "videos": report["videos"], "per_class_accuracy": report["per_class_accuracy"],
         "confusion_matrix": report["confusion_matrix"], "classes": ckpt.classes, "split": run_info["split"],
-        "eval": _eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips), "start": start_metrics,
+        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips), "start": start_metrics,
         "head_checkpoint_metrics": ckpt.metrics, "seconds": time.perf_counter() - started,
         "train_clips": clips_total, "train_clips_per_s": clips_total / train_seconds if train_seconds else 0.0,
         "reads": reads, "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20

@@ -46,7 +46,7 @@ def to_json(obj) -> str:
     return re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
 
@@ -60,7 +60,7 @@ def _pyplot():
 
 def plot_curves(rows: list[dict], path: Path) -> bool:
     """Loss and accuracy per epoch (rows of metrics.csv) -> PNG. False when matplotlib is missing."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not rows:
         return False
     epochs = [r["epoch"] for r in rows]
@@ -85,7 +85,7 @@ def plot_curves(rows: list[dict], path: Path) -> bool:
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = "") -> bool:
     """Row-normalised confusion matrix -> PNG (class names shown up to 40 classes)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return False
     cm = np.asarray(cm, dtype=np.float64)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from pipeline.config import SWEEP_TRIALS, SweepConfig, cpu_count
 from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.heads.metrics import _pyplot, to_json
+from pipeline.heads.metrics import pyplot, to_json
 from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
 from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
 from pipeline.heads.train import TrainData, load_train_data, train_head
@@ -121,13 +121,15 @@ def open_storage(url: str | None, out: Path):
     kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, callback_arg: retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # workers wait for each other's writes
-    for attempt in range(5):
+    import sqlalchemy
+
+    for attempt in range(6):
         try:
             return url, optuna.storages.RDBStorage(url, **kwargs)
-        except Exception as e:  # two workers creating the same new database at once
-            if attempt == 4 or "already exists" not in str(e) and "locked" not in str(e):
+        except sqlalchemy.exc.SQLAlchemyError:  # workers creating the same new database at once: one wins, retry
+            if attempt == 5:
                 raise
-            time.sleep(0.2 * (attempt + 1))
+            time.sleep(0.2 * (attempt + 1) * (1 + np.random.default_rng().random()))
     raise AssertionError("unreachable")
 
 
@@ -594,7 +596,7 @@ def _importances(study, space: SearchSpace) -> dict[str, float]:
 def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, float], path: Path) -> Path | None:
     """search.png: val top-1 per trial (best so far as a line), then val top-1 against the most important
     parameters (pruned trials as crosses: their best before they were stopped). None without matplotlib."""
-    plt = _pyplot()
+    plt = pyplot()
     scored = [r for r in rows if r["top1"] is not None]
     if plt is None or not scored:
         return None

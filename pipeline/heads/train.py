@@ -269,7 +269,7 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
 
     out_dir = cfg.out
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {"cache": str(data.cache), "split": _split_info(split, labels, classes),
+    run_info = {"cache": str(data.cache), "split": split_info(split, labels, classes),
                 "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
                 "in_memory": store.in_memory, "device": str(device), **data.notes}
     (out_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **run_info}, indent=1) + "\n")
@@ -337,7 +337,7 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
         "head": cfg.head, "best_epoch": best["epoch"], "epochs_run": len(rows), "stopped_early": stopped_early,
         "top1": report["top1"], "top5": report["top5"], "val_loss": report["loss"], "videos": report["videos"],
         "per_class_accuracy": report["per_class_accuracy"], "confusion_matrix": report["confusion_matrix"],
-        "classes": classes, "split": run_info["split"], "eval": _eval_description(cfg.clip_len, cfg.clip_stride,
+        "classes": classes, "split": run_info["split"], "eval": eval_description(cfg.clip_len, cfg.clip_stride,
                                                                                    cfg.eval_clips),
         "seconds": time.perf_counter() - started, "parameters": sum(p.numel() for p in model.parameters()),
         "feature_spec_id": data.spec.id,
@@ -350,13 +350,13 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
     return TrainResult(out=out_dir, summary=summary)
 
 
-def _split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:
+def split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:
     return {"method": split.method, "train": len(split.train), "val": len(split.val),
             "excluded": len(split.excluded), "classes": len(classes),
             "val_classes": len({labels[k] for k in split.val})}
 
 
-def _eval_description(clip_len: int | None, clip_stride: int, eval_clips: int) -> str:
+def eval_description(clip_len: int | None, clip_stride: int, eval_clips: int) -> str:
     stride = f", stride {clip_stride}" if clip_stride > 1 else ""
     if eval_clips and clip_len is not None:
         return f"mean of {eval_clips} clips of {clip_len} rows{stride}"

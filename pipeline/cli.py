@@ -6,6 +6,7 @@ usage; 3 the run finished but some inputs failed (listed, recorded in the cache,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -65,6 +66,25 @@ def _fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
     return typer.Exit(code)
 
 
+@contextlib.contextmanager
+def _errors(interrupted: str = "interrupted", usage: tuple[type[Exception], ...] = ()):
+    """Turn the library's exceptions into a message and an exit code, so that a command states only its work.
+
+    ValueError and its kin (bad settings, inputs, splits, spaces) -> 2; RuntimeError and its kin (weights, caches,
+    checkpoints, studies) and OS errors -> 1; Ctrl-C -> 130 after saying what was kept."""
+    try:
+        yield
+    except typer.Exit:  # click's Exit is a RuntimeError: let the command's own exits through
+        raise
+    except (ValueError, *usage) as e:
+        raise _fail(str(e), EXIT_USAGE) from None
+    except (OSError, RuntimeError) as e:
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.echo(interrupted, err=True)
+        raise typer.Exit(130) from None
+
+
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
 
@@ -102,34 +122,23 @@ def extract(
 ) -> None:
     """Extract per-frame features of videos into an HDF5 cache (resumable; failed inputs are reported and skipped)."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         sampling = Sampling(fps=fps, stride=stride, max_frames=max_frames, num_frames=num_frames, frames_fps=frames_fps)
         config = ExtractConfig(output=output, backbone=backbone, weights=weights, resize=resize, crop=crop, mean=mean,
                                std=std, sampling=sampling, dtype=dtype, device=device, batch_size=batch_size,
                                workers=workers, threads=threads, overwrite=overwrite, shard=shard,
                                progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
-    from pipeline.extract.backbone import WeightsError
-    from pipeline.extract.inputs import InputError
     from pipeline.extract.run import extract_videos
     from pipeline.heads.infer import extract_with_checkpoint
 
-    try:
+    with _errors("interrupted: finished videos are kept; rerun the same command to resume"):
         if backbone_checkpoint is not None:
             weights_file = None if weights == _e("weights") else Path(weights)
             report = extract_with_checkpoint(backbone_checkpoint, inputs, output, config=config, weights=weights_file)
         else:
             report = extract_videos(inputs, output, config=config)
-    except (InputError, ValueError) as e:
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (CacheError, WeightsError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished videos are kept; rerun the same command to resume", err=True)
-        raise typer.Exit(130) from None
+
     if not quiet or report.failed:
         typer.echo(report.summary())
     if report.failed:
@@ -145,12 +154,11 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures."""
     from collections import Counter
 
-    from pipeline.data.cache import CacheError, describe_sampling, open_cache
+    from pipeline.data.cache import describe_sampling, open_cache
 
-    try:
+    with _errors():
         c = open_cache(cache)
-    except (FileNotFoundError, CacheError) as e:
-        raise _fail(str(e)) from None
+
     spec = c.spec
     frames = sum(c.num_frames(k) for k in c.keys())
     labels = Counter(c.label(k) or "(none)" for k in c.keys())
@@ -181,13 +189,11 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
 @app.command()
 def merge(cache: Annotated[Path, typer.Argument(help="The cache that sharded runs wrote parts for.")]) -> None:
     """Build the cache index from every finished part (after `extract --shard i/n` runs; torchrun does it itself)."""
-    from pipeline.data.cache import CacheError
     from pipeline.data.cache import merge as merge_parts
 
-    try:
+    with _errors():
         n = merge_parts(cache)
-    except CacheError as e:
-        raise _fail(str(e)) from None
+
     typer.echo(f"{cache}: {n} videos")
 
 
@@ -230,7 +236,7 @@ def train_head(
 ) -> None:
     """Train a temporal head on the cached sequences; writes a run folder with metrics, checkpoints and plots."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         config = TrainConfig(
             out=out, head=head, hidden=hidden, layers=layers, dropout=dropout, activation=activation,
             clip_len=clip_len, clip_stride=clip_stride, eval_clips=eval_clips, epochs=epochs, batch_size=batch_size,
@@ -239,21 +245,12 @@ def train_head(
             train_list=train_list, val_list=val_list, val_fraction=val_fraction, split_seed=split_seed,
             group_regex=group_regex, seed=seed, memory=memory, workers=workers, threads=threads, device=device,
             plots=plots, progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
     from pipeline.heads.train import train_head as run
 
-    try:
+    with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
         result = run(cache, config=config)
-    except ValueError as e:  # unusable split, labels or clip length for this cache
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (FileNotFoundError, CacheError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs", err=True)
-        raise typer.Exit(130) from None
+
     typer.echo(result.summary_line())
 
 
@@ -277,21 +274,15 @@ def evaluate(
 ) -> None:
     """Score a head on a labelled cache: top-1, top-5, per-class accuracy, confusion matrix."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         config = EvalConfig(eval_clips=eval_clips, labels=labels, keys_list=keys_list, out=out, batch_size=batch_size,
                             memory=memory, workers=workers, threads=threads, device=device, progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
     from pipeline.heads.infer import evaluate_checkpoint
 
-    try:
+    with _errors():
         report = evaluate_checkpoint(checkpoint, cache, config=config)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (FileNotFoundError, CacheError, RuntimeError) as e:  # CheckpointError and feature mismatches included
-        raise _fail(str(e)) from None
+
     if json_:
         import json
 
@@ -329,27 +320,16 @@ def predict(
 ) -> None:
     """Classify new videos: extract them exactly as the head's features were (cached), then write top-k to CSV."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         config = PredictConfig(output=output, top_k=top_k, json=json_, weights=weights, cache=cache,
                                eval_clips=eval_clips, device=device, batch_size=batch_size, workers=workers,
                                threads=threads, progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
-    from pipeline.extract.backbone import WeightsError
-    from pipeline.extract.inputs import InputError
     from pipeline.heads.infer import predict as run
 
-    try:
+    with _errors("interrupted: extracted videos are kept in the prediction cache"):
         report = run(checkpoint, inputs, config=config)
-    except (InputError, ValueError) as e:
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (FileNotFoundError, CacheError, WeightsError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: extracted videos are kept in the prediction cache", err=True)
-        raise typer.Exit(130) from None
+
     if not quiet:
         shown = report.predictions[:20]
         for p in shown:
@@ -411,7 +391,7 @@ def finetune(
 ) -> None:
     """Fine-tune the backbone of a head's features together with the head, on clips decoded from the videos."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         config = FinetuneConfig(
             init=init, out=out, unfreeze=unfreeze, unfreeze_last=unfreeze_last, train_bn=train_bn, epochs=epochs,
             batch_size=batch_size, accumulate=accumulate, clip_len=clip_len, clip_stride=clip_stride, lr=lr,
@@ -421,23 +401,12 @@ def finetune(
             val_list=val_list, val_fraction=val_fraction, split_seed=split_seed, group_regex=group_regex,
             cache=cache, weights=weights, seed=seed, workers=workers, threads=threads, device=device, plots=plots,
             progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
-    from pipeline.extract.backbone import WeightsError
-    from pipeline.extract.inputs import InputError
     from pipeline.finetuning.train import finetune as run
 
-    try:
+    with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
         result = run(inputs, config=config)
-    except (InputError, ValueError) as e:  # unusable inputs, split, labels or --unfreeze
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (FileNotFoundError, CacheError, WeightsError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs", err=True)
-        raise typer.Exit(130) from None
+
     typer.echo(result.summary_line())
 
 
@@ -480,30 +449,21 @@ def sweep(
 ) -> None:
     """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""
     _setup_logging(quiet)
-    try:
+    with _errors():
         config = SweepConfig(
             out=out, space=space, params=tuple(param or ()), trials=trials, strategy=strategy, pruner=pruner,
             prune_warmup=prune_warmup, timeout=timeout, reduce_dim=reduce_dim, storage=storage, study=study,
             resume=resume, seed=seed, labels=labels, split=split, train_list=train_list, val_list=val_list,
             val_fraction=val_fraction, split_seed=split_seed, group_regex=group_regex, memory=memory,
             threads=threads, device=device, plots=plots, progress=not quiet)
-    except ValueError as e:
-        raise _fail(str(e), EXIT_USAGE) from None
 
-    from pipeline.data.cache import CacheError
     from pipeline.heads.sweep import SweepError
     from pipeline.heads.sweep import sweep as run
 
-    try:
+    # a study of other settings is a usage error too
+    with _errors(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "
+                 f"({out}/leaderboard.csv lists them)", usage=(SweepError,)):
         result = run(cache, config=config)
-    except (ValueError, SweepError) as e:  # a bad space, a study of other settings, unusable data
-        raise _fail(str(e), EXIT_USAGE) from None
-    except (FileNotFoundError, CacheError, RuntimeError) as e:
-        raise _fail(str(e)) from None
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "
-                   f"({out}/leaderboard.csv lists them)", err=True)
-        raise typer.Exit(130) from None
     typer.echo(result.table())
     typer.echo(result.summary_line())
 
@@ -519,10 +479,9 @@ def demo(
     _setup_logging(quiet)
     from pipeline.demo import run_demo
 
-    try:
+    with _errors():
         run_demo(out, backbone=backbone, weights=weights, progress=not quiet, echo=typer.echo)
-    except RuntimeError as e:
-        raise _fail(str(e)) from None
+
 
 
 def main() -> None:

@@ -238,17 +238,10 @@ class TrainConfig:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         if self.split == "random" and (self.train_list or self.val_list):
             raise ValueError("--split random contradicts --train-list/--val-list; drop one of them")
-        if self.group_regex is not None:
-            import re
-
-            try:
-                re.compile(self.group_regex)
-            except re.error as e:
-                raise ValueError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from None
+        _check_regex("--group-regex", self.group_regex)
 
     def to_dict(self) -> dict:
-        """JSON-able: paths as strings."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        return _json_able(self)
 
 
 @dataclass(frozen=True)
@@ -539,17 +532,10 @@ class FinetuneConfig:
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
 
-        if self.group_regex is not None:
-            import re
-
-            try:
-                re.compile(self.group_regex)
-            except re.error as e:
-                raise ValueError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from None
+        _check_regex("--group-regex", self.group_regex)
 
     def to_dict(self) -> dict:
-        """JSON-able: paths as strings."""
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+        return _json_able(self)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -561,6 +547,21 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard i/n needs 0 <= i < n, got {text!r}")
     return i, n
+
+
+def _check_regex(flag: str, pattern: str | None) -> None:
+    if pattern is not None:
+        import re
+
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
+
+
+def _json_able(config) -> dict:
+    """A config as JSON-able data: paths as strings."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
 
 
 def cpu_count() -> int:

@@ -6,7 +6,7 @@ The CLI reads its defaults from these dataclasses, and `__post_init__` errors na
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 FEATURE_DTYPES = ("float16", "float32")
@@ -547,6 +547,22 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard i/n needs 0 <= i < n, got {text!r}")
     return i, n
+
+
+def config_with(cls: type, config, required: dict, options: dict, what: str):
+    """`config`, or a new `cls`, with `options` and the given `required` fields set (the API's keyword style).
+
+    Unknown option names and a missing required field raise TypeError naming them."""
+    unknown = sorted(set(options) - {f.name for f in fields(cls)})
+    if unknown:
+        raise TypeError(f"unknown {what} options: {', '.join(unknown)}")
+    options = {**options, **{k: v for k, v in required.items() if v is not None}}
+    if config is None:
+        missing = [k for k in required if k not in options]
+        if missing:
+            raise TypeError(f"{what} needs {' and '.join(f'`{k}`' for k in missing)}, or a config")
+        return cls(**options)
+    return replace(config, **options)
 
 
 def _check_regex(flag: str, pattern: str | None) -> None:

@@ -12,7 +12,6 @@ import logging
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import FinetuneConfig, Sampling, cpu_count
+from pipeline.config import FinetuneConfig, Sampling, config_with, cpu_count
 from pipeline.data.cache import CacheError, FeatureSpec, open_cache
 from pipeline.data.sequences import eval_plans, train_plans
 from pipeline.data.splits import (
@@ -253,19 +252,7 @@ def finetune_optimizer(model: FinetuneModel, lr: float, backbone_lr: float, weig
 
 # --------------------------------------------------------------------------------------------------- the run
 def build_config(init, out, config: FinetuneConfig | None = None, **options) -> FinetuneConfig:
-    names = {f.name for f in fields(FinetuneConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown finetune options: {', '.join(unknown)}")
-    if init is not None:
-        options["init"] = init
-    if out is not None:
-        options["out"] = out
-    if config is None:
-        if "init" not in options or "out" not in options:
-            raise TypeError("finetune needs `init` (a head checkpoint) and `out` (the run folder), or a config")
-        return FinetuneConfig(**options)
-    return replace(config, **options)
+    return config_with(FinetuneConfig, config, {"init": init, "out": out}, options, "finetune")
 
 
 def finetune(inputs: list, init: str | Path | None = None, out: str | Path | None = None, *,

@@ -20,14 +20,14 @@ import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SWEEP_TRIALS, SweepConfig, cpu_count
+from pipeline.config import SWEEP_TRIALS, SweepConfig, config_with, cpu_count
 from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.heads.metrics import pyplot, to_json
 from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
@@ -185,17 +185,7 @@ def _counted(t) -> bool:
 
 # ---------------------------------------------------------------------------------------------------- the sweep
 def build_config(out, config: SweepConfig | None = None, **options) -> SweepConfig:
-    names = {f.name for f in fields(SweepConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown sweep options: {', '.join(unknown)}")
-    if config is None:
-        if out is None:
-            raise TypeError("sweep needs `out` (the sweep folder) or a config")
-        return SweepConfig(out=out, **options)
-    if out is not None:
-        options["out"] = out
-    return replace(config, **options)
+    return config_with(SweepConfig, config, {"out": out}, options, "sweep")
 
 
 def sweep(cache: str | Path, out: str | Path | None = None, *, config: SweepConfig | None = None,

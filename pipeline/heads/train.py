@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, cpu_count
+from pipeline.config import TrainConfig, config_with, cpu_count
 from pipeline.data.cache import FeatureCache, FeatureSpec, open_cache
 from pipeline.data.sequences import (
     Batch,
@@ -218,17 +218,7 @@ def class_weight_tensor(y: np.ndarray, num_classes: int) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- the run
 def build_config(out, config: TrainConfig | None = None, **options) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(options) - names)
-    if unknown:
-        raise TypeError(f"unknown train_head options: {', '.join(unknown)}")
-    if config is None:
-        if out is None:
-            raise TypeError("train_head needs `out` (the run folder) or a config")
-        config = TrainConfig(out=out)
-    if out is not None:
-        options["out"] = out
-    return replace(config, **options)
+    return config_with(TrainConfig, config, {"out": out}, options, "train_head")
 
 
 def train_head(cache: str | Path, out: str | Path | None = None, *, config: TrainConfig | None = None,

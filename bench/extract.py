@@ -23,14 +23,13 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.config import Sampling, cpu_count
+from pipeline.config import Sampling, cpu_count, pick_device
 from pipeline.extract import run
 from pipeline.extract.backbone import (
     FrameEmbedder,
     default_preprocessing,
     load_backbone,
     model_weights_enum,
-    pick_device,
 )
 from pipeline.extract.decode import open_source
 from pipeline.extract.inputs import VideoItem

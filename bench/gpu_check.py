@@ -25,7 +25,7 @@ from extract import machine, make_videos, measure, parse_resolution  # bench/ext
 import pipeline
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
-from pipeline.extract.backbone import pick_device
+from pipeline.config import pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"

@@ -1,7 +1,8 @@
-"""Would training N sweep trials of one shape as one vectorised model pay on this CPU? Seconds per optimisation step
+"""Does training N sweep trials of one shape as one vectorised model pay on this CPU? Seconds per optimisation step
 of N heads trained one after the other (each gathering its own batch from a float16 RAM store, as separate trials
-do) against the same N heads as one model: torch.func (stack_module_state + vmap over functional_call) and, for
-mean-pool heads, a hand-grouped model (one (B*T, D) x (D, N*H) projection, per-head LayerNorm and classifier).
+do) against the same N heads as one model: torch.func (stack_module_state + vmap over functional_call, one fused
+AdamW) and, for mean-pool heads, the sweep's own stack (pipeline/heads/stack.py: one batch, one (B*T, D) x (D, N*H)
+projection, batched LayerNorm, pooling and classifiers, each head's own AdamW and dropout stream).
 
     python bench/vectorize_heads.py                 # the table in docs/performance.md
     python bench/vectorize_heads.py --heads 4 --steps 10
@@ -17,7 +18,8 @@ import torch
 from torch.nn import functional as F
 
 from pipeline.config import cpu_count
-from pipeline.heads.model import Dropout, HeadDims, build_head
+from pipeline.heads.model import HeadDims, build_head
+from pipeline.heads.stack import stacked_logits
 from pipeline.heads.train import make_optimizer
 
 STORE_ROWS = 20_000  # rows of the fake RAM store batches are gathered from
@@ -88,27 +90,20 @@ def measure(head: str, dim: int, hidden: int, n: int, batch: int, frames: int, c
         out["vmap"] = None
         out["vmap_error"] = str(e).splitlines()[0][:90]
 
-    # 3. mean-pool only: the N heads grouped by hand
+    # 3. mean-pool only: the library's stack (pipeline/heads/stack.py), each head with its own AdamW and dropout stream
     if head == "meanpool":
-        w = torch.stack([m.proj[0].weight.detach() for m in models]).requires_grad_()  # (N, H, D)
-        b = torch.stack([m.proj[0].bias.detach() for m in models]).requires_grad_()
-        gamma, beta = torch.ones(n, hidden, requires_grad=True), torch.zeros(n, hidden, requires_grad=True)
-        wc = torch.stack([m.classifier.weight.detach() for m in models]).requires_grad_()  # (N, C, H)
-        bc = torch.stack([m.classifier.bias.detach() for m in models]).requires_grad_()
-        opt2 = torch.optim.AdamW([w, b, gamma, beta, wc, bc], lr=1e-3, fused=True)
-        drop = Dropout(0.3)
+        generators = [torch.Generator() for _ in models]
 
-        def grouped():
-            x = gather(data, rows(), batch, frames)
-            z = (x.view(-1, dim) @ w.reshape(n * hidden, dim).T + b.reshape(-1)).view(batch, frames, n, hidden)
-            z = drop(F.gelu(F.layer_norm(z, (hidden,)) * gamma + beta))
-            logits = torch.einsum("bnh,nch->bnc", drop(z.mean(1)), wc) + bc  # (B, N, C)
-            loss = F.cross_entropy(logits.reshape(-1, classes), y.repeat_interleave(n), reduction="sum") / batch
-            opt2.zero_grad(set_to_none=True)
-            loss.backward()
-            opt2.step()
+        def stacked():
+            logits = stacked_logits(models, gather(data, rows(), batch, frames), lengths, generators)  # (B, N, C)
+            losses = torch.stack([F.cross_entropy(logits[:, i], y) for i in range(n)])
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            for opt in optimizers:
+                opt.step()
 
-        out["grouped"] = timed(grouped, steps)
+        out["stack"] = timed(stacked, steps)
     return out
 
 
@@ -126,13 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.heads} heads, batch {args.batch_size} x {args.clip_len} rows, {args.classes} classes, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per step of all heads together")
     print()
-    print("| head      |    D |   H | sequential | vmap              | hand-grouped      |")
+    print("| head      |    D |   H | sequential | vmap              | stack.py          |")
     print("|-----------|-----:|----:|-----------:|-------------------|-------------------|")
     for head, dim, hidden in CASES:
         r = measure(head, dim, hidden, args.heads, args.batch_size, args.clip_len, args.classes, args.steps)
         seq = r["sequential"]
         cells = [("fails" if key == "vmap" else "n/a") if r.get(key) is None else
-                 f"{r[key] * 1000:6.1f} ms ({seq / r[key]:.2f}x)" for key in ("vmap", "grouped")]
+                 f"{r[key] * 1000:6.1f} ms ({seq / r[key]:.2f}x)" for key in ("vmap", "stack")]
         print(f"| {head:<9} | {dim:4d} | {hidden:3d} | {seq * 1000:7.1f} ms | {cells[0]:<17} | {cells[1]:<17} |",
               flush=True)
         if r.get("vmap_error"):

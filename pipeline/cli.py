@@ -429,6 +429,11 @@ def sweep(
                                                           "running one stops at its next epoch end.")] = _w("timeout"),
     reduce_dim: Annotated[Optional[int], typer.Option(help="PCA of the features to this many dimensions (fit on the "
                                                            "train split once; folded into the checkpoints).")] = _w("reduce_dim"),
+    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="After a --reduce-dim sweep, train the "
+                                                  "best settings again on the full features (OUT/refit, then best.pt) "
+                                                  "[default: on with --reduce-dim].", show_default=False)] = _w("refit"),
+    stack: Annotated[Optional[int], typer.Option(help="Trials asked at once; mean-pool heads of one shape train as one "
+                                                      "model [default: 8 for grid and random, 1 for tpe].")] = _w("stack"),
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers: sqlite:///PATH, "
                                                         "postgresql://..., journal:PATH [default: OUT/study.db].")] = _w("storage"),
     study: Annotated[Optional[str], typer.Option(help="Study name [default: the name of --out].")] = _w("study"),
@@ -452,10 +457,10 @@ def sweep(
     with _errors():
         config = SweepConfig(
             out=out, space=space, params=tuple(param or ()), trials=trials, strategy=strategy, pruner=pruner,
-            prune_warmup=prune_warmup, timeout=timeout, reduce_dim=reduce_dim, storage=storage, study=study,
-            resume=resume, seed=seed, labels=labels, split=split, train_list=train_list, val_list=val_list,
-            val_fraction=val_fraction, split_seed=split_seed, group_regex=group_regex, memory=memory,
-            threads=threads, device=device, plots=plots, progress=not quiet)
+            prune_warmup=prune_warmup, timeout=timeout, reduce_dim=reduce_dim, refit=refit, stack=stack,
+            storage=storage, study=study, resume=resume, seed=seed, labels=labels, split=split,
+            train_list=train_list, val_list=val_list, val_fraction=val_fraction, split_seed=split_seed,
+            group_regex=group_regex, memory=memory, threads=threads, device=device, plots=plots, progress=not quiet)
 
     from pipeline.heads.sweep import SweepError
     from pipeline.heads.sweep import sweep as run

@@ -319,6 +319,7 @@ class PredictConfig:
 STRATEGIES = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "hyperband", "none")
 SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
+SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
 
 
 @dataclass(frozen=True)
@@ -349,6 +350,13 @@ class SweepConfig:
     """Seconds: no trial starts after it, and the running trial stops at the end of its epoch."""
     reduce_dim: int | None = None
     """PCA to this many dimensions, fit on the train split once; checkpoints fold it into their first layer."""
+    refit: bool | None = None
+    """After a --reduce-dim sweep, train the best trial's settings again on the full features (OUT/refit/), and
+    make that run's checkpoint best.pt; default: on with --reduce-dim."""
+    stack: int | None = None
+    """Trials asked at once; those that are mean-pool heads differing only in lr, weight decay, dropout, label
+    smoothing or patience train as one model. Default: SWEEP_STACK for grid and random, 1 (one at a time) for tpe,
+    whose next trial learns from the last."""
     storage: str | None = None
     """Optuna storage: an RDB URL (sqlite:///..., postgresql://...), or a journal file (journal:PATH or PATH.log);
     default: sqlite in OUT/study.db."""
@@ -389,6 +397,11 @@ class SweepConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.reduce_dim is not None and self.reduce_dim < 1:
             raise ValueError(f"--reduce-dim must be >= 1, got {self.reduce_dim}")
+        if self.refit and self.reduce_dim is None:
+            raise ValueError("--refit trains the best settings again on the full features after a --reduce-dim "
+                             "sweep; without --reduce-dim the trials already use them (drop --refit)")
+        if self.stack is not None and self.stack < 1:
+            raise ValueError(f"--stack must be >= 1, got {self.stack}")
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
         if self.space is None and not self.params and not self.resume:
@@ -397,6 +410,16 @@ class SweepConfig:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
         self.train_config(self.out)
+
+    @property
+    def refits(self) -> bool:
+        return self.reduce_dim is not None if self.refit is None else self.refit
+
+    @property
+    def stack_size(self) -> int:
+        if self.stack is not None:
+            return self.stack
+        return SWEEP_STACK if self.strategy in ("grid", "random") else 1
 
     def train_config(self, out: Path, **options) -> TrainConfig:
         """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
@@ -585,3 +608,21 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def pick_device(device: str):
+    """The torch.device of a --device setting (auto: cuda, else mps, else cpu); an error when it is not there."""
+    import torch  # here, so that importing the settings (the CLI's --help) stays light
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
+    return dev

@@ -355,8 +355,8 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     out = tmp_path / "reduced"
     result = pipeline.sweep(cache, out, params=["head=meanpool,gru", "hidden=8", "epochs=3", "batch_size=4",
                                                 "clip_len=2", "lr=0.01"], strategy="grid", reduce_dim=4,
-                            pruner="none", **QUICK)
-    assert result.counts() == {"complete": 2}
+                            pruner="none", refit=False, **QUICK)
+    assert result.counts() == {"complete": 2} and result.refit is None
     assert json.loads((out / "sweep.json").read_text())["data"]["reduce_dim"] == 4
     best = load_checkpoint(out / "best.pt")
     assert best.dims.in_dim == dim and best.config["reduction"]["dim"] == 4
@@ -380,3 +380,91 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
             probs = torch.softmax(model(x, torch.tensor([x.shape[1]])), 1)[0]
         label, prob = p.top[0]
         assert label == best.classes[int(probs.argmax())] and prob == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------- stacked trials, refit
+def _metric_rows(run: Path) -> list[dict]:
+    return list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+
+
+def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
+    from pipeline.config import TrainConfig
+    from pipeline.heads.stack import stack_key, train_stack
+    from pipeline.heads.train import load_train_data
+
+    shared = {"head": "meanpool", "hidden": 16, "epochs": 4, "batch_size": 8, "clip_len": 5, "patience": 0,
+              "plots": False, "progress": False, "threads": 2}
+    own = [{"lr": 1e-3, "dropout": 0.3}, {"lr": 1e-2, "dropout": 0.0, "label_smoothing": 0.1},
+           {"lr": 3e-2, "dropout": 0.5, "weight_decay": 0.1}]
+    configs = [TrainConfig(out=tmp_path / f"stacked{i}", **shared, **o) for i, o in enumerate(own)]
+    assert len({stack_key(c) for c in configs}) == 1
+    assert stack_key(TrainConfig(out=tmp_path, **{**shared, "hidden": 32})) != stack_key(configs[0])
+    assert stack_key(TrainConfig(out=tmp_path, **{**shared, "head": "gru"})) is None
+
+    def stop_at_2(row):
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # not an Exception: the stack does not swallow it
+    data = load_train_data(cache, configs[0])
+    with pytest.raises(KeyboardInterrupt):
+        train_stack(data, configs, torch.device("cpu"), [None, stop_at_2, None])
+
+    class Stop(Exception):
+        pass
+
+    def stop(row):
+        if row["epoch"] == 2:
+            raise Stop
+    results = train_stack(data, configs, torch.device("cpu"), [None, stop, None])
+    assert isinstance(results[1], Stop) and len(_metric_rows(configs[1].out)) == 2  # only that head stopped
+    for i, o in enumerate(own):
+        alone = pipeline.train_head(cache, tmp_path / f"alone{i}", **shared, **o)
+        a, s = _metric_rows(alone.out), _metric_rows(configs[i].out)
+        assert len(a) == 4 and len(s) == (2 if i == 1 else 4)
+        for ra, rs in zip(a, s):  # same seed, same batches, same dropout masks: the same run up to rounding
+            for k in ("train_loss", "train_acc", "val_loss", "val_top1"):
+                assert float(rs[k]) == pytest.approx(float(ra[k]), rel=1e-4, abs=1e-6), (i, k, ra, rs)
+        if i != 1:
+            assert results[i].summary["top1"] == alone.summary["top1"]
+            w_alone = load_checkpoint(alone.out / "last.pt").state_dict
+            w_stack = load_checkpoint(configs[i].out / "last.pt").state_dict
+            for k, v in w_alone.items():
+                torch.testing.assert_close(w_stack[k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_a_grid_sweep_stacks_mean_pool_trials_with_the_same_results(cache, tmp_path):
+    params = ["head=meanpool,gru", "lr=0.001,0.01,0.03", "hidden=16", *TRIAL]
+    stacked = pipeline.sweep(cache, tmp_path / "stacked", params=params, strategy="grid", pruner="none", **QUICK)
+    alone = pipeline.sweep(cache, tmp_path / "alone", params=params, strategy="grid", pruner="none", stack=1,
+                           **QUICK)
+    stacks = {tuple(t.user_attrs["stack"]) for t in study_trials(tmp_path / "stacked")
+              if t.params["head"] == "meanpool"}
+    assert len(stacks) == 1 and len(next(iter(stacks))) == 3  # the three mean-pool trials: one model
+    assert all("stack" not in t.user_attrs for t in study_trials(tmp_path / "stacked") if t.params["head"] == "gru")
+    assert all("stack" not in t.user_attrs for t in study_trials(tmp_path / "alone"))
+    by_params = {(r["params"]["head"], r["params"]["lr"]): r for r in alone.rows}
+    assert len(stacked.rows) == len(alone.rows) == 6
+    for r in stacked.rows:
+        a = by_params[(r["params"]["head"], r["params"]["lr"])]
+        assert r["top1"] == a["top1"] and r["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tmp_path):
+    out = tmp_path / "refit"
+    params = ["head=meanpool", "lr=0.001,0.03", "hidden=16", *TRIAL]
+    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, **QUICK)
+    refit = result.refit
+    assert refit is not None and refit["trial"] == result.best["trial"] and Path(refit["run"]) == out / "refit"
+    assert f"refit on the full features: {refit['top1']:.1%}" in result.summary_line()
+    best = load_checkpoint(out / "best.pt")
+    dim = pipeline.open_cache(cache).spec.dim
+    assert best.dims.in_dim == dim and "reduction" not in best.config  # trained on the full features
+    assert json.loads((out / "best.json").read_text())["refit"]["top1"] == refit["top1"]
+    # the refit is the train-head run of the best settings: same seed, split and epochs, same numbers
+    assert result.best["params"] == {"lr": refit["params"]["lr"]}  # a one-value parameter is fixed, not searched
+    direct = pipeline.train_head(cache, tmp_path / "direct", head="meanpool", hidden=16, lr=result.best["params"]["lr"],
+                                 epochs=3, batch_size=8, clip_len=5, plots=False, progress=False, threads=2)
+    assert direct.summary["top1"] == refit["top1"] and direct.summary["val_loss"] == pytest.approx(refit["val_loss"])
+    assert _metric_rows(direct.out) == [{**r, "train_seconds": d["train_seconds"], "val_seconds": d["val_seconds"]}
+                                        for r, d in zip(_metric_rows(out / "refit"), _metric_rows(direct.out))]
+    with pytest.raises(ValueError, match="--refit trains the best settings again"):
+        pipeline.sweep(cache, tmp_path / "x", params=params, refit=True, **QUICK)

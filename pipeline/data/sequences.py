@@ -93,8 +93,19 @@ class RamStore(SequenceStore):
     def gather(self, plan: Plan) -> Batch:
         b, length = plan.frames.shape
         valid = plan.frames >= 0
+        x = torch.empty(b, length, self.dim)
+        counts = valid.sum(1)
+        first = plan.frames[:, 0]
+        if (plan.frames[np.arange(b), counts - 1] - first == counts - 1).all():
+            # Each sequence a run of consecutive rows (stride 1, padding at the end): one slice copy per sequence,
+            # converting to float32 as it copies (about 1.6x faster than index_select and a second copy).
+            starts = self.offsets[plan.videos] + first
+            for i, (start, n) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
+                x[i, :n].copy_(self.data[start: start + n])
+                if n < length:
+                    x[i, n:] = 0.0
+            return _batch(plan, x)
         rows = self.offsets[plan.videos][:, None] + np.where(valid, plan.frames, 0)
-        x = torch.empty(b, length, self.dim)  # one pass from float16 rows to float32 (faster than .float())
         x.view(-1, self.dim).copy_(self.data.index_select(0, torch.from_numpy(rows.reshape(-1))))
         if not valid.all():
             x[torch.from_numpy(~valid)] = 0.0
@@ -202,13 +213,23 @@ def feature_stats(store: SequenceStore, videos: np.ndarray, max_rows: int = STAT
         count = min(len(videos), max(1, round(len(videos) / step)))
         picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
         chunks = (torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32)) for v in videos[picked])
+    # Sums of (x - shift) and its square (shift: the first chunk's mean, so that large offsets cannot cancel the
+    # variance out), as float32 matmuls per chunk (a column sum as ones @ x is ~5x faster than x.sum(0) on a CPU)
+    # added up in float64.
     n, s, ss = 0, torch.zeros(store.dim, dtype=torch.float64), torch.zeros(store.dim, dtype=torch.float64)
-    for x in chunks:  # float32 chunks, float64 sums
+    shift = None
+    for x in chunks:  # float32 (rows, D)
+        if shift is None:
+            shift = x.mean(0)
+        x = x - shift
+        ones = torch.ones(1, len(x))
         n += len(x)
-        s += x.sum(0, dtype=torch.float64)
-        ss += (x * x).sum(0, dtype=torch.float64)
+        s += (ones @ x)[0].double()
+        ss += (ones @ x.square_())[0].double()
     mean = s / max(n, 1)
     std = (ss / max(n, 1) - mean * mean).clamp(min=0).sqrt()
+    if shift is not None:
+        mean += shift.double()
     std = std.clamp(min=max(float(std.median()) * 0.01, 1e-6))
     return mean.float(), std.float()
 

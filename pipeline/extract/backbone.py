@@ -261,21 +261,6 @@ def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict
     return state, sha256_file(target)
 
 
-def pick_device(device: str) -> torch.device:
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return dev
-
-
 class FrameEmbedder:
     """Runs a frozen backbone on batches of cropped uint8 frames: channels_last, autocast on CUDA."""
 

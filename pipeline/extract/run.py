@@ -22,9 +22,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard
+from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard, pick_device
 from pipeline.data.cache import CacheWriter, FeatureSpec, merge
-from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone, pick_device
+from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import FinetuneConfig, Sampling, config_with, cpu_count
+from pipeline.config import FinetuneConfig, Sampling, config_with, cpu_count, pick_device
 from pipeline.data.cache import CacheError, FeatureSpec, open_cache
 from pipeline.data.sequences import eval_plans, train_plans
 from pipeline.data.splits import (
@@ -33,7 +33,7 @@ from pipeline.data.splits import (
     read_split,
     write_split,
 )
-from pipeline.extract.backbone import FINETUNED_PREFIX, pick_device, tensors_sha256
+from pipeline.extract.backbone import FINETUNED_PREFIX, tensors_sha256
 from pipeline.extract.decode import DecodeError
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.run import default_workers

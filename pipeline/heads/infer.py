@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import EvalConfig, ExtractConfig, PredictConfig, Sampling, cpu_count
+from pipeline.config import EvalConfig, ExtractConfig, PredictConfig, Sampling, cpu_count, pick_device
 from pipeline.data.cache import FeatureSpec, open_cache
 from pipeline.data.sequences import load_sequences
 from pipeline.data.splits import KeyMatcher, SplitError, read_list
@@ -31,7 +31,6 @@ from pipeline.extract.backbone import (
     backbone_from_state,
     load_backbone,
     model_weights_enum,
-    pick_device,
     sha256_file,
 )
 from pipeline.heads.checkpoint import FeatureMismatchError, HeadCheckpoint, load_checkpoint

@@ -71,10 +71,16 @@ class Dropout(nn.Dropout):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
-        cut = min(round(self.p * 256), 255)
-        n = x.numel()
-        draws = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32).view(torch.uint8)[:n]
-        return x * (draws.view_as(x) >= cut).to(x.dtype).mul_(256 / (256 - cut))
+        return x * dropout_mask(x.shape, self.p, x.dtype)
+
+
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Dropout's CPU mask of `shape` (0 or 1 / (1 - p')), drawn from `generator` (default: torch's global one)."""
+    cut = min(round(p * 256), 255)
+    n = math.prod(shape)
+    draws = torch.randint(-(2**31), 2**31, ((n + 3) // 4,), dtype=torch.int32, generator=generator)
+    return (draws.view(torch.uint8)[:n].view(shape) >= cut).to(dtype).mul_(256 / (256 - cut))
 
 
 class InputProjection(nn.Sequential):

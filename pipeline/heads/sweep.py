@@ -16,23 +16,25 @@ import math
 import os
 import shutil
 import socket
+import threading
 import time
 import warnings
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SWEEP_TRIALS, SweepConfig, config_with, cpu_count
+from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with, cpu_count, pick_device
 from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.heads.metrics import pyplot, to_json
 from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
 from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
-from pipeline.heads.train import TrainData, load_train_data, train_head
+from pipeline.heads.stack import stack_key, train_stack
+from pipeline.heads.train import TrainData, TrainResult, load_train_data, train_head
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,62 @@ class SweepError(RuntimeError):
 
 
 class _TrialError(Exception):
-    """A trial that cannot run (settings that do not fit together or the cache); recorded, the sweep goes on."""
+    """A trial whose settings do not fit together; recorded, the sweep goes on."""
+
+
+@dataclass
+class _Pending:
+    """A trial asked from the study, until it is told."""
+
+    trial: object
+    params: dict
+    run: Path
+    cfg: TrainConfig | None = None
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None,
+                                                "epochs": 0})
+    """Its best val top-1 so far (and that epoch's loss and top-5), and the epochs it ran."""
+    stopped: str | None = None
+    started: bool = False
+    done: bool = False
+
+
+class _Heartbeats:
+    """Heartbeats of this process's trials from the moment they are asked (RDB storages): Optuna's own thread beats
+    only inside study.optimize, and a trial asked ahead waits for its turn. Other workers take a trial silent for
+    GRACE_S as that of a killed worker."""
+
+    def __init__(self, storage):
+        interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
+        self.storage = storage if interval else None
+        self.ids: set[int] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="sweep-heartbeats", daemon=True)
+
+    def __enter__(self) -> _Heartbeats:
+        if self.storage is not None:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+    def add(self, trial) -> None:
+        if self.storage is not None:
+            self.ids.add(trial._trial_id)  # Optuna has no public id of an asked trial
+            self.storage.record_heartbeat(trial._trial_id)
+
+    def discard(self, trial) -> None:
+        self.ids.discard(trial._trial_id)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            for trial_id in list(self.ids):
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # a busy database: the next beat retries
+                    log.debug("heartbeat of trial %d: %s", trial_id, e)
 
 
 @dataclass
@@ -68,6 +125,8 @@ class SweepResult:
     trials_here: int
     """Trials this process ran (other workers may have run more)."""
     seconds: float
+    refit: dict | None = None
+    """The best settings trained again on the full features (after --reduce-dim): its scores and run folder."""
 
     @property
     def best(self) -> dict | None:
@@ -83,6 +142,9 @@ class SweepResult:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().most_common())
         best = self.best
         head = (f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished")
+        refit = self.refit
+        if refit:
+            head += f"; refit on the full features: {refit['top1']:.1%} in {refit['seconds']:.0f}s"
         where = f" -> {self.best_checkpoint}" if self.best_checkpoint else ""
         return (f"sweep {self.study}: {head}; {len(self.rows)} trials ({counts}), {self.trials_here} run here in "
                 f"{self.seconds:.0f}s{where}")
@@ -144,6 +206,7 @@ def _quiet_optuna():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             yield
     finally:
         optuna.logging.set_verbosity(verbosity)
@@ -225,6 +288,7 @@ class _Sweep:
         torch.set_num_threads(cfg.threads or cpu_count())
         with _quiet_optuna():
             self.storage_url, storage = open_storage(cfg.storage, cfg.out)
+            self.storage = storage
             name = cfg.study or cfg.out.resolve().name
             self.name = name
             try:
@@ -242,7 +306,8 @@ class _Sweep:
             self.space = space
             self.trials = self._budget(space)
 
-            data, reduction = self._load()
+            data, reduction, full = self._load()
+            self.device = pick_device(cfg.device)
             identity = self._identity(space, data)
             if recorded is not None:
                 self._check_same(recorded, identity)
@@ -257,12 +322,14 @@ class _Sweep:
                 self._optimize(study, data, reduction)
             finally:
                 rows = self.finish(study)
+            del data
+            refit = self._refit(rows, full) if cfg.refits else None
         plot = None
         if cfg.plots:
             plot = plot_search(rows, space, _importances(study, space), cfg.out / "search.png")
         best_ckpt = cfg.out / "best.pt" if (cfg.out / "best.pt").is_file() else None
         return SweepResult(cfg.out, name, self.storage_url, rows, best_ckpt, plot, self.trials_here,
-                           time.perf_counter() - self.started)
+                           time.perf_counter() - self.started, refit)
 
     def _create_or_join(self, storage, name: str, space: SearchSpace, identity: dict, existing):
         """The study, created with --seed for its sampler, or joined with a seed of this process (so that workers
@@ -300,13 +367,14 @@ class _Sweep:
             return min(cfg.trials or size, size)
         return cfg.trials or SWEEP_TRIALS
 
-    def _load(self) -> tuple[TrainData, Reduction | None]:
-        """The cache, read once for every trial (the clip length is checked per trial), reduced if asked."""
+    def _load(self) -> tuple[TrainData, Reduction | None, TrainData | None]:
+        """The cache, read once for every trial (the clip length is checked per trial), reduced if asked; and the
+        full features again for the refit (kept in RAM when they were read into it)."""
         cfg = self.cfg
         base = cfg.train_config(cfg.out, clip_len=None)
         data = load_train_data(self.cache, replace(base, progress=cfg.progress))
         if cfg.reduce_dim is None:
-            return data, None
+            return data, None, None
         t = time.perf_counter()
         reduction = fit_pca(data.store, data.train_idx, cfg.reduce_dim)
         store = reduce_store(data.store, reduction)
@@ -314,8 +382,8 @@ class _Sweep:
         # The reduced rows are already in standardised coordinates, which the heads take as they are (standardising
         # each component again would whiten them: every direction as loud as the top ones).
         stats = (torch.zeros(reduction.dim), torch.ones(reduction.dim))
-        return replace(data, store=store, stats=stats, notes={**data.notes, "reduction": reduction.describe()}), \
-            reduction
+        reduced = replace(data, store=store, stats=stats, notes={**data.notes, "reduction": reduction.describe()})
+        return reduced, reduction, (data if cfg.refits and data.store.in_memory else None)
 
     def _identity(self, space: SearchSpace, data: TrainData) -> dict:
         """What every worker of a study must share: the space and the data its trials see."""
@@ -342,101 +410,174 @@ class _Sweep:
 
     # ------------------------------------------------------------------------------------------- trials
     def _optimize(self, study, data: TrainData, reduction: Reduction | None) -> None:
+        """Ask the study for trials (up to --stack at once) and train them until the study has its --trials, the
+        time budget is spent, or the sampler has nothing left."""
         import optuna
 
         cfg = self.cfg
         optuna.storages.fail_stale_trials(study)  # trials of killed workers: failed (and retried) before counting
         # The time budget counts from the start of the sweep (reading the cache included).
         remaining = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - self.started)
-        deadline = None if remaining is None else time.time() + remaining
+        self.deadline = None if remaining is None else time.time() + remaining
         done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t) and t.state.is_finished())
         self.bar = tqdm(total=self.trials, initial=min(done, self.trials), desc="sweep", unit="trial",
                         disable=not cfg.progress, dynamic_ncols=True)
-        if sum(1 for t in study.get_trials(deepcopy=False) if _counted(t)) >= self.trials:
-            log.info("study %s already has its %d trials", self.name, self.trials)
-            self.bar.close()
-            return
-        if remaining is not None and remaining <= 0:
-            log.warning("--timeout %gs was spent before the first trial (reading the cache)", cfg.timeout)
-            self.bar.close()
-            return
-
-        def objective(trial):
-            return self._trial(study, trial, data, reduction, deadline)
-
         try:
-            study.optimize(objective, n_trials=None, timeout=remaining, callbacks=[self._after_trial],
-                           catch=(_TrialError,), gc_after_trial=False, show_progress_bar=False)
+            if self._left(study) <= 0:
+                log.info("study %s already has its %d trials", self.name, self.trials)
+                return
+            if remaining is not None and remaining <= 0:
+                log.warning("--timeout %gs was spent before the first trial (reading the cache)", cfg.timeout)
+                return
+            with _Heartbeats(self.storage) as self.beats:
+                while not self._past_deadline() and (left := self._left(study)) > 0:
+                    asked = self._ask(study, min(left, cfg.stack_size))
+                    if not asked:
+                        break
+                    self._run(study, asked, data, reduction)
         finally:
             self.bar.close()
 
-    def _trial(self, study, trial, data: TrainData, reduction: Reduction | None, deadline: float | None) -> float:
+    def _left(self, study) -> int:
         import optuna
 
-        cfg = self.cfg
-        ahead = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counted(t))
-        if ahead >= self.trials:  # another worker took the last place between our check and this trial
-            trial.set_user_attr("surplus", True)
-            study.stop()
-            raise _TrialError("surplus")
-        started = time.perf_counter()
-        self.trials_here += 1
-        run = cfg.out / "trials" / f"{trial.number:04d}"
-        trial.set_user_attr("run", str(run.resolve()))
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        params = self.space.suggest(trial)
-        best = {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None, "epochs": 0}
+        optuna.storages.fail_stale_trials(study)
+        return self.trials - sum(1 for t in study.get_trials(deepcopy=False) if _counted(t))
 
-        def record(**extra):
-            for k, v in {"epochs_run": best["epochs"], "best_epoch": best["epoch"], "top5": best["top5"],
-                         "val_loss": None if best["loss"] == math.inf else best["loss"],
-                         "seconds": time.perf_counter() - started, **extra}.items():
-                trial.set_user_attr(k, v)
+    def _past_deadline(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    def _ask(self, study, n: int) -> list[_Pending]:
+        """Up to n new trials with their settings; a trial whose settings do not fit together fails at once."""
+        asked = []
+        for _ in range(n):
+            trial = study.ask()
+            self.beats.add(trial)
+            ahead = sum(1 for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counted(t))
+            if ahead >= self.trials:  # other workers took the last places since we counted
+                trial.set_user_attr("surplus", True)
+                self._tell(study, trial, state="FAIL")
+                break
+            run = self.cfg.out / "trials" / f"{trial.number:04d}"
+            trial.set_user_attr("run", str(run.resolve()))
+            trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            params = self.space.suggest(trial)
+            item = _Pending(trial, params, run)
+            try:
+                item.cfg = self.cfg.train_config(run, **params)
+            except ValueError as e:
+                self._conclude(study, item, _TrialError(f"settings do not fit together: {e}"), 0.0, None)
+                continue
+            asked.append(item)
+        return asked
+
+    def _run(self, study, asked: list[_Pending], data: TrainData, reduction: Reduction | None) -> None:
+        """Train the asked trials: those of one stack_key as one model, the others one by one."""
+        groups: dict = {}
+        for item in asked:
+            key = stack_key(item.cfg) if len(asked) > 1 and self.device.type == "cpu" else None
+            groups.setdefault(key if key is not None else id(item), []).append(item)
+        try:
+            for group in groups.values():
+                if self._past_deadline():
+                    break
+                if len(group) == 1:
+                    self._train_alone(study, group[0], data, reduction)
+                else:
+                    self._train_stacked(study, group, data, reduction)
+        finally:  # trials asked but not trained (the time budget, an interrupt): queued again for a later run
+            for item in asked:
+                if not item.done:
+                    study.enqueue_trial(item.params, user_attrs={"retry_of": item.trial.number})
+                    if not item.started:
+                        item.trial.set_user_attr("surplus", True)
+                    self._tell(study, item.trial, state="FAIL")
+
+    def _train_alone(self, study, item: _Pending, data: TrainData, reduction: Reduction | None) -> None:
+        import optuna
+
+        item.started = True
+        self.trials_here += 1
+        started = time.perf_counter()
+        try:
+            outcome = train_head(data.cache, config=item.cfg, data=data, on_epoch=self._hook(item))
+        except (optuna.TrialPruned, ValueError, RuntimeError) as e:  # pruned; a clip longer than every sequence; OOM
+            outcome = e
+        self._conclude(study, item, outcome, time.perf_counter() - started, reduction)
+
+    def _train_stacked(self, study, group: list[_Pending], data: TrainData, reduction: Reduction | None) -> None:
+        for item in group:
+            item.started = True
+            item.trial.set_user_attr("stack", [i.trial.number for i in group])
+        self.trials_here += len(group)
+        started = time.perf_counter()
+        try:
+            outcomes = train_stack(data, [i.cfg for i in group], self.device, [self._hook(i) for i in group])
+        except (ValueError, RuntimeError) as e:  # settings that fail every head alike (a clip too long)
+            outcomes = [e] * len(group)
+        share = (time.perf_counter() - started) / len(group)  # a stacked trial's seconds: its share of the stack's
+        for item, outcome in zip(group, outcomes, strict=True):
+            self._conclude(study, item, outcome, share, reduction)
+
+    def _hook(self, item: _Pending):
+        """The trial's on_epoch: report its best val top-1 so far; stop it when pruned or out of time."""
+        import optuna
+
+        best = item.best
 
         def on_epoch(row: dict) -> None:
             best["epochs"] = row["epoch"]
             if row["val_top1"] > best["top1"] or (row["val_top1"] == best["top1"] and row["val_loss"] < best["loss"]):
                 best.update(top1=row["val_top1"], loss=row["val_loss"], epoch=row["epoch"], top5=row["val_top5"])
-            trial.report(best["top1"], row["epoch"])
-            if deadline is not None and time.time() > deadline:
-                record(stopped="timeout")
+            item.trial.report(best["top1"], row["epoch"])
+            if self._past_deadline():
+                item.stopped = "timeout"
                 raise optuna.TrialPruned(f"time budget spent at epoch {row['epoch']}")
-            if trial.should_prune():
-                record(stopped=f"pruned at epoch {row['epoch']}")
+            if item.trial.should_prune():
+                item.stopped = f"pruned at epoch {row['epoch']}"
                 raise optuna.TrialPruned(f"pruned at epoch {row['epoch']}")
 
-        try:
-            try:
-                train_cfg = cfg.train_config(run, **params)
-            except ValueError as e:
-                raise self._error(trial, f"settings do not fit together: {e}") from None
-            try:
-                result = train_head(data.cache, config=train_cfg, data=data, on_epoch=on_epoch)
-            except optuna.TrialPruned:
-                raise
-            except KeyboardInterrupt:  # the trial fails with the interrupt; its settings wait for the next run
-                study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-                raise
-            except (ValueError, RuntimeError) as e:  # e.g. a clip longer than every sequence; out of memory
-                record()
-                raise self._error(trial, f"{type(e).__name__}: {e}") from None
-        finally:
-            if reduction is not None:
-                _fold_run(run, reduction)
-        s = result.summary
-        best.update(top5=s["top5"], loss=s["val_loss"])
-        record(stopped="early stop" if s["stopped_early"] else None)
-        return s["top1"]
+        return on_epoch
 
-    def _error(self, trial, message: str) -> _TrialError:
-        trial.set_user_attr("error", message)
-        log.warning("trial %d failed: %s", trial.number, message)
-        return _TrialError(message)
-
-    def _after_trial(self, study, frozen) -> None:
+    def _conclude(self, study, item: _Pending, outcome, seconds: float, reduction: Reduction | None) -> None:
+        """Record a trained (or failed) trial in the study: its value, pruned, or its error."""
         import optuna
 
-        optuna.storages.fail_stale_trials(study)
+        trial, best = item.trial, item.best
+        if reduction is not None:
+            _fold_run(item.run, reduction)
+        if isinstance(outcome, TrainResult):
+            s = outcome.summary
+            best.update(top5=s["top5"], loss=s["val_loss"])
+            item.stopped = "early stop" if s["stopped_early"] else None
+        for k, v in {"epochs_run": best["epochs"], "best_epoch": best["epoch"], "top5": best["top5"],
+                     "val_loss": None if best["loss"] == math.inf else best["loss"], "seconds": seconds,
+                     "stopped": item.stopped}.items():
+            trial.set_user_attr(k, v)
+        if isinstance(outcome, TrainResult):
+            self._tell(study, trial, value=outcome.summary["top1"])
+        elif isinstance(outcome, optuna.TrialPruned):
+            self._tell(study, trial, state="PRUNED")
+        else:
+            message = str(outcome) if isinstance(outcome, _TrialError) else f"{type(outcome).__name__}: {outcome}"
+            trial.set_user_attr("error", message)
+            log.warning("trial %d failed: %s", trial.number, message)
+            self._tell(study, trial, state="FAIL")
+        item.done = True
+        self._after_trial(study)
+
+    def _tell(self, study, trial, value: float | None = None, state: str | None = None) -> None:
+        from optuna.trial import TrialState
+
+        try:
+            study.tell(trial, value, state=None if state is None else TrialState[state])
+        except RuntimeError as e:  # the grid sampler stops an optimize loop at its last point; the trial is told
+            if "Study.stop" not in str(e):
+                raise
+        finally:
+            self.beats.discard(trial)
+
+    def _after_trial(self, study) -> None:
         trials = study.get_trials(deepcopy=False)
         finished = sum(1 for t in trials if _counted(t) and t.state.is_finished())
         self.bar.n = min(finished, self.trials)
@@ -444,8 +585,30 @@ class _Sweep:
         if rows and rows[0]["top1"] is not None:
             self.bar.set_postfix(best=f"{rows[0]['top1']:.1%}", trial=rows[0]["trial"])
         self.bar.refresh()
-        if sum(1 for t in trials if _counted(t)) >= self.trials:
-            study.stop()
+
+    # ------------------------------------------------------------------------------------------- refit
+    def _refit(self, rows: list[dict], full: TrainData | None) -> dict | None:
+        """Train the best trial's settings again on the full features, as `pipeline train-head` would (same seed,
+        split and epochs, no pruning), into OUT/refit/; its best checkpoint becomes best.pt."""
+        cfg = self.cfg
+        best = rows[0] if rows and rows[0]["top1"] is not None else None
+        if best is None:
+            return None
+        run = cfg.out / "refit"
+        train_cfg = replace(cfg.train_config(run, **{**self.space.fixed, **best["params"]}), progress=cfg.progress)
+        log.info("refit: trial %d's settings on the full features -> %s", best["trial"], run)
+        if full is None:  # the cache was read lazily: read it again
+            full = load_train_data(self.cache, train_cfg)
+        result = train_head(full.cache, config=train_cfg, data=full)
+        s = result.summary
+        refit = {"trial": best["trial"], "params": best["params"], "run": str(run.resolve()), "top1": s["top1"],
+                 "top5": s["top5"], "val_loss": s["val_loss"], "epochs_run": s["epochs_run"],
+                 "best_epoch": s["best_epoch"], "seconds": s["seconds"], "reduced_top1": best["top1"]}
+        tmp = cfg.out / f".best.pt.{os.getpid()}.tmp"
+        shutil.copyfile(run / "best.pt", tmp)
+        os.replace(tmp, cfg.out / "best.pt")
+        _write_atomic(cfg.out / "best.json", json.dumps({**best, "refit": refit}, indent=1) + "\n")
+        return refit
 
     # ----------------------------------------------------------------------------------------- results
     def finish(self, study) -> list[dict]:
@@ -461,7 +624,7 @@ class _Sweep:
             {"study": self.name, "storage": self.storage_url, "trials": self.trials, "space": self.space.to_dict(),
              "rows": rows}))
         columns = ["rank", "trial", "state", "top1", "top5", "val_loss", "epochs_run", "best_epoch", "seconds", *names,
-                   "stopped", "error", "run", "worker"]
+                   "stopped", "error", "run", "worker", "stack"]
         tmp = out / f".leaderboard.csv.{os.getpid()}.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -510,6 +673,8 @@ def _cell(v) -> str:
         return ""
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, list):
+        return " ".join(map(str, v))
     return str(v)
 
 
@@ -529,7 +694,7 @@ def leaderboard_rows(trials) -> list[dict]:
                      "epochs_run": a.get("epochs_run"),
                      "best_epoch": a.get("best_epoch"), "seconds": seconds, "params": dict(t.params),
                      "stopped": a.get("stopped"), "error": a.get("error"), "run": a.get("run"),
-                     "worker": a.get("worker")})
+                     "worker": a.get("worker"), "stack": a.get("stack")})
 
     def key(r):
         return (r["top1"] is None, -(r["top1"] or 0.0), math.inf if r["val_loss"] is None else r["val_loss"],

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, config_with, cpu_count
+from pipeline.config import TrainConfig, config_with, cpu_count, pick_device
 from pipeline.data.cache import FeatureCache, FeatureSpec, open_cache
 from pipeline.data.sequences import (
     Batch,
@@ -34,7 +34,6 @@ from pipeline.data.sequences import (
     train_plans,
 )
 from pipeline.data.splits import SPLIT_FILE, Split, SplitError, make_split, read_labels_csv, write_split
-from pipeline.extract.backbone import pick_device
 from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
 from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
 from pipeline.heads.model import Head, HeadDims, build_head
@@ -237,107 +236,149 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
     device = pick_device(cfg.device)
     if data is None:
         data = load_train_data(cache, cfg)
-    else:
-        check_clip_len(cfg.clip_len, int(data.store.lengths.max()))
-    store, y, split, labels, classes = data.store, data.y, data.split, data.labels, data.classes
-    n_train = len(split.train)
-    train_idx, val_idx = data.train_idx, data.val_idx
-    workers = 0 if store.in_memory else cfg.workers
-
-    torch.manual_seed(cfg.seed)
-    dims = HeadDims(head=cfg.head, in_dim=store.dim, num_classes=len(classes), hidden=cfg.hidden,
-                    layers=cfg.layers, dropout=cfg.dropout, activation=cfg.activation)
-    model = build_head(dims)
-    model.proj[0].set_stats(*data.train_stats())
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-    steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, cfg.epochs * steps_per_epoch))
-    weight = class_weight_tensor(y[train_idx], len(classes)).to(device) if cfg.class_weights else None
-    loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-    out_dir = cfg.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_info = {"cache": str(data.cache), "split": split_info(split, labels, classes),
-                "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
-                "in_memory": store.in_memory, "device": str(device), **data.notes}
-    (out_dir / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **run_info}, indent=1) + "\n")
-    write_split(out_dir / SPLIT_FILE, split, labels)  # which video was on which side, for `pipeline finetune`
-
-    def checkpoint(epoch: int, metrics: dict) -> HeadCheckpoint:
-        return HeadCheckpoint(dims=dims, state_dict=model.state_dict(), classes=classes, feature_spec=data.spec,
-                              feature_dtype=data.dtype, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
-                              eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"train": cfg.to_dict(), **run_info})
-
-    def validate() -> np.ndarray:
-        return predict_store(model, store, val_idx, clip_len=cfg.clip_len, clip_stride=cfg.clip_stride,
-                             eval_clips=cfg.eval_clips, batch_size=cfg.batch_size, device=device, workers=workers)
-
-    rows: list[dict] = []
-    best = {"top1": -1.0, "loss": math.inf, "epoch": 0}
-    stale = 0
-    stopped_early = False
+    run = HeadRun(cfg, data, device, on_epoch, started)
     bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.progress)
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        f.flush()
+    try:
         for epoch in bar:
             t0 = time.perf_counter()
-            rng = np.random.default_rng([cfg.seed, epoch])
-            plans = train_plans(store.lengths[train_idx], y[train_idx], cfg.batch_size, cfg.clip_len,
-                                cfg.clip_stride, rng)
-            lr = optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(model, batches(store, plans, workers), optimizer, scheduler, loss_fn, device)
+            lr = run.optimizer.param_groups[0]["lr"]
+            stats = train_one_epoch(run.model, batches(data.store, run.epoch_plans(epoch), run.workers),
+                                    run.optimizer, run.scheduler, run.loss_fn, device)
             t1 = time.perf_counter()
-            report = classification_report(validate(), y[val_idx], classes)
-            row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
-                   "val_top5": report["top5"], "lr": lr, "train_seconds": t1 - t0,
-                   "val_seconds": time.perf_counter() - t1}
-            rows.append(row)
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-            f.flush()
-            metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
-            improved = report["top1"] > best["top1"] or (report["top1"] == best["top1"]
-                                                         and report["loss"] < best["loss"])
-            if improved:
-                best = {"top1": report["top1"], "loss": report["loss"], "epoch": epoch}
-                save_checkpoint(checkpoint(epoch, metrics), out_dir / "best.pt")
-                stale = 0
-            else:
-                stale += 1
-            save_checkpoint(checkpoint(epoch, metrics), out_dir / "last.pt")
-            bar.set_postfix(loss=f"{stats['train_loss']:.3f}", val=f"{report['top1']:.1%}",
-                            best=f"{best['top1']:.1%}")
-            if on_epoch is not None:
-                on_epoch(dict(row))
-            if cfg.patience and stale >= cfg.patience:
-                stopped_early = True
-                log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, cfg.patience)
+            if not run.end_epoch(epoch, stats, run.validate(), lr, t1 - t0, time.perf_counter() - t1):
                 break
-    bar.close()
+            bar.set_postfix(run.postfix())
+    finally:
+        bar.close()
+        run.close()
+    return run.finish()
 
-    # Final metrics with the best weights.
-    best_ckpt = load_checkpoint(out_dir / "best.pt")
-    model.load_state_dict(best_ckpt.state_dict)
-    report = classification_report(validate(), y[val_idx], classes)
-    summary = {
-        "head": cfg.head, "best_epoch": best["epoch"], "epochs_run": len(rows), "stopped_early": stopped_early,
-        "top1": report["top1"], "top5": report["top5"], "val_loss": report["loss"], "videos": report["videos"],
-        "per_class_accuracy": report["per_class_accuracy"], "confusion_matrix": report["confusion_matrix"],
-        "classes": classes, "split": run_info["split"], "eval": eval_description(cfg.clip_len, cfg.clip_stride,
-                                                                                   cfg.eval_clips),
-        "seconds": time.perf_counter() - started, "parameters": sum(p.numel() for p in model.parameters()),
-        "feature_spec_id": data.spec.id,
-    }
-    (out_dir / "summary.json").write_text(to_json(summary))
-    if cfg.plots:
-        plot_curves(rows, out_dir / "curves.png")
-        plot_confusion(np.array(report["confusion_matrix"]), classes, out_dir / "confusion.png",
-                       f"{cfg.head}: val top-1 {report['top1']:.1%}")
-    return TrainResult(out=out_dir, summary=summary)
+
+class HeadRun:
+    """One head's run: its model, optimizer and schedule, and its run folder (config.json, split.csv, metrics.csv,
+    best.pt, last.pt, summary.json, plots).
+
+    `train_head` drives one; `pipeline.heads.stack` drives several that share their batches. The caller trains an
+    epoch and hands its metrics and val probabilities to `end_epoch`, which writes the row and the checkpoints,
+    calls `on_epoch` and applies the patience; `finish` re-validates the best checkpoint and writes the summary.
+    """
+
+    def __init__(self, cfg: TrainConfig, data: TrainData, device: torch.device,
+                 on_epoch: Callable[[dict], None] | None = None, started: float | None = None):
+        check_clip_len(cfg.clip_len, int(data.store.lengths.max()))
+        self.cfg, self.data, self.device, self.on_epoch = cfg, data, device, on_epoch
+        self.started = time.perf_counter() if started is None else started
+        self.workers = 0 if data.store.in_memory else cfg.workers
+        store, y, split = data.store, data.y, data.split
+        classes = data.classes
+
+        torch.manual_seed(cfg.seed)
+        self.dims = HeadDims(head=cfg.head, in_dim=store.dim, num_classes=len(classes), hidden=cfg.hidden,
+                             layers=cfg.layers, dropout=cfg.dropout, activation=cfg.activation)
+        model = build_head(self.dims)
+        model.proj[0].set_stats(*data.train_stats())
+        self.model = model.to(device)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(split.train) / cfg.batch_size)
+        warmup = round(cfg.warmup_epochs * steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           warmup_cosine(warmup, cfg.epochs * steps_per_epoch))
+        weight = class_weight_tensor(y[data.train_idx], len(classes)).to(device) if cfg.class_weights else None
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+
+        self.out = cfg.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.run_info = {"cache": str(data.cache), "split": split_info(split, data.labels, classes),
+                         "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
+                         "in_memory": store.in_memory, "device": str(device), **data.notes}
+        (self.out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **self.run_info}, indent=1) + "\n")
+        write_split(self.out / SPLIT_FILE, split, data.labels)  # which video was on which side, for `finetune`
+        self.rows: list[dict] = []
+        self.best = {"top1": -1.0, "loss": math.inf, "epoch": 0}
+        self.stale = 0
+        self.stopped_early = False
+        self._metrics_file = open(self.out / "metrics.csv", "w", newline="")
+        self._writer = csv.DictWriter(self._metrics_file, fieldnames=METRIC_COLUMNS)
+        self._writer.writeheader()
+        self._metrics_file.flush()
+
+    def epoch_plans(self, epoch: int) -> list:
+        """The epoch's training batches: one random clip of each train video, shuffled ([seed, epoch] stream)."""
+        cfg, data = self.cfg, self.data
+        rng = np.random.default_rng([cfg.seed, epoch])
+        return train_plans(data.store.lengths[data.train_idx], data.y[data.train_idx], cfg.batch_size, cfg.clip_len,
+                           cfg.clip_stride, rng)
+
+    def validate(self) -> np.ndarray:
+        """(val videos, C) probabilities of the model as it is."""
+        cfg = self.cfg
+        return predict_store(self.model, self.data.store, self.data.val_idx, clip_len=cfg.clip_len,
+                             clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, batch_size=cfg.batch_size,
+                             device=self.device, workers=self.workers)
+
+    def checkpoint(self, epoch: int, metrics: dict) -> HeadCheckpoint:
+        cfg = self.cfg
+        return HeadCheckpoint(dims=self.dims, state_dict=self.model.state_dict(), classes=self.data.classes,
+                              feature_spec=self.data.spec, feature_dtype=self.data.dtype, clip_len=cfg.clip_len,
+                              clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
+                              config={"train": cfg.to_dict(), **self.run_info})
+
+    def end_epoch(self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float,
+                  val_seconds: float) -> bool:
+        """Record an epoch (train metrics, val probabilities): metrics.csv, best.pt when better, last.pt, then
+        `on_epoch` (whose exception stops the run). False when the patience has run out."""
+        report = classification_report(probs, self.data.y[self.data.val_idx], self.data.classes)
+        row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
+               "val_top5": report["top5"], "lr": lr, "train_seconds": train_seconds, "val_seconds": val_seconds}
+        self.rows.append(row)
+        self._writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        self._metrics_file.flush()
+        metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
+        best = self.best
+        if report["top1"] > best["top1"] or (report["top1"] == best["top1"] and report["loss"] < best["loss"]):
+            self.best = {"top1": report["top1"], "loss": report["loss"], "epoch": epoch}
+            save_checkpoint(self.checkpoint(epoch, metrics), self.out / "best.pt")
+            self.stale = 0
+        else:
+            self.stale += 1
+        save_checkpoint(self.checkpoint(epoch, metrics), self.out / "last.pt")
+        if self.on_epoch is not None:
+            self.on_epoch(dict(row))
+        if self.cfg.patience and self.stale >= self.cfg.patience:
+            self.stopped_early = True
+            log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, self.cfg.patience)
+            return False
+        return True
+
+    def postfix(self) -> dict:
+        row = self.rows[-1]
+        return {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_top1']:.1%}", "best": f"{self.best['top1']:.1%}"}
+
+    def close(self) -> None:
+        self._metrics_file.close()
+
+    def finish(self) -> TrainResult:
+        """Validate the best checkpoint again (final metrics), write summary.json and the plots."""
+        cfg, data = self.cfg, self.data
+        self.close()
+        self.model.load_state_dict(load_checkpoint(self.out / "best.pt").state_dict)
+        report = classification_report(self.validate(), data.y[data.val_idx], data.classes)
+        summary = {
+            "head": cfg.head, "best_epoch": self.best["epoch"], "epochs_run": len(self.rows),
+            "stopped_early": self.stopped_early, "top1": report["top1"], "top5": report["top5"],
+            "val_loss": report["loss"], "videos": report["videos"],
+            "per_class_accuracy": report["per_class_accuracy"], "confusion_matrix": report["confusion_matrix"],
+            "classes": data.classes, "split": self.run_info["split"],
+            "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips),
+            "seconds": time.perf_counter() - self.started,
+            "parameters": sum(p.numel() for p in self.model.parameters()), "feature_spec_id": data.spec.id,
+        }
+        (self.out / "summary.json").write_text(to_json(summary))
+        if cfg.plots:
+            plot_curves(self.rows, self.out / "curves.png")
+            plot_confusion(np.array(report["confusion_matrix"]), data.classes, self.out / "confusion.png",
+                           f"{cfg.head}: val top-1 {report['top1']:.1%}")
+        return TrainResult(out=self.out, summary=summary)
 
 
 def split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:

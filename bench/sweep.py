@@ -4,6 +4,7 @@ commands to completion (a process each, each reading the cache), on a UCF101-sha
 validation top-1 each finds.
 
     python bench/sweep.py                                   # 101 classes x 8 videos of 120-240 rows x 2048
+    python bench/sweep.py --dropout 0.1,0.3,0.5                # 36 configurations
     python bench/sweep.py --per-class 4 --heads gru,meanpool --hidden 64 --lr 3e-3 --epochs 4   # a quick check
 """
 
@@ -74,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=UCF101_CLASSES)
     p.add_argument("--per-class", type=int, default=8, help="videos per class (UCF101 has ~130)")
     p.add_argument("--dim", type=int, default=2048, help="feature size (ResNet-50: 2048)")
-    p.add_argument("--heads", default="gru,meanpool", help="the configurations: every head x hidden x lr")
+    p.add_argument("--heads", default="gru,meanpool", help="the configurations: every head x hidden x lr x dropout")
     p.add_argument("--hidden", default="128,256")
     p.add_argument("--lr", default="1e-3,3e-3,1e-2")
+    p.add_argument("--dropout", default=str(default_of(TrainConfig, "dropout")))
     p.add_argument("--epochs", type=int, default=20, help=f"epochs of every configuration (train-head's default: "
                                                         f"{default_of(TrainConfig, 'epochs')})")
     p.add_argument("--val-fraction", type=float, default=0.25)
@@ -91,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
     threads = str(args.threads or cpu_count())
-    heads, hiddens, lrs = args.heads.split(","), args.hidden.split(","), args.lr.split(",")
-    configs = [(h, int(n), float(lr)) for h in heads for n in hiddens for lr in lrs]
+    heads, hiddens, lrs, drops = (args.heads.split(","), args.hidden.split(","), args.lr.split(","),
+                                  args.dropout.split(","))
+    configs = [(h, int(n), float(lr), float(d)) for h in heads for n in hiddens for lr in lrs for d in drops]
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -109,15 +112,15 @@ def main(argv: list[str] | None = None) -> int:
         # 1. the configurations one by one, each a `pipeline train-head` process run to completion
         base = []
         if not args.skip_baseline:
-            for i, (head, hidden, lr) in enumerate(configs):
+            for i, (head, hidden, lr, dropout) in enumerate(configs):
                 out = workdir / "train-head" / f"{i:02d}"
                 seconds = run(["train-head", str(cache), "--out", str(out), "--head", head, "--hidden", str(hidden),
-                               "--lr", str(lr), "--no-plots", "-q", *common])
+                               "--lr", str(lr), "--dropout", str(dropout), "--no-plots", "-q", *common])
                 summary = json.loads((out / "summary.json").read_text())
-                base.append({"config": (head, hidden, lr), "seconds": seconds, "top1": summary["top1"],
+                base.append({"config": (head, hidden, lr, dropout), "seconds": seconds, "top1": summary["top1"],
                              "epochs": summary["epochs_run"]})
-                print(f"  train-head {head} {hidden} {lr:g}: {seconds:.1f} s, {summary['epochs_run']} epochs, "
-                      f"val top-1 {summary['top1']:.1%}", file=sys.stderr, flush=True)
+                print(f"  train-head {head} {hidden} {lr:g} {dropout:g}: {seconds:.1f} s, {summary['epochs_run']} "
+                      f"epochs, val top-1 {summary['top1']:.1%}", file=sys.stderr, flush=True)
             loads.append(load_average())
 
         # 2. the same configurations as one grid sweep
@@ -125,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         sweep_args = ["sweep", str(cache), "--out", str(out), "--strategy", "grid", "--param", f"head={args.heads}",
                       "--param", f"hidden={args.hidden}", "--param", f"lr={args.lr}", "--param",
-                      f"epochs={args.epochs}", "--pruner", args.pruner, "--prune-warmup", str(args.prune_warmup),
+                      f"dropout={args.dropout}", "--param", f"epochs={args.epochs}", "--pruner", args.pruner,
+                      "--prune-warmup", str(args.prune_warmup),
                       "--val-fraction", str(args.val_fraction), "--threads", threads, "--no-plots", "-q"]
         if args.reduce_dim:
             sweep_args += ["--reduce-dim", str(args.reduce_dim)]
@@ -148,8 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(f"{args.classes} classes x {args.per_class} videos of {MIN_ROWS}-{MAX_ROWS} rows x {args.dim} float16 "
               f"({size / 2**20:.0f} MiB); {n} configurations: head {args.heads} x hidden "
-              f"{args.hidden} x lr {args.lr}, {args.epochs} epochs, other settings train-head's defaults; "
-              f"{threads} threads; {machine()}; load average {' -> '.join(loads)}")
+              f"{args.hidden} x lr {args.lr} x dropout {args.dropout}, {args.epochs} epochs, other settings "
+              f"train-head's defaults; {threads} threads; {machine()}; load average {' -> '.join(loads)}")
         print()
         print("| | sequential `pipeline train-head` | `pipeline sweep` |")
         print("|---|---:|---:|")
@@ -169,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| wall time | {base_s:.0f} s | {sweep_s:.0f} s |")
             print(f"| configurations per minute | {60 * n / base_s:.2f} | {60 * n / sweep_s:.2f} "
                   f"(**{base_s / sweep_s:.1f}x**) |")
-            found = " ".join(str(best_sweep["params"][k]) for k in ("head", "hidden", "lr"))
+            trained = json.loads((Path(best_sweep["run"]) / "config.json").read_text())["train"]
+            found = " ".join(str(trained[k]) for k in ("head", "hidden", "lr", "dropout"))
             score = (f"{refit['top1']:.1%} refit ({found}; {best_sweep['top1']:.1%} on the reduced features)"
                      if refit else f"{best_sweep['top1']:.1%} ({found}, {best_sweep['state']})")
             print(f"| best val top-1 | {best_base['top1']:.1%} ({' '.join(map(str, best_base['config']))}) | "

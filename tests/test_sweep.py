@@ -468,3 +468,24 @@ def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tm
                                         for r, d in zip(_metric_rows(out / "refit"), _metric_rows(direct.out))]
     with pytest.raises(ValueError, match="--refit trains the best settings again"):
         pipeline.sweep(cache, tmp_path / "x", params=params, refit=True, **QUICK)
+
+
+def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_path):
+    out = tmp_path / "ahead"
+    params = ["head=gru,lstm", "hidden=8,16", "epochs=100000", "batch_size=8", "clip_len=5"]
+    first = pipeline.sweep(cache, out, params=params, strategy="grid", stack=4, timeout=1.5, **QUICK)
+    # the one trial that started ran into the time budget; the three others never started and wait for a next run
+    (row,) = [r for r in first.rows if r["state"] != "waiting"]
+    assert row["stopped"] == "timeout" and first.trials_here == 1 and first.counts() == {"pruned": 1, "waiting": 3}
+    trials = study_trials(out)
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    unstarted = [t for t in trials if t.user_attrs.get("surplus")]
+    assert len(waiting) == len(unstarted) == 3
+    queued = [t.system_attrs["fixed_params"] for t in waiting]
+    assert sorted(map(str, queued)) == sorted(map(str, (t.params for t in unstarted)))
+    assert row["params"] not in queued
+    assert sorted(map(str, (r["params"] for r in first.rows if r["state"] == "waiting"))) == sorted(map(str, queued))
+    second = pipeline.sweep(cache, out, params=params, strategy="grid", stack=1, timeout=1.5, resume=True, **QUICK)
+    started = [r for r in second.rows if r["trial"] != row["trial"] and r["state"] != "waiting"]
+    assert len(started) == 1 and started[0]["params"] in queued
+    assert second.counts() == {"pruned": 2, "waiting": 2}

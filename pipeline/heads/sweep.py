@@ -488,7 +488,7 @@ class _Sweep:
         finally:  # trials asked but not trained (the time budget, an interrupt): queued again for a later run
             for item in asked:
                 if not item.done:
-                    study.enqueue_trial(item.params, user_attrs={"retry_of": item.trial.number})
+                    study.enqueue_trial(item.trial.params, user_attrs={"retry_of": item.trial.number})
                     if not item.started:
                         item.trial.set_user_attr("surplus", True)
                     self._tell(study, item.trial, state="FAIL")
@@ -692,7 +692,8 @@ def leaderboard_rows(trials) -> list[dict]:
         rows.append({"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
                      "top1": t.value, "top5": a.get("top5"), "val_loss": a.get("val_loss"),
                      "epochs_run": a.get("epochs_run"),
-                     "best_epoch": a.get("best_epoch"), "seconds": seconds, "params": dict(t.params),
+                     "best_epoch": a.get("best_epoch"), "seconds": seconds,
+                     "params": dict(t.params or t.system_attrs.get("fixed_params", {})),  # waiting: queued settings
                      "stopped": a.get("stopped"), "error": a.get("error"), "run": a.get("run"),
                      "worker": a.get("worker"), "stack": a.get("stack")})
 

@@ -1,5 +1,5 @@
 """Head configurations per minute: `pipeline sweep` (cache read once, PCA, pruning, stacked mean-pool trials, the
-winner refit on the full features) against the same configurations run as sequential `pipeline train-head`
+best few refit on the full features) against the same configurations run as sequential `pipeline train-head`
 commands to completion (a process each, each reading the cache), on a UCF101-shaped synthetic cache; and the best
 validation top-1 each finds.
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pruner", default="halving")
     p.add_argument("--prune-warmup", type=int, default=2)
     p.add_argument("--stack", type=int, default=None, help="the sweep's --stack (default: its own)")
-    p.add_argument("--no-refit", action="store_true", help="the sweep without --refit")
+    p.add_argument("--refit", type=int, default=None, help="the sweep's --refit (default: its own; 0: none)")
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: all cores")
     p.add_argument("--skip-baseline", action="store_true", help="time the sweep only")
     p.add_argument("--cache", type=Path, default=None, help="reuse (or create) the synthetic cache here")
@@ -133,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                       "--val-fraction", str(args.val_fraction), "--threads", threads, "--no-plots", "-q"]
         if args.reduce_dim:
             sweep_args += ["--reduce-dim", str(args.reduce_dim)]
-            if args.no_refit:
-                sweep_args += ["--no-refit"]
+            if args.refit is not None:
+                sweep_args += ["--refit", str(args.refit)]
         if args.stack is not None:
             sweep_args += ["--stack", str(args.stack)]
         sweep_s = run(sweep_args)
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         sweep_desc = (f"grid, {args.pruner} pruning after {args.prune_warmup} epochs"
                       + (f", --reduce-dim {args.reduce_dim}" if args.reduce_dim else "")
                       + (f", --stack {args.stack}" if args.stack is not None else "")
-                      + (", then the best refit on the full features" if refit else ""))
+                      + (f", then the {refit['of']} best refit on the full features" if refit else ""))
         print(f"| how | {n} processes, each reads the cache | one process: {sweep_desc} |")
         best_sweep = rows[0]
         if base:
@@ -173,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| wall time | {base_s:.0f} s | {sweep_s:.0f} s |")
             print(f"| configurations per minute | {60 * n / base_s:.2f} | {60 * n / sweep_s:.2f} "
                   f"(**{base_s / sweep_s:.1f}x**) |")
-            trained = json.loads((Path(best_sweep["run"]) / "config.json").read_text())["train"]
-            found = " ".join(str(trained[k]) for k in ("head", "hidden", "lr", "dropout"))
-            score = (f"{refit['top1']:.1%} refit ({found}; {best_sweep['top1']:.1%} on the reduced features)"
-                     if refit else f"{best_sweep['top1']:.1%} ({found}, {best_sweep['state']})")
+            trained = json.loads((Path(refit["run"] if refit else best_sweep["run"]) / "config.json").read_text())
+            found = " ".join(str(trained["train"][k]) for k in ("head", "hidden", "lr", "dropout"))
+            score = (f"{refit['top1']:.1%} (refit of the {refit['of']} best: {found}; {refit['reduced_top1']:.1%} on "
+                     f"the reduced features)" if refit else f"{best_sweep['top1']:.1%} ({found}, {best_sweep['state']})")
             print(f"| best val top-1 | {best_base['top1']:.1%} ({' '.join(map(str, best_base['config']))}) | "
                   f"{score} |")
         else:

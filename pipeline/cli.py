@@ -429,9 +429,10 @@ def sweep(
                                                           "running one stops at its next epoch end.")] = _w("timeout"),
     reduce_dim: Annotated[Optional[int], typer.Option(help="PCA of the features to this many dimensions (fit on the "
                                                            "train split once; folded into the checkpoints).")] = _w("reduce_dim"),
-    refit: Annotated[Optional[bool], typer.Option("--refit/--no-refit", help="After a --reduce-dim sweep, train the "
-                                                  "best settings again on the full features (OUT/refit, then best.pt) "
-                                                  "[default: on with --reduce-dim].", show_default=False)] = _w("refit"),
+    refit: Annotated[Optional[int], typer.Option(help="After a --reduce-dim sweep, train the settings of the N best "
+                                                     "trials again on the full features (OUT/refit/); the best becomes "
+                                                     "best.pt; 0: none [default: 3 with --reduce-dim].",
+                                                show_default=False)] = _w("refit"),
     stack: Annotated[Optional[int], typer.Option(help="Trials asked at once; mean-pool heads of one shape train as one "
                                                       "model [default: 8 for grid and random, 1 for tpe].")] = _w("stack"),
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers: sqlite:///PATH, "

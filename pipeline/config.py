@@ -320,6 +320,7 @@ STRATEGIES = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "hyperband", "none")
 SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
 SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
+SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
 
 
 @dataclass(frozen=True)
@@ -350,9 +351,10 @@ class SweepConfig:
     """Seconds: no trial starts after it, and the running trial stops at the end of its epoch."""
     reduce_dim: int | None = None
     """PCA to this many dimensions, fit on the train split once; checkpoints fold it into their first layer."""
-    refit: bool | None = None
-    """After a --reduce-dim sweep, train the best trial's settings again on the full features (OUT/refit/), and
-    make that run's checkpoint best.pt; default: on with --reduce-dim."""
+    refit: int | None = None
+    """After a --reduce-dim sweep, train the settings of this many best trials again on the full features
+    (OUT/refit/NNNN/, stacked where they can be) and make the best of those runs best.pt; 0: none. Default:
+    SWEEP_REFIT with --reduce-dim."""
     stack: int | None = None
     """Trials asked at once; those that are mean-pool heads differing only in lr, weight decay, dropout, label
     smoothing or patience train as one model. Default: SWEEP_STACK for grid and random, 1 (one at a time) for tpe,
@@ -397,6 +399,8 @@ class SweepConfig:
             raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
         if self.reduce_dim is not None and self.reduce_dim < 1:
             raise ValueError(f"--reduce-dim must be >= 1, got {self.reduce_dim}")
+        if self.refit is not None and self.refit < 0:
+            raise ValueError(f"--refit must be >= 0, got {self.refit}")
         if self.refit and self.reduce_dim is None:
             raise ValueError("--refit trains the best settings again on the full features after a --reduce-dim "
                              "sweep; without --reduce-dim the trials already use them (drop --refit)")
@@ -412,8 +416,11 @@ class SweepConfig:
         self.train_config(self.out)
 
     @property
-    def refits(self) -> bool:
-        return self.reduce_dim is not None if self.refit is None else self.refit
+    def refits(self) -> int:
+        """How many of the best trials are refit on the full features."""
+        if self.reduce_dim is None:
+            return 0
+        return SWEEP_REFIT if self.refit is None else self.refit
 
     @property
     def stack_size(self) -> int:

@@ -355,7 +355,7 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     out = tmp_path / "reduced"
     result = pipeline.sweep(cache, out, params=["head=meanpool,gru", "hidden=8", "epochs=3", "batch_size=4",
                                                 "clip_len=2", "lr=0.01"], strategy="grid", reduce_dim=4,
-                            pruner="none", refit=False, **QUICK)
+                            pruner="none", refit=0, **QUICK)
     assert result.counts() == {"complete": 2} and result.refit is None
     assert json.loads((out / "sweep.json").read_text())["data"]["reduce_dim"] == 4
     best = load_checkpoint(out / "best.pt")
@@ -449,25 +449,43 @@ def test_a_grid_sweep_stacks_mean_pool_trials_with_the_same_results(cache, tmp_p
 
 
 def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tmp_path):
-    out = tmp_path / "refit"
     params = ["head=meanpool", "lr=0.001,0.03", "hidden=16", *TRIAL]
-    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, **QUICK)
-    refit = result.refit
-    assert refit is not None and refit["trial"] == result.best["trial"] and Path(refit["run"]) == out / "refit"
-    assert f"refit on the full features: {refit['top1']:.1%}" in result.summary_line()
-    best = load_checkpoint(out / "best.pt")
+    shared = {"head": "meanpool", "hidden": 16, "epochs": 3, "batch_size": 8, "clip_len": 5, "plots": False,
+              "progress": False, "threads": 2}
     dim = pipeline.open_cache(cache).spec.dim
+    # --refit 1: the best trial's settings, trained on the full features exactly as train-head trains them
+    out = tmp_path / "one"
+    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, refit=1,
+                            **QUICK)
+    refit = result.refit
+    assert refit["trial"] == result.best["trial"] and refit["of"] == 1
+    assert Path(refit["run"]) == out / "refit" / f"{refit['trial']:04d}"
+    assert f"refit of the 1 best on the full features: {refit['top1']:.1%}" in result.summary_line()
+    best = load_checkpoint(out / "best.pt")
     assert best.dims.in_dim == dim and "reduction" not in best.config  # trained on the full features
-    assert json.loads((out / "best.json").read_text())["refit"]["top1"] == refit["top1"]
-    # the refit is the train-head run of the best settings: same seed, split and epochs, same numbers
     assert result.best["params"] == {"lr": refit["params"]["lr"]}  # a one-value parameter is fixed, not searched
-    direct = pipeline.train_head(cache, tmp_path / "direct", head="meanpool", hidden=16, lr=result.best["params"]["lr"],
-                                 epochs=3, batch_size=8, clip_len=5, plots=False, progress=False, threads=2)
+    direct = pipeline.train_head(cache, tmp_path / "direct", lr=refit["params"]["lr"], **shared)
     assert direct.summary["top1"] == refit["top1"] and direct.summary["val_loss"] == pytest.approx(refit["val_loss"])
-    assert _metric_rows(direct.out) == [{**r, "train_seconds": d["train_seconds"], "val_seconds": d["val_seconds"]}
-                                        for r, d in zip(_metric_rows(out / "refit"), _metric_rows(direct.out))]
+    timeless = [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _metric_rows(direct.out)]
+    assert timeless == [{k: v for k, v in r.items() if not k.endswith("_seconds")}
+                        for r in _metric_rows(Path(refit["run"]))]
+
+    # the default refits the 3 best (here both trials, one stack) and keeps the better one as best.pt
+    out = tmp_path / "default"
+    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, **QUICK)
+    recorded = json.loads((out / "best.json").read_text())
+    refits = recorded["refits"]
+    assert sorted(r["trial"] for r in refits) == [0, 1] and result.refit["of"] == 2
+    winner = max(refits, key=lambda r: (r["top1"], -r["val_loss"]))
+    assert result.refit["trial"] == winner["trial"] == recorded["trial"]
+    assert load_checkpoint(out / "best.pt").metrics["top1"] == winner["top1"]
+    for r in refits:  # trained as one stack: each as train-head would train it, up to rounding
+        alone = json.loads((tmp_path / "direct" / "summary.json").read_text()) if r["params"]["lr"] == \
+            refit["params"]["lr"] else pipeline.train_head(cache, tmp_path / "other", lr=r["params"]["lr"],
+                                                           **shared).summary
+        assert r["top1"] == alone["top1"] and r["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-4)
     with pytest.raises(ValueError, match="--refit trains the best settings again"):
-        pipeline.sweep(cache, tmp_path / "x", params=params, refit=True, **QUICK)
+        pipeline.sweep(cache, tmp_path / "x", params=params, refit=2, **QUICK)
 
 
 def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_path):

@@ -144,7 +144,8 @@ class SweepResult:
         head = (f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished")
         refit = self.refit
         if refit:
-            head += f"; refit on the full features: {refit['top1']:.1%} in {refit['seconds']:.0f}s"
+            head += (f"; refit of the {refit['of']} best on the full features: {refit['top1']:.1%} (trial "
+                     f"{refit['trial']}) in {refit['seconds']:.0f}s")
         where = f" -> {self.best_checkpoint}" if self.best_checkpoint else ""
         return (f"sweep {self.study}: {head}; {len(self.rows)} trials ({counts}), {self.trials_here} run here in "
                 f"{self.seconds:.0f}s{where}")
@@ -588,27 +589,50 @@ class _Sweep:
 
     # ------------------------------------------------------------------------------------------- refit
     def _refit(self, rows: list[dict], full: TrainData | None) -> dict | None:
-        """Train the best trial's settings again on the full features, as `pipeline train-head` would (same seed,
-        split and epochs, no pruning), into OUT/refit/; its best checkpoint becomes best.pt."""
+        """Train the settings of the --refit best trials again on the full features, each as `pipeline train-head`
+        would (same seed, split and epochs, no pruning; those of one stack_key as one stack), into OUT/refit/NNNN/;
+        the best of them (val top-1, then val loss) becomes best.pt. Returns its entry of best.json's `refits`."""
         cfg = self.cfg
-        best = rows[0] if rows and rows[0]["top1"] is not None else None
-        if best is None:
+        chosen = [r for r in rows if r["top1"] is not None][: cfg.refits]
+        if not chosen:
             return None
-        run = cfg.out / "refit"
-        train_cfg = replace(cfg.train_config(run, **{**self.space.fixed, **best["params"]}), progress=cfg.progress)
-        log.info("refit: trial %d's settings on the full features -> %s", best["trial"], run)
+        configs = [replace(cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed,
+                                                                                      **r["params"]}),
+                           progress=cfg.progress and len(chosen) == 1) for r in chosen]
+        log.info("refit on the full features: trials %s", ", ".join(str(r["trial"]) for r in chosen))
+        started = time.perf_counter()
         if full is None:  # the cache was read lazily: read it again
-            full = load_train_data(self.cache, train_cfg)
-        result = train_head(full.cache, config=train_cfg, data=full)
-        s = result.summary
-        refit = {"trial": best["trial"], "params": best["params"], "run": str(run.resolve()), "top1": s["top1"],
-                 "top5": s["top5"], "val_loss": s["val_loss"], "epochs_run": s["epochs_run"],
-                 "best_epoch": s["best_epoch"], "seconds": s["seconds"], "reduced_top1": best["top1"]}
+            full = load_train_data(self.cache, configs[0])
+        groups: dict = {}
+        for i, c in enumerate(configs):
+            key = stack_key(c) if self.device.type == "cpu" else None
+            groups.setdefault(key if key is not None else i, []).append(i)
+        results: dict[int, TrainResult] = {}
+        for members in groups.values():
+            if len(members) == 1:
+                results[members[0]] = train_head(full.cache, config=configs[members[0]], data=full)
+                continue
+            for i, outcome in zip(members, train_stack(full, [configs[i] for i in members], self.device),
+                                  strict=True):
+                if not isinstance(outcome, TrainResult):
+                    raise outcome
+                results[i] = outcome
+        refits = []
+        for i, r in enumerate(chosen):
+            s = results[i].summary
+            refits.append({"trial": r["trial"], "params": r["params"], "run": str(configs[i].out.resolve()),
+                           "top1": s["top1"], "top5": s["top5"], "val_loss": s["val_loss"],
+                           "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"], "reduced_top1": r["top1"]})
+        best_i = min(range(len(refits)), key=lambda i: (-refits[i]["top1"], refits[i]["val_loss"], i))
+        best = {**refits[best_i], "seconds": time.perf_counter() - started, "of": len(refits)}
         tmp = cfg.out / f".best.pt.{os.getpid()}.tmp"
-        shutil.copyfile(run / "best.pt", tmp)
+        shutil.copyfile(configs[best_i].out / "best.pt", tmp)
         os.replace(tmp, cfg.out / "best.pt")
-        _write_atomic(cfg.out / "best.json", json.dumps({**best, "refit": refit}, indent=1) + "\n")
-        return refit
+        row = next(r for r in rows if r["trial"] == best["trial"])
+        _write_atomic(cfg.out / "best.json", to_json({**row, "refit": best, "refits": refits}))
+        log.info("refit: trial %d's settings score %.1f%% on the full features (%.1f%% reduced)", best["trial"],
+                 100 * best["top1"], 100 * best["reduced_top1"])
+        return best
 
     # ----------------------------------------------------------------------------------------- results
     def finish(self, study) -> list[dict]:

@@ -3,8 +3,8 @@ best few refit on the full features) against the same configurations run as sequ
 commands to completion (a process each, each reading the cache), on a UCF101-shaped synthetic cache; and the best
 validation top-1 each finds.
 
-    python bench/sweep.py                                   # 101 classes x 8 videos of 120-240 rows x 2048
-    python bench/sweep.py --dropout 0.1,0.3,0.5                # 36 configurations
+    python bench/sweep.py                  # 101 classes x 8 videos of 120-240 rows x 2048; 36 configurations
+    python bench/sweep.py --dropout 0.3    # 12 configurations
     python bench/sweep.py --per-class 4 --heads gru,meanpool --hidden 64 --lr 3e-3 --epochs 4   # a quick check
 """
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", default="gru,meanpool", help="the configurations: every head x hidden x lr x dropout")
     p.add_argument("--hidden", default="128,256")
     p.add_argument("--lr", default="1e-3,3e-3,1e-2")
-    p.add_argument("--dropout", default=str(default_of(TrainConfig, "dropout")))
+    p.add_argument("--dropout", default="0.1,0.3,0.5")
     p.add_argument("--epochs", type=int, default=20, help=f"epochs of every configuration (train-head's default: "
                                                         f"{default_of(TrainConfig, 'epochs')})")
     p.add_argument("--val-fraction", type=float, default=0.25)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data.sequences import batches, eval_plans
@@ -87,11 +88,13 @@ def _masks(heads, generators, shape, dtype, dim: int) -> torch.Tensor:
 
 
 def train_stack(data: TrainData, configs: list[TrainConfig], device: torch.device,
-                hooks: list[Callable[[dict], None] | None] | None = None) -> list[TrainResult | Exception]:
+                hooks: list[Callable[[dict], None] | None] | None = None,
+                progress: bool = False) -> list[TrainResult | Exception]:
     """Train the heads of `configs` (one stack_key) on `data` as one model; each writes its own run folder.
 
     `hooks[i]` is head i's `on_epoch`: an exception it raises stops that head only (its run folder keeps its epochs),
     and is returned in its place; the others go on. Returns each head's TrainResult or exception, in order.
+    `progress` shows a bar over the epochs.
     """
     keys = {stack_key(c) for c in configs}
     if None in keys or len(keys) != 1:
@@ -109,8 +112,9 @@ def train_stack(data: TrainData, configs: list[TrainConfig], device: torch.devic
         members.append(_Member(run, generator))
     cfg = configs[0]
     lead = members[0].run
+    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{len(configs)} x {cfg.head}", unit="epoch", disable=not progress)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in bar:
             active = [m for m in members if m.active]
             if not active:
                 break
@@ -128,10 +132,12 @@ def train_stack(data: TrainData, configs: list[TrainConfig], device: torch.devic
                 except Exception as e:  # the head's hook stopped it (e.g. a pruned trial): the others go on
                     m.run.close()
                     m.result = e
+            bar.set_postfix(best=f"{max(m.run.best['top1'] for m in members):.1%}")
         for m in members:
             if m.active:
                 m.result = m.run.finish()
     finally:
+        bar.close()
         for m in members:
             m.run.close()
     return [m.result for m in members]

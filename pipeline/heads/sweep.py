@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -598,8 +599,12 @@ class _Sweep:
             return None
         configs = [replace(cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed,
                                                                                       **r["params"]}),
-                           progress=cfg.progress and len(chosen) == 1) for r in chosen]
-        log.info("refit on the full features: trials %s", ", ".join(str(r["trial"]) for r in chosen))
+                           progress=cfg.progress) for r in chosen]
+        what = f"refit on the full features: trials {', '.join(str(r['trial']) for r in chosen)}"
+        if cfg.progress:
+            tqdm.write(what, file=sys.stderr)
+        else:
+            log.info(what)
         started = time.perf_counter()
         if full is None:  # the cache was read lazily: read it again
             full = load_train_data(self.cache, configs[0])
@@ -612,8 +617,8 @@ class _Sweep:
             if len(members) == 1:
                 results[members[0]] = train_head(full.cache, config=configs[members[0]], data=full)
                 continue
-            for i, outcome in zip(members, train_stack(full, [configs[i] for i in members], self.device),
-                                  strict=True):
+            stacked = train_stack(full, [configs[i] for i in members], self.device, progress=cfg.progress)
+            for i, outcome in zip(members, stacked, strict=True):
                 if not isinstance(outcome, TrainResult):
                     raise outcome
                 results[i] = outcome

@@ -2,7 +2,9 @@
 from their per-epoch validation, in one process or in many cooperating on one study (SQLite, journal file or RDB).
 
 The cache is read (and optionally PCA-reduced) once per process; every trial is a `train_head` run on that shared
-data, with its own run folder under OUT/trials/NNNN.
+data, with its own run folder under OUT/trials/NNNN, or one head of a stack (`pipeline.heads.stack`) that trains
+as that run would. Trials are asked from the study up to --stack at a time (ask and tell, with this process's own
+heartbeats); after a reduced sweep the --refit best settings are trained again on the full features (OUT/refit/).
 
     pipeline sweep cache.h5 --space space.yaml --trials 50 --out runs/sweep-heads
 """

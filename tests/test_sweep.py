@@ -507,3 +507,27 @@ def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_pat
     started = [r for r in second.rows if r["trial"] != row["trial"] and r["state"] != "waiting"]
     assert len(started) == 1 and started[0]["params"] in queued
     assert second.counts() == {"pruned": 2, "waiting": 2}
+
+
+@pytest.mark.slow
+def test_trials_asked_ahead_keep_their_heartbeat_until_told(tmp_path, monkeypatch):
+    import optuna
+
+    from pipeline.heads import sweep as sweep_module
+
+    monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(sweep_module, "GRACE_S", 2)
+    with sweep_module._quiet_optuna():
+        _, storage = sweep_module.open_storage(None, tmp_path)
+        study = optuna.create_study(storage=storage, study_name="beats")
+        waiting, running = study.ask(), study.ask()
+        with sweep_module._Heartbeats(storage) as beats:
+            beats.add(waiting)
+            beats.add(running)
+            time.sleep(3.5)  # longer than the grace period: only the heartbeats keep them alive
+            optuna.storages.fail_stale_trials(study)
+            assert [t.state.name for t in study.get_trials()] == ["RUNNING", "RUNNING"]
+            beats.discard(waiting)  # no more beats: another worker takes it for the trial of a killed one
+            time.sleep(3.5)
+            optuna.storages.fail_stale_trials(study)
+            assert [t.state.name for t in study.get_trials()][:2] == ["FAIL", "RUNNING"]

@@ -109,7 +109,7 @@ def extract(
     std: Annotated[Optional[tuple[float, float, float]], typer.Option(help="RGB std; default: the weights' own.")] = _e("std"),
     dtype: Annotated[str, typer.Option(help="Feature storage: float16 or float32.")] = _e("dtype"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _e("device"),
-    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass [default: 8 on CPU, 64 on GPU].")] = _e("batch_size"),
+    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass \\[default: 8 on CPU, 64 on GPU].")] = _e("batch_size"),
     workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _e("workers"),
     threads: Annotated[Optional[int], typer.Option(help="Torch threads of the model process.")] = _e("threads"),
     overwrite: Annotated[bool, typer.Option(help="Discard a cache of another feature spec instead of refusing.")] = _e("overwrite"),
@@ -229,7 +229,7 @@ def train_head(
     seed: Annotated[int, typer.Option(help="Seed of initialisation, crops, shuffling and dropout.")] = _t("seed"),
     memory: Annotated[str, typer.Option(help="auto, ram (read the cache once into memory) or lazy (read per batch).")] = _t("memory"),
     workers: Annotated[int, typer.Option(help="Reader processes in lazy mode.")] = _t("workers"),
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _t("threads"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads \\[default: all cores].")] = _t("threads"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _t("device"),
     plots: Annotated[bool, typer.Option(help="Write curves.png and confusion.png (needs matplotlib).")] = _t("plots"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar, errors only.")] = False,
@@ -258,7 +258,7 @@ def train_head(
 def evaluate(
     checkpoint: Annotated[Path, typer.Argument(help="A head checkpoint (best.pt or last.pt).", show_default=False)],
     cache: Annotated[Path, typer.Argument(help="A feature cache of the same features, with labels.", show_default=False)],
-    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips [default: as "
+    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips \\[default: as "
                                                            "trained].")] = _v("eval_clips"),
     labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the cache's labels.")] = _v("labels"),
     keys_list: Annotated[Optional[Path], typer.Option("--list", help="Only the videos named in this list file "
@@ -267,7 +267,7 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Clips per forward pass.")] = _v("batch_size"),
     memory: Annotated[str, typer.Option(help="auto, ram or lazy.")] = _v("memory"),
     workers: Annotated[int, typer.Option(help="Reader processes in lazy mode.")] = _v("workers"),
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _v("threads"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads \\[default: all cores].")] = _v("threads"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _v("device"),
     json_: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors and the result only.")] = False,
@@ -308,14 +308,14 @@ def predict(
     json_: Annotated[bool, typer.Option("--json", help="Also write OUTPUT.json.")] = _p("json"),
     weights: Annotated[Optional[Path], typer.Option(help="The backbone weights file, when the head's features came "
                                                          "from one (checked by sha256).")] = _p("weights"),
-    cache: Annotated[Optional[Path], typer.Option(help="Cache of the predicted videos' features [default: "
+    cache: Annotated[Optional[Path], typer.Option(help="Cache of the predicted videos' features \\[default: "
                                                        "predict_features.h5 beside the checkpoint].")] = _p("cache"),
-    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips [default: as "
+    eval_clips: Annotated[Optional[int], typer.Option(help="0 = whole sequences; N = mean over N clips \\[default: as "
                                                            "trained].")] = _p("eval_clips"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _p("device"),
     batch_size: Annotated[Optional[int], typer.Option(help="Frames per backbone forward pass.")] = _p("batch_size"),
     workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _p("workers"),
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _p("threads"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads \\[default: all cores].")] = _p("threads"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars; errors and the summary only.")] = False,
 ) -> None:
     """Classify new videos: extract them exactly as the head's features were (cached), then write top-k to CSV."""
@@ -352,16 +352,16 @@ def finetune(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config.json, metrics.csv, summary.json, "
                                                          "split.csv, best.pt, last.pt, plots.", show_default=False)],
     unfreeze: Annotated[Optional[str], typer.Option(help="Backbone modules to train: layer4 | layer3,layer4 | all | "
-                                                         "none [default: the last stage].")] = _f("unfreeze"),
+                                                         "none \\[default: the last stage].")] = _f("unfreeze"),
     unfreeze_last: Annotated[Optional[int], typer.Option(help="Train the backbone's last N stages.")] = _f("unfreeze_last"),
     train_bn: Annotated[bool, typer.Option(help="Update BatchNorm running statistics of the trained parts.")] = _f("train_bn"),
     epochs: Annotated[int, typer.Option(help="Most epochs; 0 = evaluate the start only.")] = _f("epochs"),
     batch_size: Annotated[int, typer.Option(help="Clips per forward/backward pass.")] = _f("batch_size"),
     accumulate: Annotated[int, typer.Option(help="Gradient accumulation: one step every N batches.")] = _f("accumulate"),
-    clip_len: Annotated[Optional[int], typer.Option(help="Frames per training clip [default: the head's].")] = _f("clip_len"),
-    clip_stride: Annotated[Optional[int], typer.Option(help="Rows between a clip's frames [default: the head's].")] = _f("clip_stride"),
+    clip_len: Annotated[Optional[int], typer.Option(help="Frames per training clip \\[default: the head's].")] = _f("clip_len"),
+    clip_stride: Annotated[Optional[int], typer.Option(help="Rows between a clip's frames \\[default: the head's].")] = _f("clip_stride"),
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate of the head.")] = _f("lr"),
-    backbone_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the backbone [default: lr/10].")] = _f("backbone_lr"),
+    backbone_lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the backbone \\[default: lr/10].")] = _f("backbone_lr"),
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (matrices only).")] = _f("weight_decay"),
     warmup_epochs: Annotated[float, typer.Option(help="Linear learning-rate warm-up, in epochs.")] = _f("warmup_epochs"),
     patience: Annotated[int, typer.Option(help="Early stop after N epochs without a better val top-1; 0 = never.")] = _f("patience"),
@@ -378,13 +378,13 @@ def finetune(
     val_fraction: Annotated[float, typer.Option(help="Share of each class held out by --split random.")] = _f("val_fraction"),
     split_seed: Annotated[int, typer.Option(help="Seed of --split random.")] = _f("split_seed"),
     group_regex: Annotated[Optional[str], typer.Option(help="Keep videos sharing this match on one side.")] = _f("group_regex"),
-    cache: Annotated[Optional[Path], typer.Option(help="The head's feature cache (frame indices) [default: as "
+    cache: Annotated[Optional[Path], typer.Option(help="The head's feature cache (frame indices) \\[default: as "
                                                        "recorded in --init].")] = _f("cache"),
     weights: Annotated[Optional[Path], typer.Option(help="The backbone weights file, when the head's features came "
                                                          "from one (checked by sha256).")] = _f("weights"),
     seed: Annotated[int, typer.Option(help="Seed of clip positions, augmentation, shuffling, dropout.")] = _f("seed"),
     workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _f("workers"),
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _f("threads"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads \\[default: all cores].")] = _f("threads"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _f("device"),
     plots: Annotated[bool, typer.Option(help="Write curves.png and confusion.png (needs matplotlib).")] = _f("plots"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors only.")] = False,
@@ -420,7 +420,7 @@ def sweep(
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Inline NAME=SPEC, repeatable: "
                                                        "hidden=64,128,256  lr=1e-4:1e-2:log  dropout=0:0.5:0.1  "
                                                        "epochs=10.")] = None,
-    trials: Annotated[Optional[int], typer.Option(help="Trials of the study, all workers together [default: the whole "
+    trials: Annotated[Optional[int], typer.Option(help="Trials of the study, all workers together \\[default: the whole "
                                                        "grid, else 20].")] = _w("trials"),
     strategy: Annotated[str, typer.Option(help="tpe, random or grid.")] = _w("strategy"),
     pruner: Annotated[str, typer.Option(help="median, halving, hyperband or none.")] = _w("pruner"),
@@ -431,13 +431,13 @@ def sweep(
                                                            "train split once; folded into the checkpoints).")] = _w("reduce_dim"),
     refit: Annotated[Optional[int], typer.Option(help="After a --reduce-dim sweep, train the settings of the N best "
                                                      "trials again on the full features (OUT/refit/); the best becomes "
-                                                     "best.pt; 0: none [default: 3 with --reduce-dim].",
+                                                     "best.pt; 0: none \\[default: 3 with --reduce-dim].",
                                                 show_default=False)] = _w("refit"),
     stack: Annotated[Optional[int], typer.Option(help="Trials asked at once; mean-pool heads of one shape train as one "
-                                                      "model [default: 8 for grid and random, 1 for tpe].")] = _w("stack"),
+                                                      "model \\[default: 8 for grid and random, 1 for tpe].")] = _w("stack"),
     storage: Annotated[Optional[str], typer.Option(help="Optuna storage shared by workers: sqlite:///PATH, "
-                                                        "postgresql://..., journal:PATH [default: OUT/study.db].")] = _w("storage"),
-    study: Annotated[Optional[str], typer.Option(help="Study name [default: the name of --out].")] = _w("study"),
+                                                        "postgresql://..., journal:PATH \\[default: OUT/study.db].")] = _w("storage"),
+    study: Annotated[Optional[str], typer.Option(help="Study name \\[default: the name of --out].")] = _w("study"),
     resume: Annotated[bool, typer.Option(help="Continue or join the study (creates it when missing).")] = _w("resume"),
     seed: Annotated[int, typer.Option(help="Seed of the sampler.")] = _w("seed"),
     labels: Annotated[Optional[Path], typer.Option(help="CSV key,label replacing the cache's labels.")] = _w("labels"),
@@ -448,7 +448,7 @@ def sweep(
     split_seed: Annotated[int, typer.Option(help="Seed of the random split.")] = _w("split_seed"),
     group_regex: Annotated[Optional[str], typer.Option(help="Keep videos whose keys share this match on one side.")] = _w("group_regex"),
     memory: Annotated[str, typer.Option(help="auto, ram or lazy (how the cache is read, once).")] = _w("memory"),
-    threads: Annotated[Optional[int], typer.Option(help="Torch threads [default: all cores].")] = _w("threads"),
+    threads: Annotated[Optional[int], typer.Option(help="Torch threads \\[default: all cores].")] = _w("threads"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _w("device"),
     plots: Annotated[bool, typer.Option(help="Write search.png (needs matplotlib).")] = _w("plots"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.")] = False,

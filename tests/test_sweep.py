@@ -303,8 +303,11 @@ def test_cli_sweep_and_its_best_checkpoint_in_evaluate(cache, tmp_path):
 def test_help_lists_the_sweep_flags_and_stays_light():
     result = runner.invoke(app, ["sweep", "--help"], terminal_width=200)
     for flag in ("--space", "--param", "--trials", "--strategy", "--pruner", "--timeout", "--reduce-dim",
-                 "--storage", "--study", "--resume", "--val-fraction"):
+                 "--refit", "--stack", "--storage", "--study", "--resume", "--val-fraction"):
         assert flag in result.output
+    text = " ".join(line.strip("│ ") for line in result.output.splitlines())
+    for shown in ("[default: the whole grid, else 20]", "[default: 3 with --reduce-dim]", "[default: all cores]"):
+        assert shown in " ".join(text.split()), shown  # written defaults survive the help's markup
     probe = ("import sys, pipeline, pipeline.cli; pipeline.SweepConfig; "
              "assert not {'torch', 'optuna', 'yaml'} & set(sys.modules), 'heavy import'")
     assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=60).returncode == 0

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from common import load_average, machine  # bench/common.py, beside this script
 
 from pipeline.config import Sampling, cpu_count, pick_device
 from pipeline.extract import run
@@ -219,21 +219,6 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def machine(device: torch.device) -> str:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    text = f"{cpu}, {cpu_count()} cores; torch {torch.__version__}"
-    if device.type == "cuda":
-        text += f"; {torch.cuda.get_device_name(device)}"
-    with contextlib.suppress(OSError):
-        text += "; load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return text
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -261,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
-    print(f"machine: {machine(device)}")
+    print(f"machine: {machine(device)}; load average {load_average()}")
     print(f"device {device}, batch size {batch_size}, model threads {threads}, decode workers {workers}, "
           f"{args.clips} clips x {args.frames} frames per resolution, best of {args.repeats}, weights none, "
           f"features stored as float16")

@@ -20,12 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
-from extract import machine, make_videos, measure, parse_resolution  # bench/extract.py, beside this script
+from common import load_average, machine  # bench/common.py, beside this script
+from extract import make_videos, measure, parse_resolution  # bench/extract.py
 
 import pipeline
+from pipeline.config import pick_device
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
-from pipeline.config import pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = pick_device(args.device)
     batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
-    print(f"machine: {machine(device)}")
+    print(f"machine: {machine(device)}; load average {load_average()}")
     print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
           f"{args.workers if args.workers is not None else run.default_workers(device)}, features stored as float32; "
           f"CPU reference on {args.cpu_clips} clips x {args.cpu_frames} frames per resolution", flush=True)

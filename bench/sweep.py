@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import load_average, machine  # bench/common.py, beside this script
 
 from pipeline.config import TrainConfig, cpu_count, default_of
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
@@ -60,13 +59,6 @@ def run(args: list[str]) -> float:
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "pipeline", *args], check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t
-
-
-def load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,21 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     return 0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import torch
-
-    return f"{cpu}, torch {torch.__version__}, {os.cpu_count()} CPUs visible"
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -22,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from common import machine  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -281,19 +280,6 @@ def main(argv: list[str] | None = None) -> int:
         elif workdir is not None:
             print(f"kept {path}", file=sys.stderr)
     return 0
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, torch {torch.__version__}, {os.cpu_count()} CPUs visible"
 
 
 if __name__ == "__main__":

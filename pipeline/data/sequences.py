@@ -196,29 +196,36 @@ def load_sequences(cache: FeatureCache, keys: list[str], memory: str = "auto", p
     return RamStore(keys, data, lengths)
 
 
+def sample_rows(store: SequenceStore, videos: np.ndarray, max_rows: int) -> Iterator[torch.Tensor]:
+    """float32 chunks (n, D) of about `max_rows` rows spread evenly over `videos` (store indices): every k-th row of
+    a RAM store, STATS_CHUNK rows at a time; whole videos spread evenly over the list from a lazy one (one read
+    each)."""
+    total = int(store.lengths[videos].sum())
+    step = max(1, total // max_rows)
+    if isinstance(store, RamStore):
+        rows = np.concatenate([store.offsets[v] + np.arange(store.lengths[v]) for v in videos])[::step]
+        rows = torch.from_numpy(rows)
+        for i in range(0, len(rows), STATS_CHUNK):
+            yield store.data.index_select(0, rows[i: i + STATS_CHUNK]).float()
+    else:
+        count = min(len(videos), max(1, round(len(videos) / step)))
+        picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
+        for v in videos[picked]:
+            yield torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32))
+
+
 def feature_stats(store: SequenceStore, videos: np.ndarray, max_rows: int = STATS_ROWS) -> tuple[torch.Tensor,
                                                                                                    torch.Tensor]:
     """Per-dimension mean and std (D,) of the rows of `videos`, from at most about `max_rows` rows spread evenly.
 
     The std is floored at 1% of the median std, so that a dimension constant in these rows cannot blow up elsewhere.
     """
-    total = int(store.lengths[videos].sum())
-    step = max(1, total // max_rows)
-    if isinstance(store, RamStore):
-        rows = np.concatenate([store.offsets[v] + np.arange(store.lengths[v]) for v in videos])[::step]
-        rows = torch.from_numpy(rows)
-        chunks = (store.data.index_select(0, rows[i: i + STATS_CHUNK]).float()
-                  for i in range(0, len(rows), STATS_CHUNK))
-    else:  # whole videos spread evenly over the list, one read each, until about max_rows rows
-        count = min(len(videos), max(1, round(len(videos) / step)))
-        picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
-        chunks = (torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32)) for v in videos[picked])
     # Sums of (x - shift) and its square (shift: the first chunk's mean, so that large offsets cannot cancel the
     # variance out), as float32 matmuls per chunk (a column sum as ones @ x is ~5x faster than x.sum(0) on a CPU)
     # added up in float64.
     n, s, ss = 0, torch.zeros(store.dim, dtype=torch.float64), torch.zeros(store.dim, dtype=torch.float64)
     shift = None
-    for x in chunks:  # float32 (rows, D)
+    for x in sample_rows(store, videos, max_rows):  # float32 (rows, D)
         if shift is None:
             shift = x.mean(0)
         x = x - shift

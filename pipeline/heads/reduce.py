@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from pipeline.data.sequences import STATS_CHUNK, RamStore, SequenceStore
+from pipeline.data.sequences import RamStore, SequenceStore, sample_rows
 from pipeline.heads.checkpoint import HeadCheckpoint
 from pipeline.heads.model import build_head
 
@@ -58,22 +58,6 @@ class Reduction:
                 "folded_into": "the first Linear (proj.0) of each checkpoint"}
 
 
-def _rows_of(store: SequenceStore, videos: np.ndarray, max_rows: int):
-    """float32 chunks (n, D) of about max_rows rows spread evenly over `videos` (whole videos for a lazy store)."""
-    total = int(store.lengths[videos].sum())
-    step = max(1, total // max_rows)
-    if isinstance(store, RamStore):
-        rows = np.concatenate([store.offsets[v] + np.arange(store.lengths[v]) for v in videos])[::step]
-        rows = torch.from_numpy(rows)
-        for i in range(0, len(rows), STATS_CHUNK):
-            yield store.data.index_select(0, rows[i: i + STATS_CHUNK]).float()
-    else:
-        count = min(len(videos), max(1, round(len(videos) / step)))
-        picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
-        for v in videos[picked]:
-            yield torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32))
-
-
 def fit_pca(store: SequenceStore, videos: np.ndarray, dim: int, max_rows: int = PCA_ROWS) -> Reduction:
     """The top `dim` principal components of the standardised rows of `videos` (store indices: the train split)."""
     if not 1 <= dim < store.dim:
@@ -82,7 +66,7 @@ def fit_pca(store: SequenceStore, videos: np.ndarray, dim: int, max_rows: int = 
     n = 0
     total = torch.zeros(store.dim, dtype=torch.float64)
     second = torch.zeros(store.dim, store.dim, dtype=torch.float64)
-    for x in _rows_of(store, videos, max_rows):
+    for x in sample_rows(store, videos, max_rows):
         n += len(x)
         total += x.sum(0, dtype=torch.float64)
         second += (x.T @ x).double()

@@ -44,6 +44,16 @@ def stack_key(cfg: TrainConfig) -> str | None:
     return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in PER_HEAD}, sort_keys=True, default=str)
 
 
+def stack_groups(configs: list[TrainConfig], device: torch.device) -> list[list[int]]:
+    """Indices of `configs` in groups that can train as one stack (one per stack_key, on the CPU), in the order
+    of their first member; a configuration that cannot stack is a group of its own."""
+    groups: dict = {}
+    for i, cfg in enumerate(configs):
+        key = stack_key(cfg) if device.type == "cpu" else None
+        groups.setdefault(i if key is None else key, []).append(i)
+    return list(groups.values())
+
+
 @dataclass
 class _Member:
     run: HeadRun

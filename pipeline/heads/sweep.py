@@ -36,7 +36,7 @@ from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.heads.metrics import pyplot, to_json
 from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
 from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
-from pipeline.heads.stack import stack_key, train_stack
+from pipeline.heads.stack import stack_groups, train_stack
 from pipeline.heads.train import TrainData, TrainResult, load_train_data, train_head
 
 log = logging.getLogger(__name__)
@@ -477,12 +477,9 @@ class _Sweep:
 
     def _run(self, study, asked: list[_Pending], data: TrainData, reduction: Reduction | None) -> None:
         """Train the asked trials: those of one stack_key as one model, the others one by one."""
-        groups: dict = {}
-        for item in asked:
-            key = stack_key(item.cfg) if len(asked) > 1 and self.device.type == "cpu" else None
-            groups.setdefault(key if key is not None else id(item), []).append(item)
+        groups = [[asked[i] for i in g] for g in stack_groups([item.cfg for item in asked], self.device)]
         try:
-            for group in groups.values():
+            for group in groups:
                 if self._past_deadline():
                     break
                 if len(group) == 1:
@@ -610,12 +607,8 @@ class _Sweep:
         started = time.perf_counter()
         if full is None:  # the cache was read lazily: read it again
             full = load_train_data(self.cache, configs[0])
-        groups: dict = {}
-        for i, c in enumerate(configs):
-            key = stack_key(c) if self.device.type == "cpu" else None
-            groups.setdefault(key if key is not None else i, []).append(i)
         results: dict[int, TrainResult] = {}
-        for members in groups.values():
+        for members in stack_groups(configs, self.device):
             if len(members) == 1:
                 results[members[0]] = train_head(full.cache, config=configs[members[0]], data=full)
                 continue

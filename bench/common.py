@@ -1,0 +1,35 @@
+"""What every benchmark script prints about the machine it ran on (the scripts import it from beside them)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from pipeline.config import cpu_count
+
+
+def machine(device: torch.device | None = None) -> str:
+    """CPU model, usable cores, torch version, and the GPU's name when `device` is a CUDA one."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {cpu_count()} cores; torch {torch.__version__}"
+    if device is not None and device.type == "cuda":
+        text += f"; {torch.cuda.get_device_name(device)}"
+    return text
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ('?' where the system has none)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "?"

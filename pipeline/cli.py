@@ -109,9 +109,17 @@ def extract(
     std: Annotated[Optional[tuple[float, float, float]], typer.Option(help="RGB std; default: the weights' own.")] = _e("std"),
     dtype: Annotated[str, typer.Option(help="Feature storage: float16 or float32.")] = _e("dtype"),
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = _e("device"),
-    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass \\[default: 8 on CPU, 64 on GPU].")] = _e("batch_size"),
-    workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process).")] = _e("workers"),
+    batch_size: Annotated[Optional[int], typer.Option(help="Frames per forward pass \\[default: 8 on CPU, 256 on GPU].")] = _e("batch_size"),
+    workers: Annotated[Optional[int], typer.Option(help="Decode worker processes (0 = in-process) \\[default: 1 on "
+                                                        "small CPUs, all cores but two with a GPU].")] = _e("workers"),
     threads: Annotated[Optional[int], typer.Option(help="Torch threads of the model process.")] = _e("threads"),
+    decoder: Annotated[str, typer.Option(help="cpu (OpenCV/FFmpeg), nvdec (GPU decoder via torchcodec for H.264/HEVC/"
+                                              "AV1; falls back to cpu) or auto (cpu until NVDEC is measured faster).")] = _e("decoder"),
+    preprocess: Annotated[str, typer.Option(help="Where frames are resized and cropped: workers, device (the model's, "
+                                                 "whole chunks) or auto (device on CUDA).")] = _e("preprocess"),
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the backbone (slow start, faster passes).")] = _e("compile"),
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse frames over this many pixels, from the header "
+                                                           "before decoding where it says (frame bombs).")] = _e("max_pixels"),
     overwrite: Annotated[bool, typer.Option(help="Discard a cache of another feature spec instead of refusing.")] = _e("overwrite"),
     shard: Annotated[Optional[str], typer.Option(help="i/n: extract share i of n of the inputs (Slurm arrays, plain "
                                                       "processes); then `pipeline merge`. Not needed under torchrun.")] = _e("shard"),
@@ -126,7 +134,8 @@ def extract(
         sampling = Sampling(fps=fps, stride=stride, max_frames=max_frames, num_frames=num_frames, frames_fps=frames_fps)
         config = ExtractConfig(output=output, backbone=backbone, weights=weights, resize=resize, crop=crop, mean=mean,
                                std=std, sampling=sampling, dtype=dtype, device=device, batch_size=batch_size,
-                               workers=workers, threads=threads, overwrite=overwrite, shard=shard,
+                               workers=workers, threads=threads, decoder=decoder, preprocess=preprocess,
+                               compile=compile_, max_pixels=max_pixels, overwrite=overwrite, shard=shard,
                                progress=not quiet)
 
     from pipeline.extract.run import extract_videos

@@ -11,6 +11,8 @@ from pathlib import Path
 
 FEATURE_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+DECODERS = ("auto", "cpu", "nvdec")
+PREPROCESS = ("auto", "workers", "device")
 
 
 def default_of(cls: type, name: str):
@@ -82,9 +84,22 @@ class ExtractConfig:
     device: str = "auto"
     """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     batch_size: int | None = None
-    """Frames per forward pass, spanning video boundaries; default 8 on CPU, 64 on accelerators."""
+    """Frames per forward pass, spanning video boundaries; default 8 on CPU, 256 on accelerators. Every pass has
+    this shape (the last one is padded), so a frame's features never depend on how frames were batched."""
     workers: int | None = None
-    """Decode/preprocess worker processes; default 1 on small CPUs, up to 8 with a GPU; 0 decodes in-process."""
+    """Decode worker processes; default 1 on small CPUs, all cores but two with a GPU; 0 decodes in-process."""
+    decoder: str = "auto"
+    """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for H.264,
+    HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is measured
+    faster on the machine: see docs/performance.md)."""
+    preprocess: str = "auto"
+    """Where frames are resized and cropped: workers (each frame in its decode worker), device (whole chunks on the
+    model's device) or auto (device on CUDA, workers elsewhere). Same operations either way."""
+    compile: bool = False
+    """torch.compile the backbone (a one-off compilation of a minute or more; then faster forward passes)."""
+    max_pixels: int | None = 8192 * 8192
+    """Refuse frames larger than this many pixels (from the file's header where it says, before decoding): one
+    frame bomb must not exhaust memory. None: no limit."""
     threads: int | None = None
     """Torch threads of the model process; default: all CPU cores (decode workers use one thread each)."""
     overwrite: bool = False
@@ -105,6 +120,12 @@ class ExtractConfig:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.workers is not None and self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
+        if self.preprocess not in PREPROCESS:
+            raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {self.preprocess!r}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         for flag, value in (("--mean", self.mean), ("--std", self.std)):

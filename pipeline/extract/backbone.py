@@ -261,25 +261,90 @@ def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict
     return state, sha256_file(target)
 
 
-class FrameEmbedder:
-    """Runs a frozen backbone on batches of cropped uint8 frames: channels_last, autocast on CUDA."""
+class PendingFeatures:
+    """Features of one forward pass, maybe still on their way from the device: `result()` waits for them."""
 
-    def __init__(self, loaded: LoadedBackbone, device: torch.device):
+    def __init__(self, features: torch.Tensor, rows: int, done=None, started=None, embedder=None):
+        self._features, self.rows = features, rows  # (B, D) float32 on the host (pinned on CUDA)
+        self._done, self._started, self._embedder = done, started, embedder
+
+    def ready(self) -> bool:
+        return self._done is None or self._done.query()
+
+    def result(self) -> torch.Tensor:
+        """Shapes: (rows, D) float32 on the CPU."""
+        if self._done is not None:
+            self._done.synchronize()
+            self._embedder.busy_seconds += self._started.elapsed_time(self._done) / 1000.0
+            self._done = None
+        return self._features[:self.rows]
+
+
+class FrameEmbedder:
+    """Runs a frozen backbone on batches of cropped uint8 frames: channels_last, bf16/fp16 autocast on CUDA.
+
+    On CUDA, `start` only queues the work (normalisation, forward, the copy of the features into pinned host
+    memory) and returns; up to `depth` batches are in flight while the host prepares the next ones."""
+
+    def __init__(self, loaded: LoadedBackbone, device: torch.device, compile: bool = False):
         self.device = device
         self.pre = loaded.preprocessing
+        self.dim = loaded.dim
         self.model = loaded.model.to(device, memory_format=torch.channels_last)
+        if compile:
+            self.model = torch.compile(self.model)
         self.autocast_dtype = None
+        self.depth = 0
+        self.copy_stream = None
+        self.busy_seconds = 0.0  # device time of the forward passes (CUDA only), for the benchmarks
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self.depth = 3
+            self.copy_stream = torch.cuda.Stream(device)
+
+    def upload(self, frames: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Host frames -> the device, copied on a side stream while the model runs. Returns the device tensor and
+        an event after which the host memory may be reused (None: it may be reused now)."""
+        if self.device.type != "cuda":
+            return frames, None
+        with torch.cuda.stream(self.copy_stream):
+            out = frames.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self.copy_stream)
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)
+        out.record_stream(compute)  # the allocator must not hand the block out while the compute stream reads it
+        return out, copied
 
     @torch.inference_mode()
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        """Shapes: (N, 3, crop, crop) uint8 -> (N, D) float32 on the CPU."""
+    def start(self, frames: torch.Tensor, rows: int | None = None) -> PendingFeatures:
+        """Shapes: (N, 3, crop, crop) uint8, on the host or the device -> features of the first `rows` frames.
+
+        Callers pass batches of one fixed N (padded), so that a frame's features never depend on its batch."""
+        rows = len(frames) if rows is None else rows
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record()
         x = self.pre.normalize(frames.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is not None:
-            with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes in
+            # every run (resumed or not).
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), \
+                    torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 y = self.model(x)
         else:
             y = self.model(x)
-        return y.float().flatten(1).cpu()
+        y = y.float().flatten(1)  # (N, D)
+        if self.device.type != "cuda":
+            return PendingFeatures(y.cpu(), rows)
+        host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)
+        host.copy_(y, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+        return PendingFeatures(host, rows, done, started, self)
+
+    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
+        """Shapes: (N, 3, crop, crop) uint8 -> (N, D) float32 on the CPU."""
+        return self.start(frames).result()

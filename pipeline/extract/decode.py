@@ -36,6 +36,77 @@ class DecodeError(RuntimeError):
     """An input that cannot be turned into frames; the message says why."""
 
 
+DEFAULT_MAX_PIXELS = 8192 * 8192
+
+
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame", header: bool = True) -> None:
+    """Refuse a frame larger than `max_pixels` (a frame bomb: a small file that decodes into gigabytes)."""
+    if max_pixels is not None and width * height > max_pixels:
+        raise DecodeError(f"{what} is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
+                          f"--max-pixels limit of {max_pixels} ({max_pixels / 1e6:.0f} megapixels)"
+                          + ("; refused before decoding" if header else ""))
+
+
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of a PNG, JPEG, GIF, BMP, WebP or PPM/PGM file from its header, without decoding it; None
+    for other formats or an unreadable header. A few bytes are read (JPEG: the markers up to its frame header)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+            if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR":
+                return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+            if head[:6] in (b"GIF87a", b"GIF89a"):
+                return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+            if head[:2] == b"BM" and len(head) >= 26:
+                return (abs(int.from_bytes(head[18:22], "little", signed=True)),
+                        abs(int.from_bytes(head[22:26], "little", signed=True)))
+            if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+                return _webp_size(head)
+            if head[:2] in (b"P5", b"P6"):
+                fields = re.sub(rb"#[^\n]*", b"", head[2:] + f.read(224)).split()
+                return int(fields[0]), int(fields[1])
+            if head[:2] == b"\xff\xd8":
+                return _jpeg_size(f)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    chunk = head[12:16]
+    if chunk == b"VP8 " and len(head) >= 30:
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    if chunk == b"VP8L" and len(head) >= 25:
+        bits = int.from_bytes(head[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(head) >= 30:
+        return int.from_bytes(head[24:27], "little") + 1, int.from_bytes(head[27:30], "little") + 1
+    return None
+
+
+def _jpeg_size(f) -> tuple[int, int] | None:
+    """Walk the JPEG markers from offset 2 to the first start-of-frame (SOF0..SOF15 but DHT, JPG and DAC)."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        while byte == b"\xff":  # fill bytes before a marker
+            byte = f.read(1)
+        if not byte:
+            return None
+        marker = byte[0]
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            continue
+        length = int.from_bytes(f.read(2), "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            data = f.read(5)  # precision, height, width
+            return int.from_bytes(data[3:5], "big"), int.from_bytes(data[1:3], "big")
+        if length < 2:
+            return None
+        f.seek(length - 2, os.SEEK_CUR)
+        if f.read(1) != b"\xff":
+            return None
+
+
 def natural_key(name: str) -> list:
     """Sort key that puts img_2 before img_10."""
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
@@ -80,8 +151,9 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 class Source:
     """A sequence of frames: `probe()` then `frames(keep)` yields (index, timestamp_s, rgb or None)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, max_pixels: int | None = None):
         self.path = path
+        self.max_pixels = max_pixels
 
     def probe(self) -> SourceInfo:
         raise NotImplementedError
@@ -114,6 +186,13 @@ class VideoSource(Source):
             cap.release()
             raise DecodeError("OpenCV/FFmpeg cannot open it as a video (not a video, or a corrupt/truncated one)")
         cap.set(cv2.CAP_PROP_CONVERT_RGB, 1)
+        # The container's frame size, known before any frame is decoded (0 when it does not say).
+        width, height = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        try:
+            check_pixels(width, height, self.max_pixels, "the video's frame size")
+        except DecodeError:
+            cap.release()
+            raise
         return cap
 
     def capture(self) -> cv2.VideoCapture:
@@ -150,6 +229,7 @@ class VideoSource(Source):
                     ok, bgr = cap.retrieve()
                     if not ok or bgr is None:
                         break  # a frame that demuxes but does not decode ends a damaged stream
+                    check_pixels(bgr.shape[1], bgr.shape[0], self.max_pixels, f"frame {index}", header=False)
                     image = to_rgb(bgr)
                 yield index, t, image
                 index += 1
@@ -160,12 +240,16 @@ class VideoSource(Source):
 class FolderSource(Source):
     """A folder of images, one frame each, naturally sorted; timestamps at a nominal frame rate."""
 
-    def __init__(self, path: Path, fps: float):
-        super().__init__(path)
+    def __init__(self, path: Path, fps: float, max_pixels: int | None = None):
+        super().__init__(path, max_pixels)
         self.fps = fps
         self.images = list_images(path)
 
     def _read(self, image_path: Path) -> np.ndarray:
+        if self.max_pixels is not None:
+            size = image_size(image_path)  # from the header: a frame bomb is refused before it is decoded
+            if size is not None:
+                check_pixels(*size, self.max_pixels, f"image {image_path.name!r}")
         image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
         if image is None:
             raise DecodeError(f"cannot decode image {image_path.name!r} (corrupt or not an image)")
@@ -174,9 +258,11 @@ class FolderSource(Source):
     def probe(self) -> SourceInfo:
         if not self.images:
             raise DecodeError("folder holds no images")
-        first = self._read(self.images[0])
-        return SourceInfo(native_fps=self.fps, width=first.shape[1], height=first.shape[0],
-                          header_frame_count=len(self.images))
+        size = image_size(self.images[0])
+        if size is None:
+            first = self._read(self.images[0])
+            size = first.shape[1], first.shape[0]
+        return SourceInfo(native_fps=self.fps, width=size[0], height=size[1], header_frame_count=len(self.images))
 
     def count(self) -> int:
         return len(self.images)
@@ -191,8 +277,9 @@ class FolderSource(Source):
             yield index, t, (self._read(image_path) if keep(index, t) else None)
 
 
-def open_source(path: Path, frames_fps: float) -> Source:
-    return FolderSource(path, frames_fps) if path.is_dir() else VideoSource(path)
+def open_source(path: Path, frames_fps: float, max_pixels: int | None = None) -> Source:
+    """The frames of a video file or a folder of images; frames over `max_pixels` are refused (DecodeError)."""
+    return FolderSource(path, frames_fps, max_pixels) if path.is_dir() else VideoSource(path, max_pixels)
 
 
 # ----------------------------------------------------------------------------------------------------- sampling

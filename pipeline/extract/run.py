@@ -1,36 +1,45 @@
 """Stage one: every sampled frame of every input through a frozen backbone, once, into the feature cache.
 
-Decoding and cropping run in worker processes (a DataLoader over videos) while the model runs here; batches span video
-boundaries; each finished video is committed as its own part file, so a crash loses at most the videos in flight.
+Decode worker processes (pipeline/extract/workers.py) turn videos into frames while the model runs here; on CUDA the
+frames come through page-locked shared memory and are resized and cropped on the GPU in whole chunks, elsewhere the
+workers crop them. Batches span video boundaries and always have the same shape; each finished video is committed as
+its own part file (on a thread of its own), so a crash loses at most the videos in flight, and a decoder that crashes
+loses only the video it was reading.
 
     pipeline extract videos/ -o cache.h5 --backbone resnet50 --fps 5
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
+import queue as queue_module
+import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard, pick_device
 from pipeline.data.cache import CacheWriter, FeatureSpec, merge
-from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone
-from pipeline.extract.decode import DecodeError, FrameSelector, open_source
+from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.inputs import VideoItem, discover
+from pipeline.extract.preprocess import crop_batch, resolve_mode
+from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: also used by finetuning.clips)
+    JOBS_AHEAD,
+    DecodeJob,
+    DecodePool,
+    crash_reason,
+    decode_video,
+    start_workers,
+    worker_init,
+)
 
 log = logging.getLogger(__name__)
 
-CHUNK_FRAMES = 8  # frames per message from a decode worker
 INDEX_EVERY_S = 30.0  # rewrite CACHE.h5 this often during a run, so an interrupted run leaves a recent index
 
 
@@ -46,6 +55,8 @@ class ExtractReport:
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
     frames: int = 0
     seconds: float = 0.0
+    device_busy_seconds: float = 0.0  # CUDA: device time of the forward passes (normalise, model, copy back)
+    worker_restarts: int = 0  # decode workers replaced after they died
 
     @property
     def ok(self) -> bool:
@@ -69,82 +80,6 @@ def balance(weights: list[int], n: int) -> list[list[int]]:
         bins[j].append(i)
         load[j] += max(weights[i], 1)
     return [sorted(b) for b in bins]
-
-
-class FrameStream(IterableDataset):
-    """Yields ('rows', i, frames uint8 (n, 3, C, C), frame_indices, timestamps), then ('end', i, info) per video,
-    or ('error', i, reason). Each worker decodes its own share of the videos, in order."""
-
-    def __init__(self, items: list[VideoItem], shares: list[list[int]], sampling: Sampling, pre: Preprocessing):
-        self.items, self.shares, self.sampling, self.pre = items, shares, sampling, pre
-
-    def __iter__(self) -> Iterator[tuple]:
-        info = get_worker_info()
-        share = self.shares[info.id if info is not None else 0]
-        for i in share:
-            yield from self._video(i)
-
-    def _video(self, i: int) -> Iterator[tuple]:
-        item = self.items[i]
-        rows = 0
-        try:
-            source = open_source(item.path, self.sampling.frames_fps)
-            meta = source.probe()
-            total = source.count() if self.sampling.num_frames is not None else None
-            keep = FrameSelector(self.sampling, total)
-            frames, idx, ts = [], [], []
-            decoded = 0
-            sizes = set()
-            for index, t, image in source.frames(keep):
-                decoded += 1
-                if image is None:
-                    continue
-                sizes.add(image.shape[:2])
-                frames.append(self.pre.crop_frame(torch.from_numpy(image).permute(2, 0, 1)))
-                idx.append(index)
-                ts.append(t)
-                if len(frames) == CHUNK_FRAMES:
-                    yield "rows", i, torch.stack(frames), np.array(idx), np.array(ts)
-                    rows += len(frames)
-                    frames, idx, ts = [], [], []
-            if frames:
-                yield "rows", i, torch.stack(frames), np.array(idx), np.array(ts)
-                rows += len(frames)
-            if decoded == 0:
-                raise DecodeError("no frame could be decoded (corrupt, truncated or not a video)")
-            if rows == 0:
-                raise DecodeError(f"the sampling kept none of its {decoded} frames")
-            yield "end", i, {
-                "native_fps": meta.native_fps, "width": meta.width, "height": meta.height,
-                "header_frame_count": meta.header_frame_count, "decoded_frames": decoded,
-                "mixed_frame_sizes": len(sizes) > 1,
-            }
-        except Exception as e:  # a bad input must never stop the run: report it and go on
-            reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
-            log.debug("decode failure %s\n%s", item.path, traceback.format_exc())
-            yield "error", i, reason
-
-
-def worker_init(_: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-def start_workers(source) -> Iterator:
-    """iter(source), with OpenCV's thread pool at one thread while the decode workers fork.
-
-    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins threads
-    that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large image)."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        return iter(source)
-    finally:
-        cv2.setNumThreads(before)
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -182,7 +117,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
     threads = cfg.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
-    batch_size = cfg.batch_size or (8 if device.type == "cpu" else 64)
+    batch_size = cfg.batch_size or default_batch_size(device)
 
     loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
                                              progress=cfg.progress)
@@ -204,7 +139,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
                 signatures[item.key] = sig
         log.info("%d videos: %d to extract, %d already in %s", len(items), len(todo), len(report.skipped), cfg.output)
         if todo:
-            embedder = FrameEmbedder(loaded, device)
+            embedder = FrameEmbedder(loaded, device, compile=cfg.compile)
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
     finally:
         if not dist.shard:
@@ -269,34 +204,116 @@ class Distributed:
 
 
 def default_workers(device: torch.device) -> int:
+    """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main process
+    and the commit thread), as the GPU outruns the decoders."""
     if device.type == "cpu":
         return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
-    return max(1, min(8, cpu_count() - 1))
+    return max(1, cpu_count() - 2)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Frames per forward pass: 8 on a CPU (latency, memory), 256 on an accelerator (it needs wide batches)."""
+    return 8 if device.type == "cpu" else 256
+
+
+class _Committer:
+    """Commits finished part files on a thread of their own: the fsyncs and renames wait on the disk, not the model.
+
+    Commits happen in order; the first error is raised again in the main thread (check, close)."""
+
+    def __init__(self):
+        self._queue: queue_module.Queue = queue_module.Queue(maxsize=256)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="pipeline-commit", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            part, attrs = job
+            if self._error is not None:
+                part.abort()
+                continue
+            try:
+                part.commit(attrs)
+            except BaseException as e:  # noqa: BLE001  (raised again in the main thread)
+                self._error = e
+                part.abort()
+
+    def submit(self, part, attrs: dict) -> None:
+        self.check()
+        self._queue.put((part, attrs))
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+
+class _AsyncPart:
+    """A PartWriter whose commit runs on the committer's thread (appends and aborts stay here)."""
+
+    def __init__(self, part, committer: _Committer):
+        self.part, self.committer = part, committer
+
+    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray) -> None:
+        self.part.append(features, frame_indices, timestamps)
+
+    def commit(self, attrs: dict) -> None:
+        self.committer.submit(self.part, attrs)
+
+    def abort(self) -> None:
+        self.part.abort()
+
+
+def _nvdec_decoders(decoder: str, device: torch.device):
+    """The NVDEC threads for --decoder nvdec when they can run here; None (with the reason logged) otherwise.
+    auto is cpu until NVDEC has been measured faster on the target (docs/performance.md)."""
+    if decoder != "nvdec":
+        return None
+    from pipeline.extract import nvdec
+
+    reason = nvdec.unavailable_reason(device)
+    if reason is not None:
+        log.warning("--decoder nvdec is unavailable: %s; decoding on the CPU", reason)
+        return None
+    return nvdec.NvdecDecoders(device)
 
 
 def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: FrameEmbedder, writer: CacheWriter,
          report: ExtractReport, workers: int, batch_size: int, device: torch.device) -> None:
     pre = embed.pre
-    n_shares = max(workers, 1)
-    shares = balance([max(signatures[it.key][0], 0) for it in todo], n_shares)
-    stream = FrameStream(todo, shares, cfg.sampling, pre)
-    if workers > 0:
-        # in_order=False (torch >= 2.6) lets a fast worker's videos pass a slow one's; each worker stays in order
-        kwargs = {"in_order": False} if "in_order" in inspect.signature(DataLoader).parameters else {}
-        source = DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
-                            prefetch_factor=4, pin_memory=device.type == "cuda", persistent_workers=False, **kwargs)
-    else:
-        source = stream
+    native = resolve_mode(cfg.preprocess, device) == "device"  # workers hand over native frames, the device crops
+    jobs = [DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels)
+            for i, item in enumerate(todo)]
+    nvdec = _nvdec_decoders(cfg.decoder, device)
+    waiting: deque[int] = deque()  # videos for the CPU decoder, in input order
+    for i, item in enumerate(todo):
+        if nvdec is not None and item.kind == "video":
+            nvdec.submit(replace(jobs[i], pre=None))
+        else:
+            waiting.append(i)
 
-    queue: deque = deque()  # (i, frames (n,3,C,C) uint8, frame_indices, timestamps), in arrival order
+    queue: deque = deque()  # (i, crops (n,3,C,C) uint8 on the host or the device, frame_indices, timestamps)
     queued = 0
     outstanding: dict[int, int] = {}  # rows of video i not yet through the model
     ended: dict[int, dict] = {}
     parts = {}
     dead: set[int] = set()  # videos that failed mid-stream: their remaining messages are ignored
+    attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
+    inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
+    releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
     last_index = time.monotonic()
     bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.progress, position=0)
     bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.progress, position=1, smoothing=0.1)
+    committer = _Committer()
+    pool = None
 
     def finish(i: int) -> None:
         item = todo[i]
@@ -323,67 +340,195 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         tqdm.write(f"FAILED {item.path}: {reason}")
         bar_videos.update(1)
 
+    def drop(i: int) -> None:
+        """Forget video i's rows still waiting for the model."""
+        nonlocal queued
+        for entry in [e for e in queue if e[0] == i]:
+            queue.remove(entry)
+            queued -= len(entry[1])
+
     def forward(n: int) -> None:
         nonlocal queued
         pieces, owners = [], []
+        rows = n
         while n > 0:
             i, frames, idx, ts = queue.popleft()
             if len(frames) > n:  # split the chunk: the rest stays at the front for the next batch
                 queue.appendleft((i, frames[n:], idx[n:], ts[n:]))
                 frames, idx, ts = frames[:n], idx[:n], ts[:n]
             pieces.append(frames)
-            owners.append((i, idx, ts))
+            owners.append((i, attempt.get(i, 0), idx, ts))
             n -= len(frames)
             queued -= len(frames)
-        feats = embed(torch.cat(pieces)).numpy()
-        row = 0
-        for i, idx, ts in owners:
-            k = len(idx)
-            if i in parts:  # the video may have failed while its rows waited
-                try:
-                    parts[i].append(feats[row:row + k], idx, ts)
-                except ValueError as e:
-                    fail(i, str(e))
+        batch = torch.cat(pieces)  # (rows, 3, C, C)
+        if rows < batch_size:
+            # Every forward pass has the same shape, so a frame's features are the same bytes whatever shared its
+            # batch: a resumed run equals an uninterrupted one (the padding rows are computed and dropped).
+            batch = torch.cat([batch, batch.new_zeros((batch_size - rows, *batch.shape[1:]))])
+        inflight.append((embed.start(batch, rows), owners))
+        collect(embed.depth)
+
+    def collect(keep: int) -> None:
+        """Write the features of finished forward passes; wait for the oldest while more than `keep` are out."""
+        while inflight and (len(inflight) > keep or inflight[0][0].ready()):
+            pending, owners = inflight.popleft()
+            feats = pending.result().numpy()  # (rows, D)
+            row = 0
+            for i, gen, idx, ts in owners:
+                k = len(idx)
+                if i in parts and attempt.get(i, 0) == gen:  # the video may have failed while its rows waited
+                    try:
+                        parts[i].append(feats[row:row + k], idx, ts)
+                    except ValueError as e:
+                        fail(i, str(e))
+                    else:
+                        outstanding[i] -= k
+                        if outstanding[i] == 0 and i in ended:
+                            finish(i)
+                row += k
+            bar_frames.update(len(feats))
+            report.frames += len(feats)
+
+    def settle(worker: int | None = None) -> None:
+        """Hand back the slots whose copy to the GPU is done (all of `worker`'s, waiting for them)."""
+        while releases and (worker is not None or releases[0][0].query()):
+            event, w, generation, slot = releases.popleft()
+            event.synchronize()
+            pool.release(w, generation, slot)
+
+    def rows(i: int, frames: torch.Tensor, idx, ts, release) -> None:
+        """A chunk of decoded frames of video i: native (n, H, W, 3) or crops (n, 3, C, C), on host or device.
+        `release(event)` hands their memory back (once `event` has passed)."""
+        nonlocal queued
+        if native:
+            if frames.device.type == "cpu":
+                frames, copied = embed.upload(frames)
+            else:
+                copied = None  # decoded on the GPU
+            crops = crop_batch(pre, frames)  # (n, 3, C, C) uint8, on the model's device
+            release(copied)
+        else:
+            crops = frames.clone()  # out of the shared slot
+            release(None)
+        if i not in parts:
+            parts[i] = _AsyncPart(writer.begin(todo[i].key, writer.spec.dim), committer)
+            outstanding[i] = 0
+        queue.append((i, crops, np.asarray(idx), np.asarray(ts)))
+        queued += len(crops)
+        outstanding[i] += len(crops)
+        while queued >= batch_size:
+            forward(batch_size)
+
+    def handle(message: tuple, frames_of) -> None:
+        kind, i = message[0], message[1]
+        if i in dead:
+            if kind == "rows":
+                frames_of(message[2])[1](None)
+            return
+        if kind == "rows":
+            frames, release = frames_of(message[2])
+            rows(i, frames, message[3], message[4], release)
+        elif kind == "end":
+            ended[i] = message[2]
+            if outstanding.get(i, 0) == 0 and i in parts:
+                finish(i)
+        elif kind == "fallback":  # NVDEC gave it up: start it again on the CPU decoder
+            log.warning("%s: %s; decoding it on the CPU", todo[i].path, message[2])
+            drop(i)
+            if i in parts:
+                parts.pop(i).abort()
+            outstanding.pop(i, None)
+            ended.pop(i, None)
+            attempt[i] = attempt.get(i, 0) + 1
+            waiting.append(i)
+        else:
+            drop(i)  # the failed video's rows still waiting for the model
+            fail(i, message[2])
+
+    def from_pool(w: int):
+        def frames_of(payload):
+            frames = pool.frames(w, payload)
+            if payload[0] != "slot":
+                return frames, lambda event: None
+            generation, slot = pool.generation(w), payload[1]
+
+            def release(event) -> None:
+                if event is None:
+                    pool.release(w, generation, slot)
                 else:
-                    outstanding[i] -= k
-                    if outstanding[i] == 0 and i in ended:
-                        finish(i)
-            row += k
-        bar_frames.update(len(feats))
-        report.frames += len(feats)
+                    releases.append((event, w, generation, slot))
+            return frames, release
+        return frames_of
+
+    def in_process(payload):
+        if isinstance(payload, list):  # frames of decode_video in this process
+            return torch.from_numpy(np.stack(payload)), lambda event: None
+        return payload, lambda event: None  # a tensor decoded on the GPU
+
+    def schedule() -> None:
+        for w in range(len(pool)):
+            while waiting and len(pool.jobs(w)) < JOBS_AHEAD:
+                pool.assign(w, replace(jobs[waiting.popleft()]))
 
     try:
-        for message in start_workers(source):
-            kind, i = message[0], message[1]
-            if i in dead:
-                continue
-            if kind == "rows":
-                _, _, frames, idx, ts = message
-                if i not in parts:
-                    parts[i] = writer.begin(todo[i].key, writer.spec.dim)
-                    outstanding[i] = 0
-                queue.append((i, frames, idx, ts))
-                queued += len(frames)
-                outstanding[i] += len(frames)
-                while queued >= batch_size:
-                    forward(batch_size)
-            elif kind == "end":
-                ended[i] = message[2]
-                if outstanding.get(i, 0) == 0 and i in parts:
-                    finish(i)
+        if workers > 0:
+            pool = DecodePool(min(workers, len(todo)))
+            if device.type == "cuda" and native:
+                pool.pin()
+        while True:
+            if nvdec is not None:
+                while (message := nvdec.get()) is not None:
+                    handle(message, in_process)
+            if pool is None:
+                if waiting:
+                    for message in decode_video(jobs[waiting.popleft()]):
+                        handle(message, in_process)
+                elif nvdec is not None and nvdec.pending:
+                    time.sleep(0.001)
+                else:
+                    break
             else:
-                # drop the failed video's rows still waiting for the model
-                for entry in [e for e in queue if e[0] == i]:
-                    queue.remove(entry)
-                    queued -= len(entry[1])
-                fail(i, message[2])
+                schedule()
+                busy = waiting or any(pool.jobs(w) for w in range(len(pool)))
+                if not busy and not (nvdec is not None and nvdec.pending):
+                    break
+                quick = releases or (nvdec is not None and nvdec.pending)
+                messages, crashes = pool.poll(0.002 if quick else 0.5)
+                for w, message in messages:
+                    handle(message, from_pool(w))
+                    if message[0] in ("end", "error"):
+                        pool.done(w, message[1])
+                for crash in crashes:
+                    settle(crash.worker)  # the GPU has finished reading its slots before they are reused
+                    if crash.job is not None:
+                        i = crash.job.index
+                        pool.done(crash.worker, i)
+                        if i not in dead:
+                            drop(i)
+                            fail(i, crash.reason)
+                    else:
+                        log.warning("decode worker %d died while idle (%s); restarting it", crash.worker,
+                                    crash_reason(pool.workers[crash.worker].process.exitcode))
+                    pool.restart(crash.worker)
+                report.worker_restarts = pool.restarts
+                settle()
+            committer.check()
             if not writer.shard and time.monotonic() - last_index > INDEX_EVERY_S:
                 writer.write_index()
                 last_index = time.monotonic()
         while queued:
             forward(min(queued, batch_size))
+        collect(0)
     finally:
         for part in parts.values():
             part.abort()
+        if nvdec is not None:
+            nvdec.close()
+        if pool is not None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # no copy may still read a slot when the memory goes
+            pool.close()
+        committer.close()
+        report.device_busy_seconds = embed.busy_seconds
         bar_frames.close()
         bar_videos.close()

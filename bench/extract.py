@@ -32,7 +32,7 @@ from pipeline.extract.backbone import (
     model_weights_enum,
 )
 from pipeline.extract.decode import open_source
-from pipeline.extract.inputs import VideoItem
+from pipeline.extract.workers import DecodeJob, decode_video
 from pipeline.sample import write_video
 
 CODECS = (".mp4", ".avi")  # mp4v and MJPG, alternating clip by clip (see pipeline.sample.write_video)
@@ -188,7 +188,6 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
     """CPU milliseconds per frame of a decode worker's work, run here on one thread as in a worker:
     (decode + RGB conversion, the whole worker: decode + RGB + resize/crop + chunking)."""
     pre = default_preprocessing(model_weights_enum(model).DEFAULT)
-    items = [VideoItem(key=v.name, path=v) for v in videos]
     threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -198,11 +197,10 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
             frames += sum(1 for _ in open_source(v, 30.0).frames(lambda i, t: True))
         decode = time.process_time() - start
         start = time.process_time()
-        stream = run.FrameStream(  # the worker's own code, run in this process
-            items, [list(range(len(items)))], Sampling(), pre)
-        for message in stream:
-            if message[0] == "error":
-                raise RuntimeError(f"{items[message[1]].path}: {message[2]}")
+        for k, v in enumerate(videos):
+            for message in decode_video(DecodeJob(k, v, Sampling(), pre, None)):  # the worker's own code, here
+                if message[0] == "error":
+                    raise RuntimeError(f"{v}: {message[2]}")
         whole = time.process_time() - start
     finally:
         torch.set_num_threads(threads)
@@ -227,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=4, help="clips per resolution (alternately mp4v .mp4 and MJPG .avi)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (8 on CPU, 64 otherwise)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (8 on CPU, 256 otherwise)")
+    p.add_argument("--preprocess", default="auto", help="where frames are resized and cropped: workers, device, auto")
     p.add_argument("--workers", type=int, default=None, help="decode workers; default: extract's own")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model; default: all cores")
     p.add_argument("--repeats", type=int, default=1,
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # weights 'none' is the point here: no warning
 
     device = pick_device(args.device)
-    batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
+    batch_size = args.batch_size or run.default_batch_size(device)
     threads = args.threads or cpu_count()
     workers = args.workers if args.workers is not None else run.default_workers(device)
     torch.set_num_threads(threads)
@@ -248,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     print(f"machine: {machine(device)}; load average {load_average()}")
     print(f"device {device}, batch size {batch_size}, model threads {threads}, decode workers {workers}, "
+          f"preprocessing in {args.preprocess}, "
           f"{args.clips} clips x {args.frames} frames per resolution, best of {args.repeats}, weights none, "
           f"features stored as float16")
 
@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in models:
                 cache = caches / f"{model}_{w}x{h}.h5"
                 row = measure(model, resolution, videos, cache, device, batch_size, args.repeats,
-                              workers=args.workers, threads=threads)
+                              workers=args.workers, threads=threads, preprocess=args.preprocess)
                 rows.append(row)
                 print(f"  {model} {resolution}: {row.frames} frames, best e2e {row.e2e_seconds:.1f}s "
                       f"(+{row.setup_seconds:.1f}s model setup, excluded), {row.e2e_fps:.1f} vs forward "

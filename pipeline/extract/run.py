@@ -396,11 +396,11 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             event.synchronize()
             pool.release(w, generation, slot)
 
-    def rows(i: int, frames: torch.Tensor, idx, ts, release) -> None:
-        """A chunk of decoded frames of video i: native (n, H, W, 3) or crops (n, 3, C, C), on host or device.
-        `release(event)` hands their memory back (once `event` has passed)."""
+    def rows(i: int, frames: torch.Tensor, idx, ts, release, whole: bool) -> None:
+        """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on the
+        host or the device. `release(event)` hands their memory back (once `event` has passed)."""
         nonlocal queued
-        if native:
+        if whole:
             if frames.device.type == "cpu":
                 frames, copied = embed.upload(frames)
             else:
@@ -419,7 +419,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         while queued >= batch_size:
             forward(batch_size)
 
-    def handle(message: tuple, frames_of) -> None:
+    def handle(message: tuple, frames_of, whole: bool = native) -> None:
         kind, i = message[0], message[1]
         if i in dead:
             if kind == "rows":
@@ -427,7 +427,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             return
         if kind == "rows":
             frames, release = frames_of(message[2])
-            rows(i, frames, message[3], message[4], release)
+            rows(i, frames, message[3], message[4], release, whole)
         elif kind == "end":
             ended[i] = message[2]
             if outstanding.get(i, 0) == 0 and i in parts:
@@ -478,7 +478,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         while True:
             if nvdec is not None:
                 while (message := nvdec.get()) is not None:
-                    handle(message, in_process)
+                    handle(message, in_process, whole=True)  # NVDEC hands over native frames
             if pool is None:
                 if waiting:
                     for message in decode_video(jobs[waiting.popleft()]):

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 extraction on CUDA against the forward pass
-# alone, CUDA features against CPU features (cosine >= 0.999), and a short ResNet-50 fine-tune in bf16 (clips/s, peak
-# GPU memory, the loss going down). Under 5 minutes; nothing is downloaded or installed.
+# GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 bf16 extraction on CUDA against the forward
+# pass alone (generated 320x240 and 1280x720 clips; real H.264 clips with the CPU decoder and NVDEC when .cache/h264/
+# holds them: bench/fetch_h264.py), the device path's features against the CPU path's (cosine), bit-identical
+# batching, GPU busy share, peak GPU memory and host RSS, and a short ResNet-50 fine-tune in bf16 (clips/s, the loss
+# going down). One table; under 5 minutes; nothing is downloaded or installed.
 #
 #   bash bench/gpu_check.sh                      # uses python3 from PATH
-#   PYTHON=/opt/env/bin/python bash bench/gpu_check.sh --clips 8   # extra options go to bench/gpu_check.py
-#   DEVICE=cpu LIMIT_S=600 bash bench/gpu_check.sh --resolutions 320x240 --clips 2 --frames 16 \
-#       --finetune-per-class 8 --finetune-frames 16 --finetune-resolution 160x120 --finetune-crop 64   # dry run, no GPU
+#   PYTHON=/opt/env/bin/python bash bench/gpu_check.sh --no-targets   # extra options go to bench/gpu_check.py
+#   DEVICE=cpu LIMIT_S=900 bash bench/gpu_check.sh --resolutions 320x240 --clips 2 --frames 16 --cpu-frames 8 \
+#       --h264-copies 1 --h264-frames 8 --finetune-per-class 8 --finetune-frames 16 --finetune-resolution 160x120 \
+#       --finetune-crop 64   # dry run, no GPU
 #
 # Exit status: 0 all checks passed, 1 a check failed, 2 the environment lacks something, 124 over the time limit.
 set -euo pipefail
@@ -45,6 +48,12 @@ if missing:
 import torch
 
 print(f"python {sys.version.split()[0]} at {sys.executable}; torch {torch.__version__}, CUDA {torch.version.cuda}")
+import pipeline.extract.run  # noqa: E402
+
+extra = sorted(m for m in ("optuna", "yaml", "sklearn", "matplotlib") if m in sys.modules)
+if extra:  # stage one must run where only its own dependencies are installed
+    print(f"gpu_check: importing pipeline.extract.run pulls in {', '.join(extra)}", file=sys.stderr)
+    sys.exit(1)
 if os.environ["DEVICE"] == "cpu":
     sys.exit(0)
 if not torch.cuda.is_available():

@@ -213,3 +213,12 @@ def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_torch
     for key in b.keys():
         np.testing.assert_array_equal(a.frame_indices(key), b.frame_indices(key))
         np.testing.assert_allclose(a.features(key), b.features(key), rtol=1e-5, atol=1e-5)
+
+
+def test_stage_one_imports_no_stage_two_dependencies():
+    """Extraction runs where only its own dependencies are installed (the GPU machines): no optuna, no yaml."""
+    import subprocess
+
+    probe = ("import sys, pipeline.extract.run, pipeline.extract.nvdec; "
+             "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; assert not extra, extra")
+    assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0

@@ -292,13 +292,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     native = resolve_mode(cfg.preprocess, device) == "device"  # workers hand over native frames, the device crops
     jobs = [DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels)
             for i, item in enumerate(todo)]
-    nvdec = _nvdec_decoders(cfg.decoder, device)
     waiting: deque[int] = deque()  # videos for the CPU decoder, in input order
-    for i, item in enumerate(todo):
-        if nvdec is not None and item.kind == "video":
-            nvdec.submit(replace(jobs[i], pre=None))
-        else:
-            waiting.append(i)
+    nvdec = None
 
     queue: deque = deque()  # (i, crops (n,3,C,C) uint8 on the host or the device, frame_indices, timestamps)
     queued = 0
@@ -312,8 +307,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     last_index = time.monotonic()
     bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.progress, position=0)
     bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.progress, position=1, smoothing=0.1)
-    committer = _Committer()
-    pool = None
+    pool = committer = None
 
     def finish(i: int) -> None:
         item = todo[i]
@@ -472,9 +466,16 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
 
     try:
         if workers > 0:
-            pool = DecodePool(min(workers, len(todo)))
+            pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
             if device.type == "cuda" and native:
                 pool.pin()
+        nvdec = _nvdec_decoders(cfg.decoder, device)
+        for i, item in enumerate(todo):
+            if nvdec is not None and item.kind == "video":
+                nvdec.submit(replace(jobs[i], pre=None))
+            else:
+                waiting.append(i)
+        committer = _Committer()
         while True:
             if nvdec is not None:
                 while (message := nvdec.get()) is not None:
@@ -528,7 +529,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # no copy may still read a slot when the memory goes
             pool.close()
-        committer.close()
+        if committer is not None:
+            committer.close()
         report.device_busy_seconds = embed.busy_seconds
         bar_frames.close()
         bar_videos.close()

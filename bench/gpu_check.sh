@@ -28,6 +28,17 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY=PASSIVE
 
+# NVDEC needs a CUDA build of torchcodec matching this torch. When none is installed and one was carried here as a
+# wheel (.cache/wheels/torchcodec-*.whl), it goes into .cache/site without network, for this check only.
+if ! "$PYTHON" -c "import torchcodec" >/dev/null 2>&1; then
+    for wheel in .cache/wheels/torchcodec-*.whl; do
+        [ -f "$wheel" ] || continue
+        "$PYTHON" -m pip install -q --no-index --no-deps --target .cache/site "$wheel" \
+            && export PYTHONPATH="$PYTHONPATH:$PWD/.cache/site" || echo "gpu_check: could not install $wheel" >&2
+        break
+    done
+fi
+
 "$PYTHON" - <<'EOF' || exit 2
 import importlib
 import os

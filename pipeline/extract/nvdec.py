@@ -110,8 +110,8 @@ class NvdecDecoders:
         self.jobs.put(job)
 
     def _loop(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # this thread's current device: cuda:N under torchrun
         while not self._stop.is_set():
             try:
                 job = self.jobs.get(timeout=0.1)

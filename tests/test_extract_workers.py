@@ -131,6 +131,9 @@ def test_a_frame_bomb_is_refused_from_its_header(tmp_path):
     assert "before decoding" in reason
     again = pipeline.extract_videos([videos], tmp_path / "c.h5", **FAST)  # the default limit lets it through
     assert again.extracted == ["bomb"] and again.ok
+    # A video is judged by its container's frame size, before its first frame is decoded.
+    small = pipeline.extract_videos([videos / "ok.avi"], tmp_path / "v.h5", max_pixels=96 * 72 - 1, **FAST)
+    assert "the video's frame size is 96x72" in small.failed["ok.avi"][1]
 
 
 @pytest.mark.parametrize("ext", [".png", ".jpg", ".bmp", ".webp", ".ppm", ".pgm", ".tif"])

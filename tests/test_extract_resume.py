@@ -167,5 +167,6 @@ def test_kill_9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
     assert len(list(parts_dir(out).glob("*.h5"))) == 10 and got.unindexed_parts() == 0
     for key in ref.keys():
         np.testing.assert_array_equal(got.frame_indices(key), ref.frame_indices(key))
-        np.testing.assert_allclose(got.features(key), ref.features(key), rtol=1e-5, atol=1e-5)
+        # Bit for bit: every forward pass has one shape, so how the kills split the batches changes nothing.
+        assert got.features(key).tobytes() == ref.features(key).tobytes(), key
         assert got.label(key) == ref.label(key)

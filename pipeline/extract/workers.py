@@ -33,7 +33,8 @@ from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 
 log = logging.getLogger(__name__)
 
-CHUNK_FRAMES = 32  # at most this many frames per chunk (one slot)
+CHUNK_FRAMES = 32  # at most this many native frames per chunk (one slot): the device crops a chunk at once
+CROP_CHUNK_FRAMES = 8  # crops per chunk: the model starts as soon as the first few are ready (CPU path)
 SLOT_BYTES = 16 << 20  # one slot: 72 frames of 320x240 RGB, 5 of 1280x720, 111 crops of 224x224
 SLOTS_PER_WORKER = 4
 JOBS_AHEAD = 2  # videos queued at a worker: it starts the next one without waiting for the main process
@@ -54,9 +55,10 @@ class DecodeJob:
 def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator[tuple]:
     """Messages for one video: ('rows', i, frames, frame_indices, timestamps) chunks, where frames is a list of
     arrays of one shape ((H, W, 3) native RGB, or (3, C, C) crops when job.pre is set), then ('end', i, info), or
-    ('error', i, reason) at any point. A chunk holds at most CHUNK_FRAMES frames and, when it holds more than one,
-    at most max_chunk_bytes."""
+    ('error', i, reason) at any point. A chunk holds at most CHUNK_FRAMES native frames (CROP_CHUNK_FRAMES crops)
+    and, when it holds more than one, at most max_chunk_bytes."""
     i = job.index
+    chunk = CHUNK_FRAMES if job.pre is None else CROP_CHUNK_FRAMES
     try:
         source = open_source(job.path, job.sampling.frames_fps, job.max_pixels)
         meta = source.probe()
@@ -72,7 +74,7 @@ def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator
             sizes.add(image.shape[:2])
             if job.pre is not None:
                 image = job.pre.crop_frame(torch.from_numpy(image).permute(2, 0, 1)).numpy()  # (3, C, C)
-            if frames and (image.shape != frames[0].shape or len(frames) == CHUNK_FRAMES or (
+            if frames and (image.shape != frames[0].shape or len(frames) == chunk or (
                     max_chunk_bytes is not None and (len(frames) + 1) * image.nbytes > max_chunk_bytes)):
                 yield "rows", i, frames, np.array(idx), np.array(ts)
                 rows += len(frames)

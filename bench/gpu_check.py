@@ -213,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-cosine-fp32", type=float, default=0.9999,
                    help="smallest cosine allowed between the CPU path and the device path, both float32")
     p.add_argument("--no-targets", action="store_true", help="report the speed targets without failing on them")
+    p.add_argument("--compile", action="store_true",
+                   help="also extract the first resolution with a torch.compile'd backbone (a minute or more)")
     p.add_argument("--finetune-per-class", type=int, default=24,
                    help="fine-tune check: clips per class of the 4 generated classes (0 skips the check)")
     p.add_argument("--finetune-frames", type=int, default=32, help="fine-tune check: frames per clip")
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"generated {len(videos)} clips x {n_frames} frames at {resolution} (mp4v, MJPG) in "
                   f"{time.perf_counter() - start:.1f}s", flush=True)
             line = timed(f"{resolution} mp4v+MJPG", videos, "cpu")
+            if args.compile and resolution == resolutions[0]:
+                timed(f"{resolution} compiled", videos, "cpu", compile=True)
             if line is not None and line.frames != n_clips * n_frames:
                 failures.append(f"{resolution}: {line.frames} frames extracted, {n_clips * n_frames} expected")
             if line is not None and resolution == "320x240" and cuda:

@@ -67,7 +67,7 @@ def test_device_preprocessing_gives_the_worker_path_features(tmp_path):
     b = pipeline.extract_videos([videos], tmp_path / "b.h5", preprocess="device", **opts)
     assert a.ok and b.ok and len(a.extracted) == len(b.extracted) == 4
     ca, cb = pipeline.open_cache(tmp_path / "a.h5"), pipeline.open_cache(tmp_path / "b.h5")
-    for key in ca.keys():
+    for key in ca:
         np.testing.assert_array_equal(ca.frame_indices(key), cb.frame_indices(key))
         assert _cosine(ca.features(key), cb.features(key)).min() >= 0.9999, key
         np.testing.assert_allclose(ca.features(key), cb.features(key), rtol=1e-5, atol=1e-5)
@@ -89,7 +89,7 @@ def test_features_do_not_depend_on_batching_bit_for_bit(tmp_path):
             pipeline.extract_videos([videos / f"c{k}.avi"], pieces, **opts)
         a, b = pipeline.open_cache(whole), pipeline.open_cache(pieces)
         assert sorted(a.keys()) == sorted(b.keys()) == ["c0.avi", "c1.avi", "c2.avi"]
-        for key in a.keys():
+        for key in a:
             np.testing.assert_array_equal(a.frame_indices(key), b.frame_indices(key))
             assert a.features(key).tobytes() == b.features(key).tobytes(), (dtype, key)
 
@@ -107,6 +107,7 @@ def test_a_decoder_crash_fails_only_its_video_and_a_rerun_retries_it(tmp_path, m
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_INPUTS_FAILED, result.output
     assert "c1.avi" in result.output and "the decoder was killed (signal 9, SIGKILL" in result.output
+    assert "1 decode worker(s) replaced after dying" in result.output
     cache = pipeline.open_cache(out)
     assert sorted(cache.keys()) == ["c0.avi", "c2.avi", "c3.avi"]
     assert [(f["key"], "signal 9" in f["reason"]) for f in cache.failures()] == [("c1.avi", True)]
@@ -213,7 +214,7 @@ def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_torch
     a, b = pipeline.open_cache(tmp_path / "n.h5"), pipeline.open_cache(tmp_path / "c.h5")
     assert a.info("good.avi")["decoder"] == "nvdec" and "decoder" not in b.info("good.avi")
     assert "decoder" not in a.info("broken.avi")  # decoded again by the CPU decoder
-    for key in b.keys():
+    for key in b:
         np.testing.assert_array_equal(a.frame_indices(key), b.frame_indices(key))
         np.testing.assert_allclose(a.features(key), b.features(key), rtol=1e-5, atol=1e-5)
 
@@ -224,4 +225,4 @@ def test_stage_one_imports_no_stage_two_dependencies():
 
     probe = ("import sys, pipeline.extract.run, pipeline.extract.nvdec; "
              "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; assert not extra, extra")
-    assert subprocess.run([sys.executable, "-c", probe], timeout=120).returncode == 0
+    assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=120).returncode == 0

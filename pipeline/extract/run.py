@@ -66,6 +66,8 @@ class ExtractReport:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
                 f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> {self.cache}")
+        if self.worker_restarts:
+            text += f"; {self.worker_restarts} decode worker(s) replaced after dying"
         return text
 
 

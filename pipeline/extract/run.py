@@ -292,6 +292,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
          report: ExtractReport, workers: int, batch_size: int, device: torch.device) -> None:
     pre = embed.pre
     native = resolve_mode(cfg.preprocess, device) == "device"  # workers hand over native frames, the device crops
+    log.info("%s: %d decode workers, resize and crop %s, decoder %s, batches of %d", device, workers,
+             "on the device" if native else "in the workers", cfg.decoder, batch_size)
     jobs = [DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels)
             for i, item in enumerate(todo)]
     waiting: deque[int] = deque()  # videos for the CPU decoder, in input order

@@ -35,6 +35,7 @@ from pipeline.config import pick_device
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
 from pipeline.extract.backbone import FrameEmbedder, load_backbone
+from pipeline.extract.workers import CRASH_ON_ENV
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"
@@ -346,6 +347,24 @@ def main(argv: list[str] | None = None) -> int:
             run.extract_videos([v], pieces, backbone=MODEL, weights="none", progress=False, max_frames=40,
                                **{**options, "workers": 1})
         checks.append(("one run = one run per video, bit for bit", same_bytes(whole, pieces), ""))
+
+        # A decode worker killed mid-run (as the OOM killer would): its video fails, a new worker (forked after the
+        # slots were page-locked) decodes the next ones.
+        names: dict[str, Path] = {}
+        for v in sorted(work.glob("videos_*/clip_*")) + sorted(work.glob("h264_*/*.mp4")):
+            names.setdefault(v.name, v)  # file names are the keys: one of each
+        crashed = list(names.values())[:4]
+        os.environ[CRASH_ON_ENV] = crashed[1].name
+        try:
+            report = run.extract_videos(crashed, work / "crash.h5", backbone=MODEL, weights="none", progress=False,
+                                        max_frames=40, **{**options, "workers": 1})
+        finally:
+            del os.environ[CRASH_ON_ENV]
+        reason = report.failed.get(crashed[1].name, ("", ""))[1]
+        checks.append(("a killed decode worker fails only its video; its successor decodes the rest",
+                       list(report.failed) == [crashed[1].name] and "signal 9" in reason
+                       and len(report.extracted) == len(crashed) - 1,
+                       f"{len(report.extracted)} extracted, failed: {report.failed}"))
 
         peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
         rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,

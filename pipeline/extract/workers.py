@@ -243,6 +243,10 @@ class DecodePool:
         return True
 
     def _start(self, w: int) -> None:
+        if self._pinned and hasattr(mmap, "MADV_DOFORK"):
+            # Page-locking may mark the range "do not fork" (drivers do, against copy-on-write under DMA); the slots
+            # are a shared mapping, so a new worker can and must inherit them.
+            self.shm[w].madvise(mmap.MADV_DOFORK)
         control, control_child = self.ctx.Pipe(duplex=True)
         results, results_child = self.ctx.Pipe(duplex=False)
         process = self.ctx.Process(target=_worker_main, name=f"pipeline-decode-{w}", daemon=True,

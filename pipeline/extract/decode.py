@@ -42,8 +42,8 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame", header: bool = True) -> None:
     """Refuse a frame larger than `max_pixels` (a frame bomb: a small file that decodes into gigabytes)."""
     if max_pixels is not None and width * height > max_pixels:
-        raise DecodeError(f"{what} is {width}x{height} ({width * height / 1e6:.0f} megapixels), over the "
-                          f"--max-pixels limit of {max_pixels} ({max_pixels / 1e6:.0f} megapixels)"
+        raise DecodeError(f"{what} is {width}x{height} ({width * height / 1e6:.3g} megapixels), over the "
+                          f"--max-pixels limit of {max_pixels} ({max_pixels / 1e6:.3g} megapixels)"
                           + ("; refused before decoding" if header else ""))
 
 

@@ -190,8 +190,9 @@ def fake_torchcodec(monkeypatch):
     from pipeline.extract import nvdec, run
 
     monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
-    monkeypatch.setattr(run, "_nvdec_decoders",  # as on a GPU, where torchcodec would be importable
-                        lambda decoder, device: nvdec.NvdecDecoders(device, threads=2) if decoder == "nvdec" else None)
+    # As on a GPU, where torchcodec would be importable:
+    monkeypatch.setattr(run, "_nvdec_usable", lambda decoder, device: decoder == "nvdec")
+    monkeypatch.setattr(run, "_nvdec_decoders", lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -274,17 +274,23 @@ class _AsyncPart:
         self.part.abort()
 
 
-def _nvdec_decoders(decoder: str, device: torch.device):
-    """The NVDEC threads for --decoder nvdec when they can run here; None (with the reason logged) otherwise.
+def _nvdec_usable(decoder: str, device: torch.device) -> bool:
+    """Whether --decoder asks for NVDEC and it can run here (the reason is logged when it cannot).
     auto is cpu until NVDEC has been measured faster on the target (docs/performance.md)."""
     if decoder != "nvdec":
-        return None
+        return False
     from pipeline.extract import nvdec
 
     reason = nvdec.unavailable_reason(device)
     if reason is not None:
         log.warning("--decoder nvdec is unavailable: %s; decoding on the CPU", reason)
-        return None
+    return reason is None
+
+
+def _nvdec_decoders(decoder: str, device: torch.device):
+    """The NVDEC threads, started (after the decode workers have forked) when `_nvdec_usable` said yes."""
+    from pipeline.extract import nvdec
+
     return nvdec.NvdecDecoders(device)
 
 
@@ -298,6 +304,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             for i, item in enumerate(todo)]
     waiting: deque[int] = deque()  # videos for the CPU decoder, in input order
     nvdec = None
+    use_nvdec = _nvdec_usable(cfg.decoder, device)
 
     queue: deque = deque()  # (i, crops (n,3,C,C) uint8 on the host or the device, frame_indices, timestamps)
     queued = 0
@@ -473,7 +480,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
             if device.type == "cuda" and native:
                 pool.pin()
-        nvdec = _nvdec_decoders(cfg.decoder, device)
+        nvdec = _nvdec_decoders(cfg.decoder, device) if use_nvdec else None
         for i, item in enumerate(todo):
             if nvdec is not None and item.kind == "video":
                 nvdec.submit(replace(jobs[i], pre=None))

@@ -114,7 +114,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
         # owned by two ranks or by none, whatever the others have done.
         items = [items[i] for i in balance([it.signature()[0] for it in items], dist.world)[dist.rank]]
     device = pick_device(dist.device(cfg.device))
-    workers = cfg.workers if cfg.workers is not None else default_workers(device)
+    workers = cfg.workers if cfg.workers is not None else default_workers(device, dist.local_world)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
     threads = cfg.threads or max(1, cpu_count() // dist.local_world)
@@ -205,12 +205,12 @@ class Distributed:
         torch_dist.barrier()
 
 
-def default_workers(device: torch.device) -> int:
+def default_workers(device: torch.device, ranks: int = 1) -> int:
     """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main process
-    and the commit thread), as the GPU outruns the decoders."""
+    and the commit thread), as the GPU outruns the decoders. `ranks` processes on one machine share its cores."""
     if device.type == "cpu":
         return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
-    return max(1, cpu_count() - 2)
+    return max(1, cpu_count() // max(ranks, 1) - 2)
 
 
 def default_batch_size(device: torch.device) -> int:

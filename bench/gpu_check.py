@@ -331,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             if line.frames != line_cpu.frames:
                 failures.append(f"{resolution} H.264: NVDEC extracted {line.frames} frames, the CPU decoder "
                                 f"{line_cpu.frames}")
+                continue
             cos, rows = min_cosine(work / f"{resolution}_H.264_x{len(videos)}_cpu.h5",
                                    work / f"{resolution}_H.264_x{len(videos)}_nvdec.h5")
             checks.append((f"{resolution} H.264: NVDEC vs CPU decoder, min cosine over {rows} rows",

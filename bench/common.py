@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import cpu_count
+from pipeline.runtime import cpu_count
 
 
 def machine(device: torch.device | None = None) -> str:

@@ -24,9 +24,9 @@ from common import load_average, machine  # bench/common.py, beside this script
 from extract import make_videos, measure, parse_resolution  # bench/extract.py
 
 import pipeline
-from pipeline.config import pick_device
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
+from pipeline.runtime import pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"

@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 from common import load_average, machine  # bench/common.py, beside this script
 
-from pipeline.config import TrainConfig, cpu_count, default_of
+from pipeline.config import TrainConfig, default_of
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
+from pipeline.runtime import cpu_count
 
 UCF101_CLASSES, MIN_ROWS, MAX_ROWS = 101, 120, 240  # UCF101 clips: ~7 s, 120-240 rows at 25 fps
 LATENT = 128  # the features vary in a 128-dimensional subspace of the 2048 (plus a little isotropic noise) ...

@@ -24,12 +24,13 @@ from common import machine  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import TrainConfig, cpu_count, default_of
+from pipeline.config import TrainConfig, default_of
 from pipeline.data.cache import open_cache, video_id
 from pipeline.data.sequences import batches, feature_stats, load_sequences, train_plans
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
-from pipeline.heads.model import HeadDims, build_head
-from pipeline.heads.train import make_optimizer, train_one_epoch, warmup_cosine
+from pipeline.runtime import cpu_count
+from pipeline.train_head.model import HeadDims, build_head
+from pipeline.train_head.train import make_optimizer, train_one_epoch, warmup_cosine
 
 UCF101_VIDEOS, UCF101_CLASSES, MEAN_ROWS = 9_500, 101, 180  # UCF101 split 1 train+test: 13,320 clips of ~7 s
 NOISE_BANK_ROWS = 8192  # generated rows are slices of one random bank plus a class mean: fast, still learnable

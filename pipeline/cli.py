@@ -130,7 +130,7 @@ def extract(
                                progress=not quiet)
 
     from pipeline.extract.run import extract_videos
-    from pipeline.heads.infer import extract_with_checkpoint
+    from pipeline.predict import extract_with_checkpoint
 
     with _errors("interrupted: finished videos are kept; rerun the same command to resume"):
         if backbone_checkpoint is not None:
@@ -154,7 +154,7 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures."""
     from collections import Counter
 
-    from pipeline.data.cache import describe_sampling, open_cache
+    from pipeline.data.cache import open_cache
 
     with _errors():
         c = open_cache(cache)
@@ -167,9 +167,9 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     typer.echo(f"backbone   {spec.backbone}   weights {spec.weights}"
                + (f"   sha256 {spec.weights_sha256[:16]}..." if spec.weights_sha256 else ""))
     pre = spec.preprocessing
-    typer.echo(f"preprocess resize {pre['resize']} crop {pre['crop']} {pre['interpolation']} {pre['color']} "
-               f"mean {pre['mean']} std {pre['std']}")
-    typer.echo(f"sampling   {describe_sampling(spec.sampling)}   spec id {spec.id}")
+    typer.echo(f"preprocess resize {pre.resize} crop {pre.crop} {pre.interpolation} {pre.color} "
+               f"mean {list(pre.mean)} std {list(pre.std)}")
+    typer.echo(f"sampling   {spec.sampling.describe()}   spec id {spec.id}")
     typer.echo(f"labels     {len([k for k in labels if k != '(none)'])}")
     for label, n in sorted(labels.items()):
         typer.echo(f"  {label:<28} {n}")
@@ -246,7 +246,7 @@ def train_head(
             group_regex=group_regex, seed=seed, memory=memory, workers=workers, threads=threads, device=device,
             plots=plots, progress=not quiet)
 
-    from pipeline.heads.train import train_head as run
+    from pipeline.train_head.train import train_head as run
 
     with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
         result = run(cache, config=config)
@@ -278,7 +278,7 @@ def evaluate(
         config = EvalConfig(eval_clips=eval_clips, labels=labels, keys_list=keys_list, out=out, batch_size=batch_size,
                             memory=memory, workers=workers, threads=threads, device=device, progress=not quiet)
 
-    from pipeline.heads.infer import evaluate_checkpoint
+    from pipeline.train_head.evaluate import evaluate_checkpoint
 
     with _errors():
         report = evaluate_checkpoint(checkpoint, cache, config=config)
@@ -325,7 +325,7 @@ def predict(
                                eval_clips=eval_clips, device=device, batch_size=batch_size, workers=workers,
                                threads=threads, progress=not quiet)
 
-    from pipeline.heads.infer import predict as run
+    from pipeline.predict import predict as run
 
     with _errors("interrupted: extracted videos are kept in the prediction cache"):
         report = run(checkpoint, inputs, config=config)
@@ -402,7 +402,7 @@ def finetune(
             cache=cache, weights=weights, seed=seed, workers=workers, threads=threads, device=device, plots=plots,
             progress=not quiet)
 
-    from pipeline.finetuning.train import finetune as run
+    from pipeline.finetune.train import finetune as run
 
     with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
         result = run(inputs, config=config)
@@ -463,8 +463,8 @@ def sweep(
             train_list=train_list, val_list=val_list, val_fraction=val_fraction, split_seed=split_seed,
             group_regex=group_regex, memory=memory, threads=threads, device=device, plots=plots, progress=not quiet)
 
-    from pipeline.heads.sweep import SweepError
-    from pipeline.heads.sweep import sweep as run
+    from pipeline.sweep.run import SweepError
+    from pipeline.sweep.run import sweep as run
 
     # a study of other settings is a usage error too
     with _errors(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "

@@ -5,9 +5,10 @@ The CLI reads its defaults from these dataclasses, and `__post_init__` errors na
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
+
+from pipeline.spec import Sampling
 
 FEATURE_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -19,42 +20,6 @@ def default_of(cls: type, name: str):
         if f.name == name:
             return f.default
     raise KeyError(name)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Which decoded frames become feature rows. Part of the feature spec: a cache holds one sampling."""
-
-    fps: float | None = None
-    """Keep at most one frame per 1/fps seconds, the first whose decoded timestamp enters each interval."""
-    stride: int = 1
-    """Keep every stride-th decoded frame (0, K, 2K, ...)."""
-    max_frames: int | None = None
-    """Keep at most this many frames per video (the first ones, after fps/stride)."""
-    num_frames: int | None = None
-    """Keep this many frames spread uniformly over the whole video (all frames if it has fewer)."""
-    frames_fps: float = 30.0
-    """Frame rate assumed for folders of images, which carry no timestamps of their own."""
-
-    def __post_init__(self):
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
-        if self.stride < 1:
-            raise ValueError(f"--stride must be >= 1, got {self.stride}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"--max-frames must be >= 1, got {self.max_frames}")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"--num-frames must be >= 1, got {self.num_frames}")
-        if self.num_frames is not None and (self.fps is not None or self.stride != 1 or self.max_frames):
-            raise ValueError("--num-frames picks frames uniformly over the whole video; "
-                             "it cannot be combined with --fps, --stride or --max-frames")
-        if self.fps is not None and self.stride != 1:
-            raise ValueError("use either --fps or --stride, not both")
-        if not self.frames_fps > 0:
-            raise ValueError(f"--frames-fps must be > 0, got {self.frames_fps}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -608,28 +573,3 @@ def _check_regex(flag: str, pattern: str | None) -> None:
 def _json_able(config) -> dict:
     """A config as JSON-able data: paths as strings."""
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def pick_device(device: str):
-    """The torch.device of a --device setting (auto: cuda, else mps, else cpu); an error when it is not there."""
-    import torch  # here, so that importing the settings (the CLI's --help) stays light
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return dev

@@ -10,7 +10,7 @@ import pytest
 from conftest import FAST, decode_all_rgb, make_video
 
 import pipeline
-from pipeline.config import Sampling
+from pipeline.spec import Sampling
 
 
 @pytest.fixture(scope="module")

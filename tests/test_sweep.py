@@ -22,10 +22,10 @@ from typer.testing import CliRunner
 import pipeline
 from pipeline.cli import EXIT_OK, EXIT_USAGE, app
 from pipeline.data.splits import random_split
-from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint
-from pipeline.heads.model import HeadDims, build_head
-from pipeline.heads.space import PARAM_TYPES, SpaceError, parse_space
-from pipeline.heads.sweep import SweepError
+from pipeline.sweep.run import SweepError
+from pipeline.sweep.space import PARAM_TYPES, SpaceError, parse_space
+from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
+from pipeline.train_head.model import HeadDims, build_head
 
 runner = CliRunner()
 # Every trial: a few epochs of a small head on 18 short sequences (a tenth of a second or so).
@@ -247,7 +247,7 @@ def test_two_worker_processes_share_one_study(cache, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_worker_loses_only_its_running_trial(cache, tmp_path, monkeypatch):
-    from pipeline.heads import sweep as sweep_module
+    from pipeline.sweep import run as sweep_module
 
     storage = f"sqlite:///{tmp_path / 'kill.db'}"
     out = tmp_path / "out"
@@ -318,7 +318,7 @@ def test_help_lists_the_sweep_flags_and_stays_light():
 def test_folding_the_pca_gives_the_same_logits_on_the_full_features(head):
     from pipeline.data.sequences import RamStore
     from pipeline.data.synthetic import synthetic_spec
-    from pipeline.heads.reduce import fit_pca, fold_reduction, reduce_store
+    from pipeline.sweep.reduce import fit_pca, fold_reduction, reduce_store
 
     torch.manual_seed(0)
     rows = (torch.randn(3000, 48) @ torch.randn(48, 48) + 1.0).numpy().astype(np.float16)
@@ -392,8 +392,8 @@ def _metric_rows(run: Path) -> list[dict]:
 
 def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     from pipeline.config import TrainConfig
-    from pipeline.heads.stack import stack_key, train_stack
-    from pipeline.heads.train import load_train_data
+    from pipeline.sweep.stack import stack_key, train_stack
+    from pipeline.train_head.train import load_train_data
 
     shared = {"head": "meanpool", "hidden": 16, "epochs": 4, "batch_size": 8, "clip_len": 5, "patience": 0,
               "plots": False, "progress": False, "threads": 2}
@@ -516,7 +516,7 @@ def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_pat
 def test_trials_asked_ahead_keep_their_heartbeat_until_told(tmp_path, monkeypatch):
     import optuna
 
-    from pipeline.heads import sweep as sweep_module
+    from pipeline.sweep import run as sweep_module
 
     monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
     monkeypatch.setattr(sweep_module, "GRACE_S", 2)

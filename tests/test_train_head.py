@@ -15,9 +15,9 @@ import pipeline
 from pipeline.config import HEADS
 from pipeline.data.sequences import RamStore, clip_frames, eval_plans, load_sequences, train_plans
 from pipeline.data.splits import list_split, make_split, random_split
-from pipeline.heads.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
-from pipeline.heads.metrics import classification_report
-from pipeline.heads.model import HeadDims, build_head
+from pipeline.train_head.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
+from pipeline.train_head.metrics import classification_report
+from pipeline.train_head.model import HeadDims, build_head
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -22,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard, pick_device
-from pipeline.data.cache import CacheWriter, FeatureSpec, merge
-from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone
+from pipeline.config import ExtractConfig, parse_shard
+from pipeline.data.cache import CacheWriter, merge
+from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.spec import FeatureSpec, Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +189,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
                                              progress=cfg.progress)
     spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
-                       preprocessing=loaded.preprocessing.to_dict(), sampling=cfg.sampling.to_dict(), dim=loaded.dim)
+                       preprocessing=loaded.preprocessing, sampling=cfg.sampling, dim=loaded.dim)
     if dist.shard and cfg.overwrite:
         raise ValueError("--overwrite cannot be used by several ranks at once; delete the cache and its .parts "
                          "folder first")

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import FinetuneConfig, Sampling, config_with, cpu_count, pick_device
-from pipeline.data.cache import CacheError, FeatureSpec, open_cache
+from pipeline.config import FinetuneConfig, config_with
+from pipeline.data.cache import CacheError, open_cache
 from pipeline.data.sequences import eval_plans, train_plans
 from pipeline.data.splits import (
     SPLIT_FILE,
@@ -33,11 +33,12 @@ from pipeline.data.splits import (
     read_split,
     write_split,
 )
-from pipeline.extract.backbone import FINETUNED_PREFIX, tensors_sha256
+from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, tensors_sha256
 from pipeline.extract.decode import DecodeError
 from pipeline.extract.inputs import VideoItem, discover
+from pipeline.extract.reproduce import backbone_for_spec
 from pipeline.extract.run import default_workers
-from pipeline.finetuning.clips import (
+from pipeline.finetune.clips import (
     READ_MODES,
     ClipAugment,
     ClipDataset,
@@ -46,17 +47,18 @@ from pipeline.finetuning.clips import (
     clip_batches,
     sampled_rows,
 )
-from pipeline.finetuning.model import FinetuneModel, resolve_unfreeze
-from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
-from pipeline.heads.infer import checkpoint_backbone
-from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
-from pipeline.heads.train import (
+from pipeline.finetune.model import FinetuneModel, resolve_unfreeze
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.spec import FeatureSpec, Sampling
+from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.train_head.metrics import classification_report, plot_confusion, plot_curves, to_json
+from pipeline.train_head.train import (
     METRIC_COLUMNS,
     TrainResult,
     eval_description,
-    split_info,
     evaluate,
     make_optimizer,
+    split_info,
     warmup_cosine,
 )
 
@@ -158,7 +160,7 @@ def feature_rows(items: list[VideoItem], cache_path: Path | None, sampling: Samp
         except (CacheError, OSError) as e:
             log.warning("cannot read %s for the cached frame indices (%s): indexing the videos again", cache_path, e)
         else:
-            if cache.spec.sampling != sampling.to_dict():
+            if cache.spec.sampling != sampling:
                 log.warning("%s was sampled otherwise than the head's features: indexing the videos again", cache_path)
             else:
                 by_source = {path: (key, size, mtime) for key, (path, size, mtime) in cache.sources().items()}
@@ -271,8 +273,11 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     amp = autocast_dtype(cfg.amp, device)
     ckpt = load_checkpoint(cfg.init)
     spec = ckpt.feature_spec
-    sampling = Sampling(**spec.sampling)
-    loaded = checkpoint_backbone(ckpt, cfg.init, cfg.weights, progress=cfg.progress)
+    sampling = spec.sampling
+    loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.progress)
+    if loaded.dim != ckpt.dims.in_dim:
+        raise WeightsError(f"{cfg.init}: the head takes {ckpt.dims.in_dim}-dim features, but {spec.backbone} gives "
+                           f"{loaded.dim}")
     if cfg.unfreeze is None and cfg.unfreeze_last is None:
         unfreeze = resolve_unfreeze(loaded.model, spec.backbone, None, DEFAULT_UNFREEZE_LAST)
     else:

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, config_with, cpu_count, pick_device
-from pipeline.data.cache import FeatureCache, FeatureSpec, open_cache
+from pipeline.config import TrainConfig, config_with
+from pipeline.data.cache import FeatureCache, open_cache
 from pipeline.data.sequences import (
     Batch,
     SequenceStore,
@@ -34,9 +34,11 @@ from pipeline.data.sequences import (
     train_plans,
 )
 from pipeline.data.splits import SPLIT_FILE, Split, SplitError, make_split, read_labels_csv, write_split
-from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
-from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
-from pipeline.heads.model import Head, HeadDims, build_head
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.spec import FeatureSpec
+from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
+from pipeline.train_head.metrics import classification_report, plot_confusion, plot_curves, to_json
+from pipeline.train_head.model import Head, HeadDims, build_head
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +260,7 @@ class HeadRun:
     """One head's run: its model, optimizer and schedule, and its run folder (config.json, split.csv, metrics.csv,
     best.pt, last.pt, summary.json, plots).
 
-    `train_head` drives one; `pipeline.heads.stack` drives several that share their batches. The caller trains an
+    `train_head` drives one; `pipeline.sweep.stack` drives several that share their batches. The caller trains an
     epoch and hands its metrics and val probabilities to `end_epoch`, which writes the row and the checkpoints,
     calls `on_epoch` and applies the patience; `finish` re-validates the best checkpoint and writes the summary.
     """

@@ -28,8 +28,8 @@ from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data.sequences import batches, eval_plans
-from pipeline.heads.model import MeanPoolHead, dropout_mask, length_mask
-from pipeline.heads.train import HeadRun, TrainData, TrainResult
+from pipeline.train_head.model import MeanPoolHead, dropout_mask, length_mask
+from pipeline.train_head.train import HeadRun, TrainData, TrainResult
 
 STACKABLE = ("meanpool",)
 PER_HEAD = ("out", "lr", "weight_decay", "dropout", "label_smoothing", "patience", "plots", "progress")

@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from pipeline.config import Sampling
 from pipeline.data.sequences import Plan
-from pipeline.extract.backbone import Preprocessing
 from pipeline.extract.decode import DecodeError, FolderSource, FrameSelector, VideoSource, open_source, to_rgb
+from pipeline.spec import Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 from their per-epoch validation, in one process or in many cooperating on one study (SQLite, journal file or RDB).
 
 The cache is read (and optionally PCA-reduced) once per process; every trial is a `train_head` run on that shared
-data, with its own run folder under OUT/trials/NNNN, or one head of a stack (`pipeline.heads.stack`) that trains
+data, with its own run folder under OUT/trials/NNNN, or one head of a stack (`pipeline.sweep.stack`) that trains
 as that run would. Trials are asked from the study up to --stack at a time (ask and tell, with this process's own
 heartbeats); after a reduced sweep the --refit best settings are trained again on the full features (OUT/refit/).
 
@@ -31,13 +31,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with, cpu_count, pick_device
-from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.heads.metrics import pyplot, to_json
-from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
-from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
-from pipeline.heads.stack import stack_groups, train_stack
-from pipeline.heads.train import TrainData, TrainResult, load_train_data, train_head
+from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.sweep.reduce import Reduction, fit_pca, fold_reduction, reduce_store
+from pipeline.sweep.space import SearchSpace, SpaceError, parse_mapping, parse_space
+from pipeline.sweep.stack import stack_groups, train_stack
+from pipeline.train_head.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train_head.metrics import pyplot, to_json
+from pipeline.train_head.train import TrainData, TrainResult, load_train_data, train_head
 
 log = logging.getLogger(__name__)
 

@@ -392,8 +392,8 @@ def _metric_rows(run: Path) -> list[dict]:
 
 def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     from pipeline.config import TrainConfig
+    from pipeline.data.labelled import load_labelled
     from pipeline.sweep.stack import stack_key, train_stack
-    from pipeline.train_head.train import load_train_data
 
     shared = {"head": "meanpool", "hidden": 16, "epochs": 4, "batch_size": 8, "clip_len": 5, "patience": 0,
               "plots": False, "progress": False, "threads": 2}
@@ -407,7 +407,7 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     def stop_at_2(row):
         if row["epoch"] == 2:
             raise KeyboardInterrupt  # not an Exception: the stack does not swallow it
-    data = load_train_data(cache, configs[0])
+    data = load_labelled(cache, configs[0])
     with pytest.raises(KeyboardInterrupt):
         train_stack(data, configs, torch.device("cpu"), [None, stop_at_2, None])
 

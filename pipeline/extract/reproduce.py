@@ -97,8 +97,8 @@ def backbone_for_spec(spec: FeatureSpec, backbone_state: dict[str, torch.Tensor]
                                f"{(loaded.weights_sha256 or '?')[:16]}..., but the head was trained on features of "
                                f"{spec.weights!r} with sha256 {spec.weights_sha256[:16]}...")
     if loaded.dim != spec.dim:
-        raise WeightsError(f"{source}: its features are {spec.dim}-dim, but {spec.backbone} gives {loaded.dim}: "
-                           f"the spec belongs to another backbone")
+        raise WeightsError(f"{source}: the head takes {spec.dim}-dim features (its feature spec), but {spec.backbone} "
+                           f"gives {loaded.dim}: the checkpoint belongs to another backbone")
     if loaded.preprocessing != spec.preprocessing:
         raise WeightsError(f"{source}: {spec.backbone}'s preprocessing {loaded.preprocessing.to_dict()} differs "
                            f"from the recorded {spec.preprocessing.to_dict()}")

@@ -14,12 +14,13 @@ import torch
 
 from pipeline.config import EvalConfig, config_with
 from pipeline.data.cache import open_cache
+from pipeline.data.labelled import among_classes, class_indices, video_labels
 from pipeline.data.sequences import load_sequences
 from pipeline.data.splits import KeyMatcher, SplitError, read_list
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import load_checkpoint
 from pipeline.train_head.metrics import classification_report, plot_confusion, to_json
-from pipeline.train_head.train import predict_store, video_labels
+from pipeline.train_head.train import predict_store
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +63,10 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
         labels = {k: v for k, v in labels.items() if k in listed}
         if not labels:
             raise SplitError(f"no labelled video of {c.path} is named in {cfg.keys_list}")
-    known = set(ckpt.classes)
-    skipped = {k: f"label {v!r} is not a class of the head" for k, v in labels.items() if v not in known}
-    if skipped:
-        log.warning("%d videos have labels the head was not trained on and are skipped (e.g. %r)", len(skipped),
-                    labels[next(iter(skipped))])
-    keys = [k for k in labels if k not in skipped]
-    if not keys:
-        raise SplitError(f"no video of {c.path} has a label among the head's {len(known)} classes "
-                         f"({', '.join(ckpt.classes[:5])}{', ...' if len(known) > 5 else ''})")
+    labels, skipped = among_classes(labels, ckpt.classes, str(c.path))
+    keys = list(labels)
     store = load_sequences(c, keys, cfg.memory, cfg.progress)
-    index = {name: i for i, name in enumerate(ckpt.classes)}
-    y = np.array([index[labels[k]] for k in keys], dtype=np.int64)
+    y = class_indices(keys, labels, ckpt.classes)
     probs = predict_store(ckpt.model(device), store, np.arange(len(keys)), clip_len=ckpt.clip_len,
                           clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=cfg.batch_size, device=device,
                           workers=0 if store.in_memory else cfg.workers)

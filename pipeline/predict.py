@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from pipeline import _callable_stage
-from pipeline.config import ExtractConfig, PredictConfig, config_with
+from pipeline.config import HEAD_BATCH, ExtractConfig, PredictConfig, config_with
 from pipeline.data.cache import open_cache
 from pipeline.data.sequences import load_sequences
 from pipeline.extract.backbone import LoadedBackbone, WeightsError
@@ -94,7 +94,7 @@ def extract_with_checkpoint(checkpoint: str | Path, inputs: list, output, *, con
     if conflicts:
         raise ValueError(f"--backbone-checkpoint takes the backbone, weights, preprocessing and sampling from "
                          f"{checkpoint} ({spec.describe()}); drop the options that differ: {', '.join(conflicts)}")
-    loaded = checkpoint_backbone(ckpt, checkpoint, weights, progress=cfg.progress)
+    loaded = checkpoint_backbone(ckpt, checkpoint, weights, progress=cfg.runtime.progress)
     cfg = replace(cfg, backbone=wanted.backbone, weights=wanted.weights, resize=wanted.resize, crop=wanted.crop,
                   mean=wanted.mean, std=wanted.std, sampling=wanted.sampling)
     report = extract_videos(inputs, cfg.output, config=cfg, backbone_model=loaded)
@@ -122,8 +122,7 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
     cache_path = Path(cfg.cache) if cfg.cache is not None else checkpoint.parent / PREDICT_CACHE_NAME
     items = discover(inputs)
     extract_cfg = extract_config_for(ckpt.feature_spec, cache_path, cfg.weights, dtype=ckpt.feature_dtype,
-                                     device=cfg.device, batch_size=cfg.batch_size, workers=cfg.workers,
-                                     threads=cfg.threads, progress=cfg.progress)
+                                     batch_size=cfg.batch_size, workers=cfg.workers, runtime=cfg.runtime)
     with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
         if cfg.weights is not None:
             # The same bytes under the recorded file name, so that the new features get exactly the head's spec.
@@ -145,11 +144,11 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
     ok = [k for k in keys if k in cache and k not in report.failed]
     probs = np.zeros((0, len(ckpt.classes)))
     if ok:
-        torch.set_num_threads(cfg.threads or cpu_count())
-        device = pick_device(cfg.device)
+        torch.set_num_threads(cfg.runtime.threads or cpu_count())
+        device = pick_device(cfg.runtime.device)
         store = load_sequences(cache, ok, "ram", progress=False)
         probs = predict_store(ckpt.model(device), store, np.arange(len(ok)), clip_len=ckpt.clip_len,
-                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=64, device=device)
+                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=HEAD_BATCH, device=device)
     row_of = {k: i for i, k in enumerate(ok)}
     k_top = min(cfg.top_k, len(ckpt.classes))
     predictions = []

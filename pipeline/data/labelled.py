@@ -100,13 +100,11 @@ class LabelledData:
 def load_labelled(cache: str | Path, cfg: TrainConfig) -> LabelledData:
     """Labels, split (cfg's split settings) and the sequences of `cache`, in RAM or lazy (cfg.memory)."""
     cache_obj = open_cache(cache)
-    labels = video_labels(cache_obj, cfg.labels)
-    split = make_split(labels, mode=cfg.split, cache_splits=cache_obj.splits(), train_list=cfg.train_list,
-                       val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                       group_regex=cfg.group_regex, all_keys=cache_obj.keys())
+    labels = video_labels(cache_obj, cfg.splitting.labels)
+    split = make_split(labels, cfg.splitting, cache_splits=cache_obj.splits(), all_keys=cache_obj.keys())
     classes = sorted({labels[k] for k in split.train})
     keys = split.train + split.val
     log.info("split: %s; %d classes", split.sizes(), len(classes))
-    store = load_sequences(cache_obj, keys, cfg.memory, cfg.progress)
+    store = load_sequences(cache_obj, keys, cfg.memory, cfg.runtime.progress)
     return LabelledData(cache=Path(cache).resolve(), spec=cache_obj.spec, dtype=cache_obj.dtype, labels=labels,
                         split=split, classes=classes, store=store, y=class_indices(keys, labels, classes))

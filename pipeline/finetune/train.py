@@ -17,7 +17,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import FinetuneConfig, config_with
+from pipeline.config import (
+    FINETUNE_BACKBONE_LR_FACTOR,
+    FINETUNE_CLIP_LEN,
+    FINETUNE_UNFREEZE_LAST,
+    FinetuneConfig,
+    SplitConfig,
+    config_with,
+)
 from pipeline.data.cache import CacheError, open_cache
 from pipeline.data.labelled import among_classes, class_indices
 from pipeline.data.sequences import eval_plans, train_plans
@@ -63,8 +70,6 @@ from pipeline.train_head.train import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CLIP_LEN = 16  # training clip of a head that was trained on whole sequences
-DEFAULT_UNFREEZE_LAST = 1  # stages trained when neither --unfreeze nor --unfreeze-last is given
 COLUMNS = (*METRIC_COLUMNS, "clips_per_s")
 
 
@@ -97,10 +102,8 @@ def choose_split(cfg: FinetuneConfig, ckpt: HeadCheckpoint, labels: dict[str, st
                  items: list[VideoItem]) -> Split:
     """The split of the --init run (its split.csv, else its recorded split settings applied again), or a new one."""
     manifest_splits = {it.key: it.split for it in items if it.split}
-    if cfg.split != "head":
-        return make_split(labels, mode=cfg.split, cache_splits=manifest_splits, train_list=cfg.train_list,
-                          val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                          group_regex=cfg.group_regex, all_keys=[it.key for it in items])
+    if cfg.splitting.split != "head":
+        return make_split(labels, cfg.splitting, cache_splits=manifest_splits, all_keys=[it.key for it in items])
     recorded = cfg.init.parent / SPLIT_FILE
     if recorded.is_file():
         sides: dict[str, str] = {}
@@ -126,13 +129,7 @@ def choose_split(cfg: FinetuneConfig, ckpt: HeadCheckpoint, labels: dict[str, st
             raise SplitError(f"{cfg.init} records no split ({recorded} is missing): pass --split auto or random")
         log.warning("%s is missing: applying the head's recorded split settings again", recorded)
 
-        def path(name: str) -> Path | None:
-            return Path(settings[name]) if settings.get(name) else None
-
-        split = make_split(labels, mode=settings.get("split", "auto"), cache_splits=manifest_splits,
-                           train_list=path("train_list"), val_list=path("val_list"),
-                           val_fraction=settings.get("val_fraction", cfg.val_fraction),
-                           split_seed=settings.get("split_seed", 0), group_regex=settings.get("group_regex"),
+        split = make_split(labels, SplitConfig.from_dict(settings), cache_splits=manifest_splits,
                            all_keys=[it.key for it in items])
         split.method = f"the head's split settings applied again: {split.method}"
     check_split(split, labels)
@@ -224,33 +221,35 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     """
     cfg = build_config(init, out, config, **options)
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads or cpu_count())
-    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.runtime.threads or cpu_count())
+    device = pick_device(cfg.runtime.device)
     amp = autocast_dtype(cfg.amp, device)
     ckpt = load_checkpoint(cfg.init)
     spec = ckpt.feature_spec
     sampling = spec.sampling
-    loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.progress)
+    loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.runtime.progress)
     if loaded.dim != ckpt.dims.in_dim:
         raise WeightsError(f"{cfg.init}: the head takes {ckpt.dims.in_dim}-dim features, but {spec.backbone} gives "
                            f"{loaded.dim}")
     if cfg.unfreeze is None and cfg.unfreeze_last is None:
-        unfreeze = resolve_unfreeze(loaded.model, spec.backbone, None, DEFAULT_UNFREEZE_LAST)
+        unfreeze = resolve_unfreeze(loaded.model, spec.backbone, None, FINETUNE_UNFREEZE_LAST)
     else:
         unfreeze = resolve_unfreeze(loaded.model, spec.backbone, cfg.unfreeze, cfg.unfreeze_last)
-    clip_len = cfg.clip_len or ckpt.clip_len or DEFAULT_CLIP_LEN
+    # clip_len 0: whole sequences; None: the head's clip length, or FINETUNE_CLIP_LEN for a whole-sequence head
+    clip_len = cfg.clip_len if cfg.clip_len is not None else (ckpt.clip_len or FINETUNE_CLIP_LEN)
+    clip_len = clip_len or None
     clip_stride = cfg.clip_stride or ckpt.clip_stride
     unfrozen = "all" if unfreeze == [""] else ", ".join(unfreeze) or "nothing"
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
 
     # -- data: the inputs' labels, the head's split, each video's feature rows
     items = discover(inputs)
-    labels = input_labels(items, ckpt.classes, cfg.labels)
+    labels = input_labels(items, ckpt.classes, cfg.splitting.labels)
     split = choose_split(cfg, ckpt, labels, items)
     chosen = set(split.train) | set(split.val)
     cache_path = cfg.cache or (Path(ckpt.config["cache"]) if ckpt.config.get("cache") else None)
     rows, failed, from_cache = feature_rows([it for it in items if it.key in chosen], cache_path, sampling,
-                                            max(workers, 1), cfg.progress)
+                                            max(workers, 1), cfg.runtime.progress)
     if failed:
         for key, reason in failed.items():
             log.warning("left out %s: %s", key, reason)
@@ -274,7 +273,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
                           grad_checkpointing=cfg.grad_checkpointing, autocast_dtype=amp)
     model.backbone.to(device, memory_format=torch.channels_last)
     model.head.to(device)
-    backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr / 10
+    backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr * FINETUNE_BACKBONE_LR_FACTOR
     optimizer = finetune_optimizer(model, cfg.lr, backbone_lr, cfg.weight_decay)
     batches_per_epoch = math.ceil(n_train / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
@@ -334,7 +333,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
             plans = train_plans(lengths[train_idx], y[train_idx], cfg.batch_size, clip_len, clip_stride, rng)
             jobs = [ClipJob(plan, rng.integers(0, 2**63, len(plan.videos))) for plan in plans]
             lr = optimizer.param_groups[0]["lr"]
-            with tqdm(total=n_train, unit="clip", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.progress,
+            with tqdm(total=n_train, unit="clip", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.runtime.progress,
                       leave=False) as bar:
 
                 def on_batch(batch, mean_loss: float) -> None:

@@ -291,7 +291,7 @@ class _Sweep:
 
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(cfg.threads or cpu_count())
+        torch.set_num_threads(cfg.runtime.threads or cpu_count())
         with _quiet_optuna():
             self.storage_url, storage = open_storage(cfg.storage, cfg.out)
             self.storage = storage
@@ -313,7 +313,7 @@ class _Sweep:
             self.trials = self._budget(space)
 
             data, reduction, full = self._load()
-            self.device = pick_device(cfg.device)
+            self.device = pick_device(cfg.runtime.device)
             identity = self._identity(space, data)
             if recorded is not None:
                 self._check_same(recorded, identity)
@@ -378,7 +378,7 @@ class _Sweep:
         full features again for the refit (kept in RAM when they were read into it)."""
         cfg = self.cfg
         base = cfg.train_config(cfg.out, clip_len=None)
-        data = load_labelled(self.cache, replace(base, progress=cfg.progress))
+        data = load_labelled(self.cache, replace(base, runtime=replace(base.runtime, progress=cfg.runtime.progress)))
         if cfg.reduce_dim is None:
             return data, None, None
         t = time.perf_counter()
@@ -427,7 +427,7 @@ class _Sweep:
         self.deadline = None if remaining is None else time.time() + remaining
         done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t) and t.state.is_finished())
         self.bar = tqdm(total=self.trials, initial=min(done, self.trials), desc="sweep", unit="trial",
-                        disable=not cfg.progress, dynamic_ncols=True)
+                        disable=not cfg.runtime.progress, dynamic_ncols=True)
         try:
             if self._left(study) <= 0:
                 log.info("study %s already has its %d trials", self.name, self.trials)
@@ -600,9 +600,9 @@ class _Sweep:
             return None
         configs = [replace(cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed,
                                                                                       **r["params"]}),
-                           progress=cfg.progress) for r in chosen]
+                           progress=cfg.runtime.progress) for r in chosen]
         what = f"refit on the full features: trials {', '.join(str(r['trial']) for r in chosen)}"
-        if cfg.progress:
+        if cfg.runtime.progress:
             tqdm.write(what, file=sys.stderr)
         else:
             log.info(what)
@@ -614,7 +614,7 @@ class _Sweep:
             if len(members) == 1:
                 results[members[0]] = train_head(full.cache, config=configs[members[0]], data=full)
                 continue
-            stacked = train_stack(full, [configs[i] for i in members], self.device, progress=cfg.progress)
+            stacked = train_stack(full, [configs[i] for i in members], self.device, progress=cfg.runtime.progress)
             for i, outcome in zip(members, stacked, strict=True):
                 if not isinstance(outcome, TrainResult):
                     raise outcome

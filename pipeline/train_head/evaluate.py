@@ -50,8 +50,8 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
     Options are EvalConfig fields (eval_clips=..., labels=..., keys_list=..., out=...).
     """
     cfg = config_with(EvalConfig, config, {}, options, "evaluate")
-    torch.set_num_threads(cfg.threads or cpu_count())
-    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.runtime.threads or cpu_count())
+    device = pick_device(cfg.runtime.device)
     ckpt = load_checkpoint(checkpoint)
     c = open_cache(cache)
     ckpt.check_features(c, checkpoint)
@@ -65,7 +65,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
             raise SplitError(f"no labelled video of {c.path} is named in {cfg.keys_list}")
     labels, skipped = among_classes(labels, ckpt.classes, str(c.path))
     keys = list(labels)
-    store = load_sequences(c, keys, cfg.memory, cfg.progress)
+    store = load_sequences(c, keys, cfg.memory, cfg.runtime.progress)
     y = class_indices(keys, labels, ckpt.classes)
     probs = predict_store(ckpt.model(device), store, np.arange(len(keys)), clip_len=ckpt.clip_len,
                           clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=cfg.batch_size, device=device,

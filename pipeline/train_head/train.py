@@ -170,12 +170,12 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
     """
     cfg = build_config(out, config, **options)
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads or cpu_count())
-    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.runtime.threads or cpu_count())
+    device = pick_device(cfg.runtime.device)
     if data is None:
         data = load_labelled(cache, cfg)
     run = HeadRun(cfg, data, device, on_epoch, started)
-    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()

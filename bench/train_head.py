@@ -20,7 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import machine  # bench/common.py, beside this script
+from common import ensure_cache, machine  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -204,11 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="bench-train-head-"))
         path = workdir / "ucf101_like.h5"
     try:
-        if not path.exists():
-            print(f"generating {args.videos} videos into {path} ...", file=sys.stderr)
-            t = time.perf_counter()
-            generate(path, args.videos, args.dim, args.classes)
-            print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ensure_cache(path, f"{args.videos} videos", lambda p: generate(p, args.videos, args.dim, args.classes))
         cache = open_cache(path)
         keys = cache.keys()
         labels = sorted(set(cache.labels().values()))

@@ -58,12 +58,18 @@ def _field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _help(text: str) -> str:
-    """A docstring as option help: one paragraph, named constants as their values, Rich markup shown as typed."""
+def _help(text: str, computed_default: bool) -> str:
+    """A docstring as option help: one paragraph, named constants as their values, Rich markup shown as typed.
+    Where the default is computed (the field's default is None), the docstring's closing "default: ..." clause is
+    shown as the default."""
     text = " ".join(text.split())
     text = re.sub(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b",
                   lambda m: str(getattr(settings_module, m.group(0), m.group(0))), text)
-    return text.replace("[", "\\[")
+    text = text.replace("[", "\\[")
+    clause = re.search(r"(?:^|[;.] )[Dd]efault(?:, [^:]+)?: ([^;]+?)\.?$", text) if computed_default else None
+    if clause:
+        text = f"{text[:clause.start()].rstrip(';. ')}. \\[default: {clause.group(1)}]"
+    return text
 
 
 def _option_type(annotation) -> Any:
@@ -78,8 +84,9 @@ def _option_type(annotation) -> Any:
 def _config_options(cls: type, *, skip: tuple[str, ...] = (), flags: dict[str, tuple[str, ...]] | None = None,
                     kinds: dict[str, Any] | None = None,
                     metavars: dict[str, str] | None = None) -> list[inspect.Parameter]:
-    """One option per setting of `cls` with a default, the settings of its groups (sampling, splitting, runtime)
-    included; `skip` leaves some out, `flags` renames, `kinds` replaces a field's type, `metavars` names values."""
+    """One option per setting of `cls` (required where the field has no default), the settings of its groups
+    (sampling, splitting, runtime) included; `skip` leaves some out, `flags` renames, `kinds` replaces a field's
+    type, `metavars` names values."""
     flags, kinds, metavars = flags or {}, kinds or {}, metavars or {}
     params: list[inspect.Parameter] = []
 
@@ -96,14 +103,15 @@ def _config_options(cls: type, *, skip: tuple[str, ...] = (), flags: dict[str, t
             elif f.default_factory is not MISSING:
                 default = f.default_factory()
             else:
-                continue  # a required setting: the command declares it itself
+                default = inspect.Parameter.empty  # a required option
             if is_dataclass(hints[f.name]):
                 walk(hints[f.name], default)
                 continue
             kind = kinds.get(f.name, _option_type(hints[f.name]))
             extra = {"metavar": metavars[f.name]} if f.name in metavars else {}
-            option = typer.Option(*flags.get(f.name, ()), help=_help(docs.get(f.name, "")),
-                                  show_default=default is not None and default != (), **extra)
+            shown = default not in (None, (), inspect.Parameter.empty)
+            option = typer.Option(*flags.get(f.name, ()), help=_help(docs.get(f.name, ""), default is None),
+                                  show_default=shown, **extra)
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
                                             default=None if default == () else default,
                                             annotation=Annotated[kind, option]))
@@ -136,11 +144,11 @@ def _command(cls: type, name: str | None = None, **option_args):
     return register
 
 
-def _settings(cls: type, values: dict, quiet: bool, required: dict | None = None):
+def _settings(cls: type, values: dict, quiet: bool):
     """The config of a command: its options (None from a repeatable option that was not given: empty)."""
     values = {k: (() if v is None and k == "params" else tuple(v) if isinstance(v, list) else v)
               for k, v in values.items()}
-    return config_with(cls, None, required or {}, {**values, "progress": not quiet}, "the command")
+    return config_with(cls, None, {}, {**values, "progress": not quiet}, "the command")
 
 
 # --------------------------------------------------------------------------------------------- error mapping
@@ -172,17 +180,25 @@ def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s: %(message)s")
 
 
+def _train(cls: type, settings: dict, quiet: bool, run) -> None:
+    """A command that trains into a run folder (train-head, finetune): `run(config)`, then its summary line."""
+    _setup_logging(quiet)
+    with _errors():
+        config = _settings(cls, settings, quiet)
+    with _errors(f"interrupted: {config.out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
+        result = run(config)
+    typer.echo(result.summary_line())
+
+
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors and the result only.")]
 
 
 # ------------------------------------------------------------------------------------------------ stage one
-@_command(ExtractConfig)
+@_command(ExtractConfig, flags={"output": ("-o", "--output")})
 def extract(
     inputs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively for videos and image folders), "
                                                       "video files, image folders, or CSV manifests (path,label[,split]).",
                                                  show_default=False)],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The cache file to create or resume.",
-                                         show_default=False)],
     backbone_checkpoint: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         help="Extract exactly the features of this checkpoint: the fine-tuned backbone of a `pipeline finetune` "
              "run (or a head's backbone and weights). Backbone, preprocessing and sampling come from it.")] = None,
@@ -192,7 +208,8 @@ def extract(
     """Extract per-frame features of videos into an HDF5 cache (resumable; failed inputs are reported and skipped)."""
     _setup_logging(quiet)
     with _errors():
-        config = _settings(ExtractConfig, settings, quiet, {"output": output})
+        config = _settings(ExtractConfig, settings, quiet)
+    output = config.output
 
     from pipeline.extract.run import extract_videos
     from pipeline.predict import extract_with_checkpoint
@@ -268,25 +285,12 @@ Cache = Annotated[Path, typer.Argument(help="Feature cache (.h5) made by `pipeli
 Checkpoint = Annotated[Path, typer.Argument(help="A head checkpoint (best.pt or last.pt).", show_default=False)]
 
 
-@_command(TrainConfig, name="train-head")
-def train_head(
-    cache: Cache,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config.json, metrics.csv, summary.json, "
-                                                         "best.pt, last.pt, plots.", show_default=False)],
-    quiet: Quiet = False,
-    **settings,
-) -> None:
+@_command(TrainConfig, name="train-head", flags={"out": ("--out", "-o")})
+def train_head(cache: Cache, quiet: Quiet = False, **settings) -> None:
     """Train a temporal head on the cached sequences; writes a run folder with metrics, checkpoints and plots."""
-    _setup_logging(quiet)
-    with _errors():
-        config = _settings(TrainConfig, settings, quiet, {"out": out})
-
     from pipeline.train_head.train import train_head as run
 
-    with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
-        result = run(cache, config=config)
-
-    typer.echo(result.summary_line())
+    _train(TrainConfig, settings, quiet, lambda config: run(cache, config=config))
 
 
 @_command(EvalConfig, flags={"keys_list": ("--list",), "out": ("--out", "-o")})
@@ -353,20 +357,18 @@ def predict(
         raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
-@_command(SweepConfig, flags={"params": ("--param", "-p")}, metavars={"params": "NAME=SPEC", "space": "FILE.yaml"},
+@_command(SweepConfig, flags={"params": ("--param", "-p"), "out": ("--out", "-o")}, metavars={"params": "NAME=SPEC", "space": "FILE.yaml"},
           kinds={"params": Optional[list[str]], "space": Optional[Path]})  # noqa: UP045
 def sweep(
     cache: Cache,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: trials/NNNN run folders, "
-                                                         "leaderboard.csv/.json, best.pt, search.png, study.db.",
-                                      show_default=False)],
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.")] = False,
     **settings,
 ) -> None:
     """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""
     _setup_logging(quiet)
     with _errors():
-        config = _settings(SweepConfig, settings, quiet, {"out": out})
+        config = _settings(SweepConfig, settings, quiet)
+    out = config.out
 
     from pipeline.sweep.run import SweepError
     from pipeline.sweep.run import sweep as run
@@ -380,29 +382,18 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------------------------- stage three
-@_command(FinetuneConfig)
+@_command(FinetuneConfig, flags={"out": ("--out", "-o")})
 def finetune(
     inputs: Annotated[list[Path], typer.Argument(help="Labelled videos or frame folders: folders (class "
                                                       "subfolders), files or CSV manifests, as for extract.",
                                                  show_default=False)],
-    init: Annotated[Path, typer.Option(help="The head checkpoint to start from (runs/NAME/best.pt).",
-                                       show_default=False)],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run folder: config.json, metrics.csv, summary.json, "
-                                                         "split.csv, best.pt, last.pt, plots.", show_default=False)],
     quiet: Quiet = False,
     **settings,
 ) -> None:
     """Fine-tune the backbone of a head's features together with the head, on clips decoded from the videos."""
-    _setup_logging(quiet)
-    with _errors():
-        config = _settings(FinetuneConfig, settings, quiet, {"init": init, "out": out})
-
     from pipeline.finetune.train import finetune as run
 
-    with _errors(f"interrupted: {out} keeps best.pt, last.pt and metrics.csv of the finished epochs"):
-        result = run(inputs, config=config)
-
-    typer.echo(result.summary_line())
+    _train(FinetuneConfig, settings, quiet, lambda config: run(inputs, config=config))
 
 
 @app.command()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import FAST, decode_all_rgb, make_frame_folder, make_video
+from helpers import FAST, decode_all_rgb, make_frame_folder, make_video
 from PIL import Image
 
 import pipeline

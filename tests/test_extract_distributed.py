@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 from typer.testing import CliRunner
 
 import pipeline

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 
 import pipeline
 from pipeline.data.cache import CacheError, parts_dir

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline

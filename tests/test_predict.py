@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 from typer.testing import CliRunner
 
 import pipeline

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, feature_cache, make_video, separable_videos
+from helpers import FAST, feature_cache, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -182,12 +182,14 @@ def test_pruning_stops_weak_trials_after_the_warmup(cache, tmp_path):
 
 
 def test_timeout_stops_the_running_trial_at_an_epoch_end(cache, tmp_path):
-    started = time.perf_counter()
     result = pipeline.sweep(cache, tmp_path / "t", params=["hidden=8,16", "epochs=100000", "batch_size=8",
                                                            "clip_len=5"], timeout=1.5, pruner="none", **QUICK)
-    assert time.perf_counter() - started < 10
     (row,) = result.rows
-    assert row["state"] == "pruned" and row["stopped"] == "timeout" and 1 <= row["epochs_run"] < 100000
+    assert row["state"] == "pruned" and row["stopped"] == "timeout" and row["epochs_run"] >= 1
+    # stopped at the end of an epoch: every epoch it ran is in metrics.csv, and last.pt is the last of them
+    run = tmp_path / "t" / "trials" / f"{row['trial']:04d}"
+    assert len((run / "metrics.csv").read_text().splitlines()) - 1 == row["epochs_run"]
+    assert load_checkpoint(run / "last.pt").epoch == row["epochs_run"]
 
 
 # ---------------------------------------------------------------------------------------------- studies, workers
@@ -306,7 +308,8 @@ def test_help_lists_the_sweep_flags_and_stays_light():
                  "--refit", "--stack", "--storage", "--study", "--resume", "--val-fraction"):
         assert flag in result.output
     text = " ".join(line.strip("│ ") for line in result.output.splitlines())
-    for shown in ("[default: the whole grid, else 20]", "[default: 3 with --reduce-dim]", "[default: all cores]"):
+    for shown in ("[default: every combination (grid), else 20]", "[default: 3 with --reduce-dim]",
+                  "[default: all CPU cores (decode and reader workers use one each)]"):
         assert shown in " ".join(text.split()), shown  # written defaults survive the help's markup
     probe = ("import sys, pipeline, pipeline.cli; pipeline.SweepConfig; "
              "assert not {'torch', 'optuna', 'yaml'} & set(sys.modules), 'heavy import'")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import feature_cache, separable_videos
+from helpers import feature_cache, separable_videos
 from typer.testing import CliRunner
 
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app

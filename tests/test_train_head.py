@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_HEAD, feature_cache, order_videos, separable_videos
+from helpers import TINY_HEAD, feature_cache, order_videos, separable_videos
 
 import pipeline
 from pipeline.config import HEADS
@@ -116,13 +116,13 @@ def test_clip_plans():
     plans = train_plans(lengths, np.array([0, 1, 2]), 2, 4, 2, np.random.default_rng(0))
     assert sorted(v for p in plans for v in p.videos) == [0, 1, 2]
     for p in plans:
-        for v, f in zip(p.videos, p.frames, strict=True):
+        for v, f in zip(p.videos, p.rows, strict=True):
             real = f[f >= 0]
             assert (np.diff(real) == 2).all() and real.max() < lengths[v]
     # three evenly spaced clips: the first starts at row 0, the last ends at the last row
     (plan,) = eval_plans(np.array([0]), lengths, np.zeros(3, np.int64), 8, 4, 2, 3)
-    assert sorted(plan.frames[:, 0].tolist()) == [0, 6, 13]
-    assert plan.frames.max() == 19 and (plan.owners == 0).all()
+    assert sorted(plan.rows[:, 0].tolist()) == [0, 6, 13]
+    assert plan.rows.max() == 19 and (plan.owners == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------------ splits

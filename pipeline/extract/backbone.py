@@ -29,6 +29,10 @@ class WeightsError(RuntimeError):
     """Weights that cannot be found or loaded; the message names the remedies."""
 
 
+class WeightsNameError(ValueError):
+    """A --weights value that names no weights of the backbone (a usage error, like an unknown --backbone)."""
+
+
 def model_weights_enum(backbone: str):
     try:
         return torchvision.models.get_model_weights(backbone)
@@ -198,13 +202,14 @@ def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: 
 def _weights_member(enum, name: str, backbone: str):
     key = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
     if "." in key:
-        raise WeightsError(f"--weights {name!r} names weights of another model; {backbone} takes {enum.__name__}.*")
+        raise WeightsNameError(f"--weights {name!r} names weights of another model; {backbone} takes "
+                               f"{enum.__name__}.*")
     try:
         return enum[key]
     except KeyError:
         options = ", ".join(["DEFAULT"] + [w.name for w in enum])
-        raise WeightsError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
-                           f"a state-dict file, or none") from None
+        raise WeightsNameError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
+                               f"a state-dict file, or none") from None
 
 
 def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict, str]:

@@ -282,7 +282,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, job: ClipJob) -> ClipBatch:
         plan = job.plan
         clips, reads = [], dict.fromkeys(READ_MODES, 0)
-        for k, (video, rows) in enumerate(zip(plan.videos.tolist(), plan.frames, strict=True)):
+        for k, (video, rows) in enumerate(zip(plan.videos.tolist(), plan.rows, strict=True)):
             seed = None if job.seeds is None else int(job.seeds[k])
             frames, mode = self.clip(video, rows[rows >= 0], seed)
             clips.append(frames)

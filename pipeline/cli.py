@@ -317,9 +317,16 @@ def evaluate(
         import json
 
         typer.echo(json.dumps({"checkpoint": str(checkpoint), "cache": str(cache), "eval": report.eval,
-                               **report.metrics, "skipped": len(report.skipped)}, indent=1))
+                               **report.metrics, "skipped": len(report.skipped), "trained_on": report.seen,
+                               "only_trained_on": report.only_seen}, indent=1))
         return
     typer.echo(report.summary_line())
+    if report.seen is not None:
+        typer.secho(f"  + {report.seen['videos']} videos the head was trained on: top-1 {report.seen['top1']:.1%} "
+                    f"(not in the score above)", fg=typer.colors.YELLOW)
+    elif report.only_seen:
+        typer.secho("  every scored video was in the head's training split: this is not a held-out score",
+                    fg=typer.colors.YELLOW)
     m = report.metrics
     width = max(len(c) for c in m["classes"])
     support = [sum(row) for row in m["confusion_matrix"]]

@@ -258,6 +258,8 @@ class TrainConfig(_Settings):
     """Reader processes in lazy mode (0 reads in the training process)."""
     plots: bool = True
     """Write curves.png and confusion.png when matplotlib is installed."""
+    overwrite: bool = False
+    """Replace the run in an --out folder that already holds one (its files are removed first) instead of refusing."""
     splitting: SplitConfig = field(default_factory=_splitting)
     runtime: Runtime = field(default_factory=_runtime)
 
@@ -429,7 +431,7 @@ class SweepConfig(_Settings):
     def train_config(self, out: Path, **options) -> TrainConfig:
         """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
         return TrainConfig(out=out, splitting=self.splitting, memory=self.memory,
-                           runtime=replace(self.runtime, progress=False), plots=False, **options)
+                           runtime=replace(self.runtime, progress=False), plots=False, overwrite=True, **options)
 
 
 # ---------------------------------------------------------------------------------------------- stage three
@@ -480,6 +482,12 @@ class FinetuneConfig(_Settings):
     augment: bool = True
     """Random resized crop and horizontal flip of training clips, drawn once per clip; validation always gets
     stage one's exact preprocessing."""
+    val_clips: int | None = None
+    """Validate on the clips of at most this many val videos (evenly spread over the split, the same ones every
+    epoch); default: every val video."""
+    start_eval: bool = True
+    """Score the starting model (the head's own checkpoint) on the val videos before training: epoch 0 of best.pt
+    and of the summary. --no-start-eval saves that pass."""
     min_scale: float = 0.35
     """Smallest share of a frame's area that a random crop keeps."""
     flip: bool = True
@@ -499,6 +507,8 @@ class FinetuneConfig(_Settings):
     """Decode worker processes (seeking, cropping); default: as `pipeline extract` chooses; 0 decodes in-process."""
     plots: bool = True
     """Write curves.png and confusion.png when matplotlib is installed."""
+    overwrite: bool = False
+    """Replace the run in an --out folder that already holds one (its files are removed first) instead of refusing."""
     splitting: SplitConfig = field(default_factory=_finetune_splitting)
     runtime: Runtime = field(default_factory=_runtime)
 
@@ -510,7 +520,10 @@ class FinetuneConfig(_Settings):
         if self.unfreeze is not None and not self.unfreeze.strip():
             raise ValueError("--unfreeze needs module names (e.g. layer4), 'all' or 'none'")
         _one_of("--amp", self.amp, AMP_MODES)
-        _at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, clip_stride=self.clip_stride)
+        _at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, clip_stride=self.clip_stride,
+                  val_clips=self.val_clips)
+        if self.epochs == 0 and not self.start_eval:
+            raise ValueError("--epochs 0 only evaluates the start: drop --no-start-eval")
         _at_least(0, epochs=self.epochs, patience=self.patience, unfreeze_last=self.unfreeze_last,
                   workers=self.workers, clip_len=self.clip_len)
         for flag, value in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):

@@ -261,6 +261,20 @@ def test_the_head_split_is_reused(head_run, tmp_path):
     assert read_split(tmp_path / "ft2" / "split.csv") == recorded
 
 
+def test_validation_can_be_capped_and_the_start_evaluation_skipped(head_run, tmp_path):
+    recorded = read_split(head_run / "run" / "split.csv")
+    assert list(recorded.values()).count("val") >= 2
+    result = pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "ft",
+                               **{**TUNE, "val_clips": 1, "start_eval": False})
+    assert result.summary["videos"] == 1 and result.summary["start"] is None
+    assert result.summary["best_epoch"] == 1  # no epoch 0: the start was not scored
+    assert load_checkpoint(tmp_path / "ft" / "best.pt").epoch == 1
+    assert "(start" not in result.summary_line()
+    with pytest.raises(ValueError, match="--epochs 0 only evaluates the start"):
+        pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "x",
+                          **{**TUNE, "epochs": 0, "start_eval": False})
+
+
 # ------------------------------------------------------------------------------------- predict and extract
 def test_predict_and_reextract_with_the_finetuned_backbone(head_run, tmp_path):
     ckpt_path = head_run / "ft" / "last.pt"

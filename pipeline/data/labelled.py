@@ -77,6 +77,8 @@ class LabelledData:
     """The train videos first, then the val videos."""
     y: np.ndarray
     """(videos,) class index of each store video."""
+    train_sources: list[str] = field(default_factory=list)
+    """Source path of each train video (what checkpoints record as the videos they were trained on)."""
     notes: dict = field(default_factory=dict)
     """How the data was prepared beyond the cache (e.g. a reduction), recorded in config.json and checkpoints."""
     stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
@@ -106,5 +108,7 @@ def load_labelled(cache: str | Path, cfg: TrainConfig) -> LabelledData:
     keys = split.train + split.val
     log.info("split: %s; %d classes", split.sizes(), len(classes))
     store = load_sequences(cache_obj, keys, cfg.memory, cfg.runtime.progress)
+    sources = cache_obj.sources()
     return LabelledData(cache=Path(cache).resolve(), spec=cache_obj.spec, dtype=cache_obj.dtype, labels=labels,
-                        split=split, classes=classes, store=store, y=class_indices(keys, labels, classes))
+                        split=split, classes=classes, store=store, y=class_indices(keys, labels, classes),
+                        train_sources=[sources[k][0] for k in split.train])

@@ -76,8 +76,8 @@ COLUMNS = (*METRIC_COLUMNS, "clips_per_s")
 class FinetuneResult(TrainResult):
     def summary_line(self) -> str:
         s = self.summary
-        return (f"{s['head']} + {s['backbone']} ({s['unfrozen']} trained): val top-1 {s['top1']:.1%} (start "
-                f"{s['start']['top1']:.1%}), top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/{s['epochs_run']} "
+        start = f" (start {s['start']['top1']:.1%})" if s["start"] else ""
+        return (f"{s['head']} + {s['backbone']} ({s['unfrozen']} trained): val top-1 {s['top1']:.1%}{start}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/{s['epochs_run']} "
                 f"({s['split']['train']} train / {s['split']['val']} val, {s['train_clips_per_s']:.1f} clips/s, "
                 f"{s['seconds']:.1f}s) -> {self.out}")
 
@@ -296,7 +296,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off", "workers": workers,
         "train": ckpt.config.get("train", {}),
     }
-    recorder = RunRecorder(out_dir, {"finetune": cfg.to_dict(), **run_info}, split, labels, patience=cfg.patience,
+    recorder = RunRecorder(out_dir, {"finetune": cfg.to_dict(), **run_info}, split, labels, overwrite=cfg.overwrite,
+                           patience=cfg.patience,
                            columns=COLUMNS)
 
     def checkpoint(epoch: int, metrics: dict) -> HeadCheckpoint:
@@ -307,22 +308,38 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         return HeadCheckpoint(dims=ckpt.dims, state_dict=model.head.state_dict(), classes=ckpt.classes,
                               feature_spec=new_spec, feature_dtype=ckpt.feature_dtype, clip_len=ckpt.clip_len,
                               clip_stride=ckpt.clip_stride, eval_clips=ckpt.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state)
+                              config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state,
+                              train_videos=[str(path_of[k].resolve()) for k in split.train])
 
-    def validate() -> dict:
+    if cfg.val_clips is not None and cfg.val_clips < len(val_idx):
+        # the same evenly spread videos every epoch, so that epochs stay comparable
+        val_idx = val_idx[np.unique(np.linspace(0, len(val_idx) - 1, cfg.val_clips).round().astype(np.int64))]
+        log.info("validating on %d of the %d val videos (--val-clips)", len(val_idx), len(split.val))
+
+    def validate(what: str) -> dict:
         plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips)
         jobs = [ClipJob(plan) for plan in plans]
-        probs = evaluate(model, clip_batches(dataset, jobs, workers, pin), len(val_idx), device)
+        with tqdm(total=sum(len(plan.videos) for plan in plans), unit="clip", desc=what,
+                  disable=not cfg.runtime.progress, leave=False) as bar:
+
+            def counted(batches):
+                for batch in batches:
+                    bar.update(len(batch.y))
+                    yield batch
+
+            probs = evaluate(model, counted(clip_batches(dataset, jobs, workers, pin)), len(val_idx), device)
         return classification_report(probs, y[val_idx], ckpt.classes)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    start = validate()
-    log.info("start: val top-1 %.1f%% (the head's own checkpoint: %s)", 100 * start["top1"], ckpt.metrics)
-    start_metrics = {"loss": start["loss"], "top1": start["top1"], "top5": start["top5"],
-                     "seconds": time.perf_counter() - t0}
-    recorder.start(start, checkpoint(0, {k: start[k] for k in ("loss", "top1", "top5")}), cfg.epochs)
+    start_metrics = None
+    if cfg.start_eval:
+        t0 = time.perf_counter()
+        start = validate("validate the start")
+        log.info("start: val top-1 %.1f%% (the head's own checkpoint: %s)", 100 * start["top1"], ckpt.metrics)
+        start_metrics = {"loss": start["loss"], "top1": start["top1"], "top5": start["top5"],
+                         "seconds": time.perf_counter() - t0}
+        recorder.start(start, checkpoint(0, {k: start[k] for k in ("loss", "top1", "top5")}), cfg.epochs)
 
     reads = dict.fromkeys(READ_MODES, 0)
     clips_total, train_seconds = 0, 0.0
@@ -349,7 +366,7 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
             clips = len(train_idx)
             clips_total += clips
             train_seconds += t1 - t0
-            report = validate()
+            report = validate(f"validate epoch {epoch}")
             row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
                    "val_top5": report["top5"], "lr": lr, "train_seconds": t1 - t0,
                    "val_seconds": time.perf_counter() - t1, "clips_per_s": clips / (t1 - t0)}

@@ -48,6 +48,9 @@ class HeadCheckpoint:
     """Validation metrics at this epoch (loss, top1, top5)."""
     config: dict = field(default_factory=dict)
     """The TrainConfig of the run, the cache path and the split sizes."""
+    train_videos: list[str] = field(default_factory=list)
+    """Source paths of the videos the head was trained on (so that `evaluate` can keep them apart); empty in
+    checkpoints of pipeline 0.1."""
     backbone_state: dict[str, torch.Tensor] | None = None
     """The fine-tuned backbone (classifier removed) of a `pipeline finetune` checkpoint; its feature_spec names it
     'finetuned:<run>' with the sha256 of these tensors. None for a head trained on a cache."""
@@ -78,7 +81,7 @@ class HeadCheckpoint:
             "classes": list(self.classes), "feature_spec": self.feature_spec.to_dict(),
             "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
             "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "epoch": self.epoch,
-            "metrics": self.metrics, "config": self.config, "versions": _versions(),
+            "metrics": self.metrics, "config": self.config, "versions": _versions(), "train_videos": self.train_videos,
         }
         # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
         plain = json.loads(json.dumps(plain, default=str))
@@ -141,6 +144,7 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
             feature_spec=FeatureSpec.from_dict(obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
             clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
             epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
+            train_videos=list(obj.get("train_videos", [])),
             backbone_state=obj.get("backbone_state_dict"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

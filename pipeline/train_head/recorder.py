@@ -22,8 +22,26 @@ from pipeline.train_head.metrics import plot_confusion, plot_curves, to_json
 
 log = logging.getLogger(__name__)
 
+RUN_FILES = ("config.json", "split.csv", "metrics.csv", "best.pt", "last.pt", "summary.json", "curves.png",
+             "confusion.png")  # what a run folder holds; --overwrite removes them before a new run
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "train_seconds",
                   "val_seconds")
+
+
+class RunExistsError(FileExistsError):
+    """A run folder that already holds a run, and no --overwrite."""
+
+
+def claim_run_folder(out: Path, overwrite: bool) -> None:
+    """Make `out` an empty run folder: refuse one that holds a run's files (RunExistsError) unless `overwrite`,
+    which removes them, so that no file of the old run is taken for one of the new."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not overwrite:
+        raise RunExistsError(f"{out} already holds a run ({', '.join(found)}): pass --overwrite to replace it, or "
+                             f"choose another --out")
+    for name in found:
+        (out / name).unlink()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def is_better(report: dict, best: dict) -> bool:
@@ -37,9 +55,10 @@ class RunRecorder:
     the patience and calls `on_epoch` with each row (its exception stops the run)."""
 
     def __init__(self, out: Path, config: dict, split: Split, labels: dict[str, str], *, patience: int = 0,
-                 on_epoch: Callable[[dict], None] | None = None, columns: Sequence[str] = METRIC_COLUMNS):
+                 on_epoch: Callable[[dict], None] | None = None, columns: Sequence[str] = METRIC_COLUMNS,
+                 overwrite: bool = False):
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        claim_run_folder(self.out, overwrite)
         (self.out / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
         write_split(self.out / SPLIT_FILE, split, labels)  # which video was on which side, for `finetune`
         self.patience, self.on_epoch = patience, on_epoch

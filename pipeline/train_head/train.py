@@ -229,6 +229,7 @@ class HeadRun:
                          "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
                          "in_memory": store.in_memory, "device": str(device), **data.notes}
         self.recorder = RunRecorder(self.out, {"train": cfg.to_dict(), **self.run_info}, split, data.labels,
+                                    overwrite=cfg.overwrite,
                                     patience=cfg.patience, on_epoch=on_epoch)
 
     def epoch_plans(self, epoch: int) -> list:
@@ -250,7 +251,7 @@ class HeadRun:
         return HeadCheckpoint(dims=self.dims, state_dict=self.model.state_dict(), classes=self.data.classes,
                               feature_spec=self.data.spec, feature_dtype=self.data.dtype, clip_len=cfg.clip_len,
                               clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"train": cfg.to_dict(), **self.run_info})
+                              config={"train": cfg.to_dict(), **self.run_info}, train_videos=self.data.train_sources)
 
     def end_epoch(self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float,
                   val_seconds: float) -> bool:

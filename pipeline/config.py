@@ -5,6 +5,7 @@ The CLI reads its defaults from these dataclasses, and `__post_init__` errors na
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -37,8 +38,9 @@ class Sampling:
     """Frame rate assumed for folders of images, which carry no timestamps of their own."""
 
     def __post_init__(self):
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        # isfinite: an infinite rate would keep every frame under a spec that claims a rate, NaN compares false
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps must be a finite number > 0, got {self.fps}")
         if self.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {self.stride}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -50,8 +52,8 @@ class Sampling:
                              "it cannot be combined with --fps, --stride or --max-frames")
         if self.fps is not None and self.stride != 1:
             raise ValueError("use either --fps or --stride, not both")
-        if not self.frames_fps > 0:
-            raise ValueError(f"--frames-fps must be > 0, got {self.frames_fps}")
+        if not (math.isfinite(self.frames_fps) and self.frames_fps > 0):
+            raise ValueError(f"--frames-fps must be a finite number > 0, got {self.frames_fps}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +94,11 @@ class ExtractConfig:
     shard: str | None = None
     """'i/n': extract only share i (0-based) of n of the inputs, balanced by size, e.g. in a Slurm array; then run
     `pipeline merge`. Under torchrun the share comes from RANK/WORLD_SIZE instead."""
+    prune: bool = False
+    """Remove the cache's videos (and failure records) whose source file or folder no longer exists. Never done
+    without this flag: sources on a disk that is not mounted look the same."""
+    pack: bool = False
+    """At the end of the run, make the cache one self-contained file (as `pipeline pack`)."""
     progress: bool = True
 
     def __post_init__(self):
@@ -114,6 +121,9 @@ class ExtractConfig:
             raise ValueError(f"--std must be positive, got {self.std}")
         if self.shard is not None:
             parse_shard(self.shard)
+            if self.prune or self.pack:
+                raise ValueError("--prune and --pack cannot be combined with --shard: use them after `pipeline "
+                                 "merge` (an unsharded `pipeline extract --prune`, or `pipeline pack`)")
             if self.overwrite:
                 raise ValueError("--overwrite cannot be combined with --shard (shards would delete each other's "
                                  "work); delete the cache and its .parts folder first")

@@ -929,12 +929,17 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
     out = Path(output) if output is not None else src
     in_place = out.resolve() == src.resolve() if out.exists() else out == src
     cache = FeatureCache(src)
+    if cache.unindexed_parts():  # finished videos of an interrupted or sharded run: index them first, lose none
+        merge(src)
+        cache = FeatureCache(src)
     if cache.packed and in_place:
         return PackResult(src, len(cache), src.stat().st_size, 0.0)
     if not in_place and out.exists() and not _is_cache_file(out):
         raise CacheError(f"{out} exists and is not a pipeline feature cache; choose another -o path")
     lock_fd = _lock(cache.parts / ".lock", src) if cache.parts is not None and cache.parts.is_dir() else None
     try:
+        if cache.unindexed_parts():
+            raise CacheError(f"{src}: a run added videos while packing started; pack again when it is done")
         missing = cache.missing_parts()
         if missing:
             raise CacheError(f"{src}: {len(missing)} parts are missing (e.g. {printable(missing[0])!r}); rerun the "

@@ -62,30 +62,33 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=2048)
     ap.add_argument("--dir", type=Path, default=None, help="working folder [default: a temporary one, removed]")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each step (root only)")
+    ap.add_argument("--reuse", action="store_true", help="keep a cache already generated in --dir")
     args = ap.parse_args()
 
     work = args.dir or Path(tempfile.mkdtemp(prefix="bench_pack_"))
     work.mkdir(parents=True, exist_ok=True)
     cache, packed = work / "cache.h5", work / "packed.h5"
     try:
-        print(machine())
+        print(machine(), flush=True)
         started = time.perf_counter()
-        generate(cache, args.videos, args.dim)
+        if not (args.reuse and cache.exists()):
+            generate(cache, args.videos, args.dim)
+        packed.unlink(missing_ok=True)
         parts_bytes = sum(p.stat().st_size for p in Path(str(cache) + ".parts").glob("*.h5"))
         index = open_cache(cache)
         rows = sum(index.num_frames(k) for k in index)
         print(f"generated {args.videos} videos, {rows} rows x {args.dim} float16, {parts_bytes / 1e9:.2f} GB of parts "
-              f"in {time.perf_counter() - started:.1f}s")
+              f"in {time.perf_counter() - started:.1f}s", flush=True)
 
         drop_caches(args.cold)
         result = pack(cache, packed)
         print(f"pack: {result.seconds:.1f}s for {result.bytes / 1e9:.2f} GB ({result.bytes / 1e9 / result.seconds:.2f} "
-              f"GB/s, {result.videos / result.seconds:.0f} videos/s)")
+              f"GB/s, {result.videos / result.seconds:.0f} videos/s)", flush=True)
 
         for name, path in (("parts", cache), ("packed", packed)):
             drop_caches(args.cold)
             seconds, nbytes = read_all(path)
-            print(f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)")
+            print(f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)", flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from common import load_average, machine  # bench/common.py, beside this script
 
-from pipeline.config import Sampling, cpu_count, pick_device
+from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU
 from pipeline.extract import run
 from pipeline.extract.backbone import (
     FrameEmbedder,
@@ -33,7 +33,9 @@ from pipeline.extract.backbone import (
 )
 from pipeline.extract.decode import open_source
 from pipeline.extract.inputs import VideoItem
+from pipeline.runtime import cpu_count, pick_device
 from pipeline.sample import write_video
+from pipeline.spec import Sampling
 
 CODECS = (".mp4", ".avi")  # mp4v and MJPG, alternating clip by clip (see pipeline.sample.write_video)
 WARMUP_BATCHES = 3  # forward passes before timing: oneDNN builds its kernels for a new shape on the first calls
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # weights 'none' is the point here: no warning
 
     device = pick_device(args.device)
-    batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
+    batch_size = args.batch_size or (EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU)
     threads = args.threads or cpu_count()
     workers = args.workers if args.workers is not None else run.default_workers(device)
     torch.set_num_threads(threads)

@@ -24,9 +24,10 @@ from common import load_average, machine  # bench/common.py, beside this script
 from extract import make_videos, measure, parse_resolution  # bench/extract.py
 
 import pipeline
-from pipeline.config import pick_device
+from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
+from pipeline.runtime import pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # weights 'none' is the point here: no warning
 
     device = pick_device(args.device)
-    batch_size = args.batch_size or (8 if device.type == "cpu" else 64)
+    batch_size = args.batch_size or (EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU)
     print(f"machine: {machine(device)}; load average {load_average()}")
     print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
           f"{args.workers if args.workers is not None else run.default_workers(device)}, features stored as float32; "

@@ -8,7 +8,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from conftest import FAST, TINY_HEAD, feature_cache, make_video, separable_videos
+from helpers import FAST, TINY_HEAD, feature_cache, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -18,7 +18,7 @@ from pipeline.data.cache import CacheError, open_cache, pack, parts_dir
 
 def all_features(path) -> dict[str, np.ndarray]:
     cache = open_cache(path)
-    return {k: cache.features(k) for k in cache.keys()}
+    return {k: cache.features(k) for k in cache}
 
 
 @pytest.fixture

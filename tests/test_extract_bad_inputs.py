@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import FAST, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline

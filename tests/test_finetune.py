@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -22,7 +22,7 @@ from pipeline.data.sequences import eval_plans
 from pipeline.data.splits import read_split
 from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, load_backbone, tensors_sha256
 from pipeline.extract.decode import VideoSource
-from pipeline.finetuning.clips import (
+from pipeline.finetune.clips import (
     SEEK,
     SEEK_BACKOFF,
     SEQUENTIAL,
@@ -34,9 +34,9 @@ from pipeline.finetuning.clips import (
     clip_batches,
     read_video_frames,
 )
-from pipeline.finetuning.model import FinetuneModel, UnfreezeError, backbone_stages, resolve_unfreeze
-from pipeline.heads.checkpoint import load_checkpoint
-from pipeline.heads.infer import checkpoint_backbone
+from pipeline.finetune.model import FinetuneModel, UnfreezeError, backbone_stages, resolve_unfreeze
+from pipeline.predict import checkpoint_backbone
+from pipeline.train_head.checkpoint import load_checkpoint
 
 runner = CliRunner()
 HEAD = dict(head="lstm", hidden=32, epochs=8, batch_size=4, lr=1e-2, clip_len=4, patience=0, val_fraction=0.3,

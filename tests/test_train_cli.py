@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import feature_cache, separable_videos
+from helpers import feature_cache, separable_videos
 from typer.testing import CliRunner
 
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
-from pipeline.heads.checkpoint import FORMAT_NAME
+from pipeline.train_head.checkpoint import FORMAT_NAME
 
 runner = CliRunner()
 TINY = ["--hidden", "16", "--epochs", "3", "--batch-size", "8", "--clip-len", "5", "--no-plots", "--threads", "2",

@@ -17,11 +17,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -41,60 +43,6 @@ CHUNK_ROWS = 256  # (256, D) chunks: 1 MiB for D=2048 in float16, the size h5py'
 
 class CacheError(RuntimeError):
     """A cache that cannot be used as asked (wrong spec, not a cache, locked by another run)."""
-
-
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What one feature row means. Two caches with equal spec ids hold interchangeable features."""
-
-    backbone: str
-    weights: str
-    """torchvision weights enum name (e.g. ResNet50_Weights.IMAGENET1K_V2), a file name, or 'none(seed=0)'."""
-    weights_sha256: str | None
-    preprocessing: dict
-    """resize, crop, interpolation, antialias, mean, std, color order."""
-    sampling: dict
-    dim: int
-
-    @property
-    def id(self) -> str:
-        """Short stable hash of the fields that define a feature row."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> FeatureSpec:
-        return cls(**json.loads(text))
-
-    def differences(self, other: FeatureSpec) -> list[str]:
-        """Human-readable 'field: ours != theirs' lines."""
-        a, b = asdict(self), asdict(other)
-        out = []
-        for name in a:
-            if a[name] != b[name]:
-                out.append(f"{name}: {a[name]!r} != {b[name]!r}")
-        return out
-
-    def describe(self) -> str:
-        pre = self.preprocessing
-        return (f"{self.backbone} [{self.weights}] dim={self.dim}, resize {pre.get('resize')} crop {pre.get('crop')}, "
-                f"sampling {describe_sampling(self.sampling)}")
-
-
-def describe_sampling(s: dict) -> str:
-    parts = []
-    if s.get("fps"):
-        parts.append(f"fps={s['fps']:g}")
-    if s.get("stride", 1) != 1:
-        parts.append(f"stride={s['stride']}")
-    if s.get("max_frames"):
-        parts.append(f"max_frames={s['max_frames']}")
-    if s.get("num_frames"):
-        parts.append(f"num_frames={s['num_frames']}")
-    return ", ".join(parts) or "every frame"
 
 
 def parts_dir(cache_path: str | os.PathLike) -> Path:
@@ -285,7 +233,7 @@ class CacheWriter:
         if not spec_file.exists():
             return
         stored = json.loads(spec_file.read_text(encoding="utf-8"))
-        old = FeatureSpec(**stored["spec"])
+        old = FeatureSpec.from_dict(stored["spec"])
         diffs = old.differences(self.spec)
         if stored.get("dtype") != self.dtype:
             diffs.append(f"dtype: {stored.get('dtype')!r} != {self.dtype!r}")
@@ -433,7 +381,7 @@ def merge(path: str | os.PathLike, prune: bool = False) -> int:
     if not spec_file.exists():
         raise CacheError(f"nothing to merge: {parts} does not exist or holds no spec.json")
     stored = json.loads(spec_file.read_text(encoding="utf-8"))
-    writer = CacheWriter(path, FeatureSpec(**stored["spec"]), stored["dtype"])  # its start writes the index
+    writer = CacheWriter(path, FeatureSpec.from_dict(stored["spec"]), stored["dtype"])  # its start writes the index
     try:
         if prune and writer.prune_missing_sources():
             writer.write_index()
@@ -565,7 +513,7 @@ def _layout(path: Path) -> str | None:
 def _write_spec_from_index(index: Path, spec_file: Path) -> None:
     with h5py.File(index, "r") as f:
         spec, dtype = json.loads(_attr(f.attrs, "spec")), _attr(f.attrs, "dtype")
-    text = json.dumps({"spec": spec, "spec_id": FeatureSpec(**spec).id, "dtype": dtype}, indent=1, sort_keys=True)
+    text = json.dumps({"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1, sort_keys=True)
     _write_text_atomic(spec_file, text)
 
 
@@ -861,7 +809,7 @@ class FeatureCache:
 
     def info(self, key: str) -> dict:
         """Everything recorded about the video: label, source_path, native_fps, width, height, decoded_frames, ..."""
-        return self._read(key, lambda g: {k: _attr(g.attrs, k) for k in g.attrs.keys()})
+        return self._read(key, lambda g: {k: _attr(g.attrs, k) for k in g.attrs})
 
     # -- lifetime
     def close(self) -> None:

@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from pipeline.config import SplitConfig
+
 log = logging.getLogger(__name__)
 
 TRAIN_NAMES = frozenset({"train", "training", "trainval"})
@@ -204,13 +206,16 @@ def column_split(labels: dict[str, str], splits: dict[str, str]) -> Split:
     return Split(train, val, "split column of the cache", excluded)
 
 
-def make_split(labels: dict[str, str], *, mode: str = "auto", cache_splits: dict[str, str] | None = None,
-               train_list: Path | None = None, val_list: Path | None = None, val_fraction: float = 0.2,
-               split_seed: int = 0, group_regex: str | None = None, all_keys: list[str] | None = None) -> Split:
-    """Split the labelled videos (`labels`: key -> class name) and check that the result can be trained on.
+def make_split(labels: dict[str, str], settings: SplitConfig | None = None, *,
+               cache_splits: dict[str, str] | None = None, all_keys: list[str] | None = None) -> Split:
+    """Split the labelled videos (`labels`: key -> class name) as `settings` say (default: SplitConfig()'s) and
+    check that the result can be trained on. `cache_splits`: the split column of the cache or manifest.
 
     Raises SplitError for an empty side or a class that has no train video.
     """
+    settings = settings or SplitConfig()
+    mode, train_list, val_list = settings.split, settings.train_list, settings.val_list
+    val_fraction, split_seed, group_regex = settings.val_fraction, settings.split_seed, settings.group_regex
     cache_splits = cache_splits or {}
     if train_list is not None or val_list is not None:
         split = list_split(all_keys or list(labels), labels, train_list, val_list)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.cache import CacheWriter, FeatureSpec
+from pipeline.data.cache import CacheWriter
+from pipeline.spec import FeatureSpec, Preprocessing, Sampling
 
 SYNTHETIC_FPS = 25.0  # timestamps of synthetic rows: row i is at i / 25 s
 
@@ -17,11 +18,10 @@ SYNTHETIC_FPS = 25.0  # timestamps of synthetic rows: row i is at i / 25 s
 def synthetic_spec(dim: int, backbone: str = "synthetic", weights: str = "none(seed=0)",
                    **preprocessing) -> FeatureSpec:
     """A FeatureSpec for features that came from no real backbone (fields can be varied to build mismatches)."""
-    pre = {"resize": 256, "crop": 224, "interpolation": "bilinear", "antialias": True,
-           "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "color": "RGB", **preprocessing}
-    sampling = {"fps": None, "stride": 1, "max_frames": None, "num_frames": None, "frames_fps": 30.0}
-    return FeatureSpec(backbone=backbone, weights=weights, weights_sha256=None, preprocessing=pre, sampling=sampling,
-                       dim=dim)
+    pre = Preprocessing(**{"resize": 256, "crop": 224, "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225),
+                           **preprocessing})
+    return FeatureSpec(backbone=backbone, weights=weights, weights_sha256=None, preprocessing=pre,
+                       sampling=Sampling(), dim=dim)
 
 
 def write_feature_cache(path: str | os.PathLike, videos: Iterable[tuple[str, np.ndarray, str | None, str | None]],

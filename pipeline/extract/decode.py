@@ -23,7 +23,7 @@ if hasattr(cv2, "setLogLevel"):  # also when cv2 was imported before the variabl
     cv2.setLogLevel(2)  # 2 = LOG_LEVEL_ERROR
 import numpy as np
 
-from pipeline.config import Sampling
+from pipeline.spec import Sampling
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv", ".3gp", ".ts",

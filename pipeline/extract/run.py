@@ -14,7 +14,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +22,13 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
-from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard, pick_device
-from pipeline.data.cache import CacheWriter, FeatureSpec, merge, pack, printable
-from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, Preprocessing, load_backbone
+from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with, parse_shard
+from pipeline.data.cache import CacheWriter, merge, pack, printable
+from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.spec import FeatureSpec, Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +158,9 @@ def start_workers(source) -> Iterator:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def build_config(output, config: ExtractConfig | None = None, **options) -> ExtractConfig:
-    """An ExtractConfig from keyword options; sampling options (fps, stride, ...) may be given flat."""
-    sampling_names = {f.name for f in fields(Sampling)}
-    sampling_opts = {k: options.pop(k) for k in list(options) if k in sampling_names}
-    if config is None:
-        config = ExtractConfig(output=output)
-    if sampling_opts:
-        options["sampling"] = replace(config.sampling, **sampling_opts)
-    return replace(config, output=Path(output), **options)
+    """An ExtractConfig from keyword options; sampling and runtime options (fps, stride, device, ...) may be flat."""
+    return config_with(ExtractConfig, config, {"output": Path(output) if output is not None else None}, options,
+                       "extract_videos")
 
 
 def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
@@ -184,18 +181,18 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
         # Every rank computes the same balanced split of ALL inputs (finished or not), so no video is ever
         # owned by two ranks or by none, whatever the others have done.
         items = [items[i] for i in balance([it.signature()[0] for it in items], dist.world)[dist.rank]]
-    device = pick_device(dist.device(cfg.device))
+    device = pick_device(dist.device(cfg.runtime.device))
     workers = cfg.workers if cfg.workers is not None else default_workers(device)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
-    threads = cfg.threads or max(1, cpu_count() // dist.local_world)
+    threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
-    batch_size = cfg.batch_size or (8 if device.type == "cpu" else 64)
+    batch_size = cfg.batch_size or (EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU)
 
     loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
-                                             progress=cfg.progress)
+                                             progress=cfg.runtime.progress)
     spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
-                       preprocessing=loaded.preprocessing.to_dict(), sampling=cfg.sampling.to_dict(), dim=loaded.dim)
+                       preprocessing=loaded.preprocessing, sampling=cfg.sampling, dim=loaded.dim)
     if dist.shard and cfg.overwrite:
         raise ValueError("--overwrite cannot be used by several ranks at once; delete the cache and its .parts "
                          "folder first")
@@ -310,8 +307,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     parts = {}
     dead: set[int] = set()  # videos that failed mid-stream: their remaining messages are ignored
     last_index = time.monotonic()
-    bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.progress, position=0)
-    bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.progress, position=1, smoothing=0.1)
+    bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.runtime.progress, position=0)
+    bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.runtime.progress, position=1, smoothing=0.1)
 
     def finish(i: int) -> None:
         item = todo[i]

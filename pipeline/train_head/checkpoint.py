@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from pipeline.data.cache import FeatureCache, FeatureSpec
-from pipeline.heads.model import Head, HeadDims, build_head
+from pipeline.data.cache import FeatureCache
+from pipeline.spec import FeatureSpec
+from pipeline.train_head.model import Head, HeadDims, build_head
 
 FORMAT_NAME = "pipeline-head-checkpoint"
 FORMAT_VERSION = 1
@@ -57,10 +58,24 @@ class HeadCheckpoint:
         head.load_state_dict(self.state_dict)
         return head.to(device).eval()
 
+    def eval_clips_for(self, requested: int | None) -> int:
+        """The evaluation clips to use: `requested`, or what the head was trained with when None."""
+        clips = self.eval_clips if requested is None else requested
+        if clips and self.clip_len is None:
+            raise ValueError("--eval-clips needs a head trained on clips; this one was trained on whole sequences")
+        return clips
+
+    def describe_eval(self, clips: int) -> str:
+        """How a video is scored: 'whole sequences' or 'mean of N clips of L rows'."""
+        stride = f", stride {self.clip_stride}" if self.clip_stride > 1 else ""
+        if clips and self.clip_len is not None:
+            return f"mean of {clips} clips of {self.clip_len} rows{stride}"
+        return f"whole sequences{stride}"
+
     def to_dict(self) -> dict:
         plain = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dims": self.dims.to_dict(),
-            "classes": list(self.classes), "feature_spec": asdict(self.feature_spec),
+            "classes": list(self.classes), "feature_spec": self.feature_spec.to_dict(),
             "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
             "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "epoch": self.epoch,
             "metrics": self.metrics, "config": self.config, "versions": _versions(),
@@ -123,7 +138,7 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
     try:
         return HeadCheckpoint(
             dims=HeadDims(**obj["dims"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
-            feature_spec=FeatureSpec(**obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
+            feature_spec=FeatureSpec.from_dict(obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
             clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
             epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
             backbone_state=obj.get("backbone_state_dict"))

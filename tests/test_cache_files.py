@@ -37,19 +37,19 @@ def test_renamed_cache_reads_under_its_new_name(cache_file, tmp_path):
     assert result.exit_code == EXIT_OK and "check      all 6 videos read and match the index" in result.output
 
 
-def test_index_copied_without_its_parts_fails_in_one_line(cache_file, tmp_path):
-    lone = tmp_path / "elsewhere" / "c.h5"
+def test_index_copied_without_its_parts_fails_in_one_line(tiny_run, tmp_path):
+    cache_file, run = tiny_run
+    lone = tmp_path / "elsewhere" / "cache.h5"
     lone.parent.mkdir()
     shutil.copy(cache_file, lone)
-    message = "needs its parts folder c.h5.parts/ (not found beside it): copy it along, or make one"
+    message = "needs its parts folder cache.h5.parts/ (not found beside it): copy it along, or make one"
     with pytest.raises(CacheError, match=re.escape(message)):
         open_cache(lone)
     for args in (["info", str(lone)], ["train-head", str(lone), "--out", str(tmp_path / "run"), "-q"],
-                 ["evaluate", str(tmp_path / "none.pt"), str(lone)]):
+                 ["evaluate", str(run / "best.pt"), str(lone), "-q"]):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == EXIT_ERROR, (args, result.output)
-        if args[0] != "evaluate":  # (evaluate names its missing checkpoint first)
-            assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
 
 
 def test_damaged_part_is_named_in_one_line_found_by_check_and_redone_by_extract(tmp_path):

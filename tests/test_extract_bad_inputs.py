@@ -13,7 +13,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import FAST, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, TINY_HEAD, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -87,6 +87,14 @@ def test_names_that_are_not_utf8_are_keys_that_round_trip(tmp_path):
 
     again = pipeline.extract_videos([root], out, **FAST)  # the keys match again: resumed, nothing redone
     assert sorted(again.skipped) == sorted(cache.keys()) and list(again.failed) == [os.fsdecode(b"bad\xff.mp4")]
+
+
+def test_train_head_and_evaluate_take_keys_that_are_not_utf8(tmp_path):
+    videos = [(os.fsdecode(b"caf\xe9/") + key, x, label, split)
+              for key, x, label, split in separable_videos(per_class=4)]
+    cache = feature_cache(tmp_path / "c.h5", videos)
+    pipeline.train_head(cache, tmp_path / "run", head="meanpool", **{**TINY_HEAD, "epochs": 2})
+    assert pipeline.evaluate(tmp_path / "run" / "best.pt", cache).metrics["videos"] == 12
 
 
 # --------------------------------------------------------------------------------- stale and orphaned entries
@@ -169,6 +177,12 @@ def test_manifest_errors_name_the_rows(tmp_path):
         discover([latin1])
     result = extract_cli(str(latin1), "-o", str(tmp_path / "c.h5"))
     assert result.exit_code == EXIT_USAGE and "row 3" in result.output
+
+    # The one exception: a path cell holding the raw bytes of an existing file's name (as `ls > list.csv` writes it).
+    os.rename(tmp_path / "a.avi", tmp_path / os.fsdecode(b"\xe9t\xe9.avi"))
+    raw = tmp_path / "raw.csv"
+    raw.write_bytes(b"\xe9t\xe9.avi,jump\n")
+    assert [(i.key, i.label) for i in discover([raw])] == [(os.fsdecode(b"\xe9t\xe9.avi"), "jump")]
 
 
 def test_unreadable_subfolder_is_reported_and_the_rest_extracted(tmp_path, monkeypatch):

@@ -164,16 +164,14 @@ def read_manifest(manifest: Path) -> list[VideoItem]:
     """CSV rows `path,label[,split]`, with or without a header; paths relative to the manifest's folder.
 
     Refused, naming the rows: text that is not UTF-8, a manifest without rows, and one path given two labels or
-    splits (a path listed twice alike is one video)."""
+    splits (a path listed twice alike is one video). The one exception to UTF-8: a path cell holding the raw bytes
+    of an existing file's name that is not UTF-8 (as `ls > list.csv` writes it) names that file."""
     data = manifest.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the manifest "
-                         f"as UTF-8") from None
+    text = data.decode("utf-8-sig", "surrogateescape")  # strict below, row by row, so the error names the row
     rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
             if r and any(c.strip() for c in r)]
+    for line, row in rows:
+        _check_utf8_row(manifest, line, row)
     if rows and [c.strip().lower() for c in rows[0][1][:1]] == ["path"]:
         rows = rows[1:]
     if not rows:
@@ -197,6 +195,19 @@ def read_manifest(manifest: Path) -> list[VideoItem]:
             continue
         items[item.key] = (line, item)
     return [item for _, item in items.values()]
+
+
+def _check_utf8_row(manifest: Path, line: int, row: list[str]) -> None:
+    for n, cell in enumerate(row):
+        try:
+            cell.encode("utf-8")
+            continue
+        except UnicodeEncodeError as e:
+            bad = ord(cell[e.start]) - 0xDC00
+        path = Path(cell.strip())
+        if n == 0 and (path if path.is_absolute() else manifest.parent / path).exists():
+            continue  # the raw name of a file that exists: a key like those found in folders
+        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{bad:02x}); save the manifest as UTF-8")
 
 
 def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None = None) -> list[VideoItem]:

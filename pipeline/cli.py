@@ -108,7 +108,7 @@ def _config_options(cls: type, *, skip: tuple[str, ...] = (), flags: dict[str, t
                 walk(hints[f.name], default)
                 continue
             kind = kinds.get(f.name, _option_type(hints[f.name]))
-            extra = {"metavar": metavars[f.name]} if f.name in metavars else {}
+            extra = {"metavar": metavars[f.name]} if f.name in metavars else {"metavar": ""} if kind is bool else {}
             shown = default not in (None, (), inspect.Parameter.empty)
             option = typer.Option(*flags.get(f.name, ()), help=_help(docs.get(f.name, ""), default is None),
                                   show_default=shown, **extra)
@@ -190,7 +190,8 @@ def _train(cls: type, settings: dict, quiet: bool, run) -> None:
     typer.echo(result.summary_line())
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors and the result only.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors and the result only.",
+                                      metavar="")]
 
 
 # ------------------------------------------------------------------------------------------------ stage one
@@ -236,9 +237,9 @@ def extract(
 
 @app.command()
 def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
-         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.")] = True,
+         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.", metavar="")] = True,
          check: Annotated[bool, typer.Option(help="Open every video's data and check it against the index; exit 1 "
-                                                  "naming the damaged ones.")] = False) -> None:
+                                                  "naming the damaged ones.", metavar="")] = False) -> None:
     """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures, missing files."""
     from collections import Counter
 
@@ -340,7 +341,7 @@ def evaluate(
     checkpoint: Checkpoint,
     cache: Annotated[Path, typer.Argument(help="A feature cache of the same features, with labels.",
                                           show_default=False)],
-    json_: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.")] = False,
+    json_: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.", metavar="")] = False,
     quiet: Quiet = False,
     **settings,
 ) -> None:
@@ -403,7 +404,7 @@ def predict(
           kinds={"params": Optional[list[str]], "space": Optional[Path]})  # noqa: UP045
 def sweep(
     cache: Cache,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.", metavar="")] = False,
     **settings,
 ) -> None:
     """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""

@@ -598,9 +598,9 @@ class _Sweep:
         chosen = [r for r in rows if r["top1"] is not None][: cfg.refits]
         if not chosen:
             return None
-        configs = [replace(cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed,
-                                                                                      **r["params"]}),
-                           progress=cfg.runtime.progress) for r in chosen]
+        configs = [cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed, **r["params"]})
+                   for r in chosen]
+        configs = [replace(c, runtime=replace(c.runtime, progress=cfg.runtime.progress)) for c in configs]
         what = f"refit on the full features: trials {', '.join(str(r['trial']) for r in chosen)}"
         if cfg.runtime.progress:
             tqdm.write(what, file=sys.stderr)

@@ -1,11 +1,12 @@
-"""What `pipeline pack` costs on a UCF101-sized cache, and what reading a packed cache costs against its parts.
+"""What `pipeline pack` costs on a UCF101-sized cache, and reading a packed cache against its parts.
 
-    python bench/pack.py                         # 9,500 videos x ~180 rows x 2048 float16 (~6.5 GB), in a temp folder
+    python bench/pack.py                          # 9,500 videos x ~180 x 2048 float16 (~6.5 GB), temp folder
     python bench/pack.py --videos 1000 --dir /scratch/bench     # a quick run, elsewhere
 
-Generates a cache of parts (not timed as a result, only reported), then times `pack(cache, -o packed.h5)` and a full
-read of every video's features through `open_cache` from each layout. The page cache is dropped between steps only
-when the script runs as root and /proc/sys/vm/drop_caches is writable (`--cold`); otherwise reads may hit memory.
+Generates a cache of parts (not timed as a result, only reported), then times `pack(cache, -o packed.h5)` and
+a full read of every video's features through `open_cache` from each layout. The page cache is dropped between
+steps only when the script runs as root and /proc/sys/vm/drop_caches is writable (`--cold`); otherwise reads
+may hit memory.
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def generate(path: Path, videos: int, dim: int, seed: int = 0) -> None:
         for v in range(videos):
             t = int(rng.integers(120, 241))
             start = int(rng.integers(0, len(bank) - t))
-            yield f"class{v % 101:03d}/video_{v:05d}.avi", bank[start:start + t], f"class{v % 101:03d}", None
+            yield (
+                f"class{v % 101:03d}/video_{v:05d}.avi",
+                bank[start : start + t],
+                f"class{v % 101:03d}",
+                None,
+            )
 
     write_feature_cache(path, rows(), synthetic_spec(dim))
 
@@ -60,7 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=9_500)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--dir", type=Path, default=None, help="working folder [default: a temporary one, removed]")
+    ap.add_argument(
+        "--dir", type=Path, default=None, help="working folder [default: a temporary one, removed]"
+    )
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each step (root only)")
     ap.add_argument("--reuse", action="store_true", help="keep a cache already generated in --dir")
     args = ap.parse_args()
@@ -77,18 +85,28 @@ def main() -> None:
         parts_bytes = sum(p.stat().st_size for p in Path(str(cache) + ".parts").glob("*.h5"))
         index = open_cache(cache)
         rows = sum(index.num_frames(k) for k in index)
-        print(f"generated {args.videos} videos, {rows} rows x {args.dim} float16, {parts_bytes / 1e9:.2f} GB of parts "
-              f"in {time.perf_counter() - started:.1f}s", flush=True)
+        print(
+            f"generated {args.videos} videos, {rows} rows x {args.dim} float16, "
+            f"{parts_bytes / 1e9:.2f} GB of parts "
+            f"in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
 
         drop_caches(args.cold)
         result = pack(cache, packed)
-        print(f"pack: {result.seconds:.1f}s for {result.bytes / 1e9:.2f} GB ({result.bytes / 1e9 / result.seconds:.2f} "
-              f"GB/s, {result.videos / result.seconds:.0f} videos/s)", flush=True)
+        gb = result.bytes / 1e9
+        print(
+            f"pack: {result.seconds:.1f}s for {gb:.2f} GB ({gb / result.seconds:.2f} "
+            f"GB/s, {result.videos / result.seconds:.0f} videos/s)",
+            flush=True,
+        )
 
         for name, path in (("parts", cache), ("packed", packed)):
             drop_caches(args.cold)
             seconds, nbytes = read_all(path)
-            print(f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)", flush=True)
+            print(
+                f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)", flush=True
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -237,10 +237,13 @@ def extract(
 
 @app.command()
 def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
-         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.", metavar="")] = True,
-         check: Annotated[bool, typer.Option(help="Open every video's data and check it against the index; exit 1 "
-                                                  "naming the damaged ones.", metavar="")] = False) -> None:
-    """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures, missing files."""
+         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.",
+                                                metavar="")] = True,
+         check: Annotated[bool, typer.Option(
+             help="Open every video's data and check it against the index; exit 1 naming the damaged ones.",
+             metavar="")] = False) -> None:
+    """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures, missing
+    files."""
     from collections import Counter
 
     from pipeline.data.cache import open_cache, printable
@@ -276,8 +279,8 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
         typer.echo(f"note       {pending} finished videos are not indexed yet: rerun the extract command to resume")
     gone = c.missing_sources()
     if gone:
-        typer.echo(f"missing sources  {len(gone)}  (their files are gone or not mounted; `pipeline extract ... "
-                   f"--prune` removes them)")
+        typer.echo(f"missing sources  {len(gone)}  (their files are gone or not mounted; "
+                   f"`pipeline extract ... --prune` removes them)")
         for key in gone[:20]:
             typer.echo(f"  {printable(key)}: {printable(c.sources()[key][0])}")
         if len(gone) > 20:
@@ -286,8 +289,8 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     if check:
         damaged.update(c.check())
     if damaged:
-        typer.echo(f"damaged    {len(damaged)} videos cannot be read; rerun the extract command that made the cache "
-                   f"to redo them", err=True)
+        typer.echo(f"damaged    {len(damaged)} videos cannot be read; rerun the extract command that made "
+                   f"the cache to redo them", err=True)
         for key, problem in sorted(damaged.items()):
             typer.echo(f"  {printable(key)}: {printable(problem)}", err=True)
         raise typer.Exit(EXIT_ERROR)
@@ -296,11 +299,13 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
 
 
 @app.command()
-def pack(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and its parts folder.", show_default=False)],
+def pack(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and its parts folder.",
+                                               show_default=False)],
          output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-             "-o", "--output", help="Where to write the one-file cache \\[default: replace CACHE in place and "
-                                    "remove its parts folder].")] = None) -> None:
-    """Make one self-contained HDF5 file of a cache (index and parts), readable by h5py alone and by every command."""
+             "-o", "--output", help="Where to write the one-file cache \\[default: replace CACHE in place "
+                                    "and remove its parts folder].")] = None) -> None:
+    """Make one self-contained HDF5 file of a cache (index and parts), readable by h5py alone and by every
+    command."""
     from pipeline.data.cache import pack as pack_cache
     from pipeline.data.cache import printable
 

@@ -131,7 +131,8 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
             extract_cfg = replace(extract_cfg, weights=str(link))
         # Keys are absolute paths: the same file is found again whatever folder it is given from.
         manifest = Path(tmp) / "inputs.csv"
-        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, which read_manifest accepts
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, which read_manifest
+        # accepts
         with open(manifest, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label"])

@@ -28,7 +28,8 @@ class Sampling:
     """Frame rate assumed for folders of images, which carry no timestamps of their own."""
 
     def __post_init__(self):
-        # isfinite: an infinite rate would keep every frame under a spec that claims a rate, NaN compares false
+        # isfinite: an infinite rate would keep every frame under a spec that claims a rate, NaN compares
+        # false
         if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
             raise ValueError(f"--fps must be a finite number > 0, got {self.fps}")
         if self.stride < 1:

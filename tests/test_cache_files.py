@@ -1,4 +1,5 @@
-"""The cache as files: moved, copied without its parts, damaged, packed into one file, and extracted into again."""
+"""The cache as files: moved, copied without its parts, damaged, packed into one file, and extracted into
+again."""
 
 from __future__ import annotations
 
@@ -45,8 +46,11 @@ def test_index_copied_without_its_parts_fails_in_one_line(tiny_run, tmp_path):
     message = "needs its parts folder cache.h5.parts/ (not found beside it): copy it along, or make one"
     with pytest.raises(CacheError, match=re.escape(message)):
         open_cache(lone)
-    for args in (["info", str(lone)], ["train-head", str(lone), "--out", str(tmp_path / "run"), "-q"],
-                 ["evaluate", str(run / "best.pt"), str(lone), "-q"]):
+    for args in (
+        ["info", str(lone)],
+        ["train-head", str(lone), "--out", str(tmp_path / "run"), "-q"],
+        ["evaluate", str(run / "best.pt"), str(lone), "-q"],
+    ):
         result = CliRunner().invoke(app, args)
         assert result.exit_code == EXIT_ERROR, (args, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
@@ -70,8 +74,10 @@ def test_damaged_part_is_named_in_one_line_found_by_check_and_redone_by_extract(
     result = CliRunner().invoke(app, ["info", str(out), "--check"])
     assert result.exit_code == EXIT_ERROR and "damaged    1 videos" in result.output
     assert "  b/y1.avi: " in result.output and "x0.avi:" not in result.output
-    head = CliRunner().invoke(app, ["train-head", str(out), "--out", str(tmp_path / "run"), "--epochs", "1",
-                                    "--clip-len", "0", "-q"])
+    head = CliRunner().invoke(
+        app,
+        ["train-head", str(out), "--out", str(tmp_path / "run"), "--epochs", "1", "--clip-len", "0", "-q"],
+    )
     assert head.exit_code == EXIT_ERROR and "'b/y1.avi'" in head.output, head.output
     assert len(head.output.strip().splitlines()) == 1, head.output  # no h5py traceback
 
@@ -114,14 +120,21 @@ def test_pack_in_place_then_extract_again_resumes(tmp_path):
     pipeline.extract_videos([videos], out, **FAST)
     before = all_features(out)
     assert pack(out).videos == 2
-    assert not parts_dir(out).exists() and open_cache(out).packed and all_features(out).keys() == before.keys()
+    assert (
+        not parts_dir(out).exists() and open_cache(out).packed and all_features(out).keys() == before.keys()
+    )
 
     make_video(videos / "c.avi", 4)
     report = pipeline.extract_videos([videos], out, **FAST, pack=True)
     assert report.skipped == ["a.avi", "b.avi"] and report.extracted == ["c.avi"] and report.packed
     cache = open_cache(out)
-    assert cache.packed and not parts_dir(out).exists() and sorted(cache.keys()) == ["a.avi", "b.avi", "c.avi"]
-    assert np.array_equal(cache.features("a.avi"), before["a.avi"]) and cache.features("c.avi").shape == (4, 512)
+    assert (
+        cache.packed and not parts_dir(out).exists() and sorted(cache.keys()) == ["a.avi", "b.avi", "c.avi"]
+    )
+    assert np.array_equal(cache.features("a.avi"), before["a.avi"]) and cache.features("c.avi").shape == (
+        4,
+        512,
+    )
 
 
 def test_cache_written_before_the_layout_attribute_still_reads(cache_file):

@@ -1,5 +1,6 @@
-"""Inputs that must never stop, hang or corrupt a run: link loops, names that are not UTF-8, files that change,
-vanish or stop decoding, unreadable folders, bad manifests and option values, leftovers of crashed runs."""
+"""Inputs that must never stop, hang or corrupt a run: link loops, names that are not UTF-8, files that
+change, vanish or stop decoding, unreadable folders, bad manifests and option values, leftovers of crashed
+runs."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ from pipeline.cli import EXIT_INPUTS_FAILED, EXIT_OK, EXIT_USAGE, app
 from pipeline.data.cache import CacheWriter, parts_dir
 from pipeline.extract.inputs import InputError, discover
 
-CLI_FAST = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56", "--workers", "0", "-q"]
+CLI_FAST = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "none",
+    "--resize",
+    "64",
+    "--crop",
+    "56",
+    "--workers",
+    "0",
+    "-q",
+]
 
 
 def extract_cli(*args: str):
@@ -50,10 +63,15 @@ def test_symlink_loops_are_skipped_and_linked_videos_are_one_video(tmp_path, cap
 
     result = extract_cli(str(root), "-o", str(tmp_path / "c.h5"))
     assert result.exit_code == EXIT_OK, result.output
-    assert sorted(pipeline.open_cache(tmp_path / "c.h5").keys()) == ["jump/a.avi", "linked/c.avi", "run/b.avi"]
+    assert sorted(pipeline.open_cache(tmp_path / "c.h5").keys()) == [
+        "jump/a.avi",
+        "linked/c.avi",
+        "run/b.avi",
+    ]
 
 
-# ----------------------------------------------------------------------------------------- non-UTF-8 file names
+# ----------------------------------------------------------------------------------------- non-UTF-8 file
+# names
 def test_names_that_are_not_utf8_are_keys_that_round_trip(tmp_path):
     root = tmp_path / "in"
     make_video(root / "ok.avi", 2)
@@ -86,12 +104,16 @@ def test_names_that_are_not_utf8_are_keys_that_round_trip(tmp_path):
     assert info.exit_code == EXIT_OK and "bad\\xff.mp4" in info.output and "\x1b" not in info.output
 
     again = pipeline.extract_videos([root], out, **FAST)  # the keys match again: resumed, nothing redone
-    assert sorted(again.skipped) == sorted(cache.keys()) and list(again.failed) == [os.fsdecode(b"bad\xff.mp4")]
+    assert sorted(again.skipped) == sorted(cache.keys()) and list(again.failed) == [
+        os.fsdecode(b"bad\xff.mp4")
+    ]
 
 
 def test_train_head_and_evaluate_take_keys_that_are_not_utf8(tmp_path):
-    videos = [(os.fsdecode(b"caf\xe9/") + key, x, label, split)
-              for key, x, label, split in separable_videos(per_class=4)]
+    videos = [
+        (os.fsdecode(b"caf\xe9/") + key, x, label, split)
+        for key, x, label, split in separable_videos(per_class=4)
+    ]
     cache = feature_cache(tmp_path / "c.h5", videos)
     pipeline.train_head(cache, tmp_path / "run", head="meanpool", **{**TINY_HEAD, "epochs": 2})
     assert pipeline.evaluate(tmp_path / "run" / "best.pt", cache).metrics["videos"] == 12
@@ -137,7 +159,8 @@ def test_vanished_sources_are_reported_and_removed_only_by_prune(tmp_path):
 
 
 def test_source_on_a_missing_disk_keeps_its_features(tmp_path):
-    """A manifest whose file is gone fails, but the features extracted before stay (its disk may be unmounted)."""
+    """A manifest whose file is gone fails, but the features extracted before stay (its disk may be
+    unmounted)."""
     make_video(tmp_path / "disk" / "a.avi", 2)
     manifest = tmp_path / "list.csv"
     manifest.write_text("disk/a.avi,x\n")
@@ -178,7 +201,8 @@ def test_manifest_errors_name_the_rows(tmp_path):
     result = extract_cli(str(latin1), "-o", str(tmp_path / "c.h5"))
     assert result.exit_code == EXIT_USAGE and "row 3" in result.output
 
-    # The one exception: a path cell holding the raw bytes of an existing file's name (as `ls > list.csv` writes it).
+    # The one exception: a path cell holding the raw bytes of an existing file's name (as `ls > list.csv`
+    # writes it).
     os.rename(tmp_path / "a.avi", tmp_path / os.fsdecode(b"\xe9t\xe9.avi"))
     raw = tmp_path / "raw.csv"
     raw.write_bytes(b"\xe9t\xe9.avi,jump\n")
@@ -207,10 +231,13 @@ def test_leftover_temp_index_of_a_dead_run_is_removed(tmp_path):
     make_video(tmp_path / "v" / "a.avi", 2)
     out = tmp_path / "c.h5"
     pipeline.extract_videos([tmp_path / "v"], out, **FAST)
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                          check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     dead = tmp_path / f".c.h5.{int(gone.stdout)}.tmp"
-    alive = tmp_path / f".c.h5.{os.getppid()}.tmp"  # a live process's file (e.g. a pack in progress) is left alone
+    alive = (
+        tmp_path / f".c.h5.{os.getppid()}.tmp"
+    )  # a live process's file (e.g. a pack in progress) is left alone
     dead.write_bytes(b"half an index")
     alive.write_bytes(b"being written")
     pipeline.extract_videos([tmp_path / "v"], out, **FAST)

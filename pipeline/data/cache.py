@@ -32,8 +32,8 @@ SCHEMA_VERSION = 1
 PART_SUFFIX = ".h5"
 FAILED_SUFFIX = ".failed.json"
 SPEC_FILE = "spec.json"
-# `layout` attribute of CACHE.h5: an index beside a parts folder (caches without the attribute are of this kind), or
-# one self-contained file made by `pack` whose /videos/<id> are groups holding the data.
+# `layout` attribute of CACHE.h5: an index beside a parts folder (caches without the attribute are of this
+# kind), or one self-contained file made by `pack` whose /videos/<id> are groups holding the data.
 LAYOUT_PARTS, LAYOUT_PACKED = "parts", "packed"
 PACK_CHUNK_ROWS = 256
 # A video of at most this many rows is written as one contiguous dataset; longer ones stream into a chunked one.
@@ -52,15 +52,16 @@ def parts_dir(cache_path: str | os.PathLike) -> Path:
 def video_id(key: str) -> str:
     """Stable file-system-safe id of a video key (keys are relative paths and may hold any character).
 
-    Keys made from file names that are not UTF-8 hold surrogate escapes (os.fsdecode); they hash as their raw bytes."""
+    Keys made from file names that are not UTF-8 hold surrogate escapes (os.fsdecode); they hash as their raw
+    bytes."""
     return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
 
 
 # ------------------------------------------------------------------------------------------- strings in HDF5
-# HDF5 strings here are UTF-8. A key or path made from a file name that is not valid UTF-8 (os.fsdecode gives it
-# surrogate escapes, e.g. b'caf\xe9.mp4' -> 'caf\udce9.mp4') cannot be encoded strictly; it is stored as its raw
-# file-name bytes in the same UTF-8 string type and read back with errors="surrogateescape", so it round-trips
-# exactly. Names that are valid UTF-8 are stored exactly as before.
+# HDF5 strings here are UTF-8. A key or path made from a file name that is not valid UTF-8 (os.fsdecode gives
+# it surrogate escapes, e.g. b'caf\xe9.mp4' -> 'caf\udce9.mp4') cannot be encoded strictly; it is stored as
+# its raw file-name bytes in the same UTF-8 string type and read back with errors="surrogateescape", so it
+# round-trips exactly. Names that are valid UTF-8 are stored exactly as before.
 def _h5_text(value: str) -> str | bytes:
     """`value` as HDF5 can store it: itself, or its raw bytes when it holds surrogate escapes."""
     try:
@@ -274,9 +275,10 @@ class CacheWriter:
         return PartWriter(self.part_path(key), dim, self.dtype, self.tag)
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
-        """Record why `key` failed. When its source still exists (it changed and can no longer be extracted), the
-        features of its previous version are dropped: they no longer describe the file. A source that is gone (an
-        unmounted disk, a broken link) keeps them; `prune_missing_sources` removes those on request."""
+        """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),
+        the features of its previous version are dropped: they no longer describe the file. A source that is
+        gone (an unmounted disk, a broken link) keeps them; `prune_missing_sources` removes those on
+        request."""
         part = self.part_path(key)
         if part.exists() and os.path.exists(source_path):
             log.warning("%s: dropping the features of its previous version (the file changed and now fails)",
@@ -294,8 +296,8 @@ class CacheWriter:
     def prune_missing_sources(self) -> list[str]:
         """Remove the videos and failure records whose recorded source no longer exists; returns their keys.
 
-        Only absolute source paths are checked (caches written from arrays record none). Called only on an explicit
-        request (`extract --prune`): a source can be missing just because its disk is not mounted."""
+        Only absolute source paths are checked (caches written from arrays record none). Called only on an
+        explicit request (`extract --prune`): a source can be missing just because its disk is not mounted."""
         pruned = []
         for part in sorted(self.parts.glob("*" + PART_SUFFIX)):
             row = self._index.get(part.name[: -len(PART_SUFFIX)]) or _part_row(part)
@@ -374,8 +376,8 @@ class CacheWriter:
 def merge(path: str | os.PathLike, prune: bool = False) -> int:
     """Build CACHE.h5 from every finished part in CACHE.h5.parts/ (after sharded runs); returns the video count.
 
-    Refuses while a writer is running and when parts of another feature spec are present. `prune`: first remove the
-    videos whose source no longer exists (see CacheWriter.prune_missing_sources)."""
+    Refuses while a writer is running and when parts of another feature spec are present. `prune`: first
+    remove the videos whose source no longer exists (see CacheWriter.prune_missing_sources)."""
     parts = parts_dir(path)
     spec_file = parts / SPEC_FILE
     if not spec_file.exists():
@@ -403,7 +405,8 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-LOCK_WAIT_S = 1.0  # readers probe the lock for an instant (writer_active): a writer starting then waits them out
+# Readers probe the lock for an instant (writer_active): a writer starting meanwhile waits this long for them.
+LOCK_WAIT_S = 1.0
 
 
 def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
@@ -419,15 +422,16 @@ def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
                 raise
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); wait for "
-                                 f"it, or choose another -o path") from e
+                raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); "
+                                 f"wait for it, or choose another -o path") from e
             time.sleep(0.02)
 
 
 def writer_active(cache: str | os.PathLike) -> bool:
     """Whether an extraction (or a shard of one) is writing to `cache` now: its lock files are held.
 
-    Probes with a shared, non-blocking lock held for an instant, so it never blocks a writer (whose _lock retries)."""
+    Probes with a shared, non-blocking lock held for an instant, so it never blocks a writer (whose _lock
+    retries)."""
     folder = parts_dir(cache)
     if not folder.is_dir():
         return False
@@ -456,9 +460,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 def remove_dead_temp_files(cache: Path) -> list[Path]:
-    """Delete `.CACHE.h5.<pid>.tmp` files (an index or packed file being written) whose writer is no longer alive.
+    """Delete `.CACHE.h5.<pid>.tmp` files (an index or packed file being written) whose writer is no longer
+    alive.
 
-    A run killed while rebuilding the index leaves one beside CACHE.h5; a live process's file is left alone."""
+    A run killed while rebuilding the index leaves one beside CACHE.h5; a live process's file is left
+    alone."""
     removed = []
     prefix, folder = f".{cache.name}.", cache.parent
     try:
@@ -478,8 +484,9 @@ def remove_dead_temp_files(cache: Path) -> list[Path]:
 
 
 def printable(text: str) -> str:
-    """`text` safe to show on a terminal: control characters, other unprintable ones and the raw bytes of names that
-    are not UTF-8 (surrogate escapes) are shown as backslash escapes (\\x1b, \\xe9, \\u200b); the rest unchanged."""
+    """`text` safe to show on a terminal: control characters, other unprintable ones and the raw bytes of
+    names that are not UTF-8 (surrogate escapes) are shown as backslash escapes (\\x1b, \\xe9, \\u200b); the
+    rest unchanged."""
     if text.isprintable():
         return text
     out = []
@@ -495,12 +502,14 @@ def printable(text: str) -> str:
 
 
 def source_missing(source_path: str) -> bool:
-    """True when a recorded absolute source path no longer exists (relative ones, e.g. synthetic, are not checked)."""
+    """True when a recorded absolute source path no longer exists (relative ones, e.g. synthetic, are not
+    checked)."""
     return bool(source_path) and os.path.isabs(source_path) and not os.path.exists(source_path)
 
 
 def _layout(path: Path) -> str | None:
-    """The layout attribute of a cache index (LAYOUT_PARTS for caches written before it existed), None if unreadable."""
+    """The layout attribute of a cache index (LAYOUT_PARTS for caches written before it existed), None if
+    unreadable."""
     try:
         with h5py.File(path, "r") as f:
             if f.attrs.get("format") != FORMAT_NAME:
@@ -513,7 +522,8 @@ def _layout(path: Path) -> str | None:
 def _write_spec_from_index(index: Path, spec_file: Path) -> None:
     with h5py.File(index, "r") as f:
         spec, dtype = json.loads(_attr(f.attrs, "spec")), _attr(f.attrs, "dtype")
-    text = json.dumps({"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1, sort_keys=True)
+    text = json.dumps({"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1,
+                      sort_keys=True)
     _write_text_atomic(spec_file, text)
 
 
@@ -525,14 +535,15 @@ def _copy_attrs(src, dst) -> None:
 def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
     """Write the videos and failure records of a packed cache back as parts, so that extraction can add to it.
 
-    Each part is committed whole (temporary name, then rename), so an interrupted unpack is resumed by the next run;
-    the packed file itself is replaced only later, by the new index. Returns the number of parts written."""
+    Each part is committed whole (temporary name, then rename), so an interrupted unpack is resumed by the
+    next run; the packed file itself is replaced only later, by the new index. Returns the number of parts
+    written."""
     written = 0
     with h5py.File(packed, "r") as f:
         ids = _column(f["index/id"])
-        log.warning("%s is a packed one-file cache: unpacking its %d videos into %s to add to it (run `pipeline "
-                    "pack %s` afterwards, or extract with --pack, to make one file again)", packed, len(ids), parts,
-                    packed)
+        log.warning("%s is a packed one-file cache: unpacking its %d videos into %s to add to it (run "
+                    "`pipeline pack %s` afterwards, or extract with --pack, to make one file again)", packed,
+                    len(ids), parts, packed)
         for vid in ids:
             final = parts / (vid + PART_SUFFIX)
             if final.exists():
@@ -543,9 +554,11 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
                 for name in ("features", "frame_indices", "timestamps"):
                     data = src[name][()]
                     long = len(data) > CONTIGUOUS_MAX_ROWS
-                    chunks = ((CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096,)) if long else None
-                    out.create_dataset(name, data=data, chunks=chunks, maxshape=(None, *data.shape[1:])
-                                       if long else None)
+                    chunks = None
+                    if long:  # as PartWriter writes a long video: resizable, (256, D) chunks
+                        chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096,)
+                    out.create_dataset(name, data=data, chunks=chunks,
+                                       maxshape=(None, *data.shape[1:]) if long else None)
                 _copy_attrs(src.attrs, out.attrs)
             _commit(tmp, final)
             written += 1
@@ -651,12 +664,12 @@ class FeatureCache:
         self._file: h5py.File | None = None
         self._pid = None
         self.packed = self.layout == LAYOUT_PACKED
-        # Parts are found beside the index under its present name (never through the names recorded in its links),
-        # so a cache renamed or moved together with its folder reads as before.
+        # Parts are found beside the index under its present name (never through the names recorded in its
+        # links), so a cache renamed or moved together with its folder reads as before.
         self.parts = None if self.packed else parts_dir(self.path)
         if self.parts is not None and self._rows and not self.parts.is_dir():
-            raise CacheError(f"{self.path} needs its parts folder {self.parts.name}/ (not found beside it): copy it "
-                             f"along, or make one self-contained file with `pipeline pack`")
+            raise CacheError(f"{self.path} needs its parts folder {self.parts.name}/ (not found beside it): "
+                             f"copy it along, or make one self-contained file with `pipeline pack`")
         pending = self.unindexed_parts()
         if pending:
             _warn_unindexed(self.path, pending)
@@ -714,15 +727,16 @@ class FeatureCache:
         return [k for k, r in self._rows.items() if r["id"] + PART_SUFFIX not in present]
 
     def missing_sources(self) -> list[str]:
-        """Keys whose recorded source file or folder no longer exists (deleted, renamed, or its disk not mounted);
-        `pipeline extract ... --prune` removes them."""
+        """Keys whose recorded source file or folder no longer exists (deleted, renamed, or its disk not
+        mounted); `pipeline extract ... --prune` removes them."""
         return [k for k, r in self._rows.items() if source_missing(r["source_path"])]
 
     def check(self) -> dict[str, str]:
         """Open every video's data and check it against the index; returns key -> problem for the bad ones.
 
-        Checks: the part (or packed group) opens, features are (num_frames, dim) of the cache's dtype, frame_indices
-        and timestamps have num_frames rows, and the first and last rows read (a truncated file fails there)."""
+        Checks: the part (or packed group) opens, features are (num_frames, dim) of the cache's dtype,
+        frame_indices and timestamps have num_frames rows, and the first and last rows read (a truncated file
+        fails there)."""
         bad = {}
         for key, row in self._rows.items():
             try:
@@ -764,8 +778,8 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _open_video(self, key: str):
-        """The HDF5 group of one video: a group of the packed file, or the root of its part file (opened for the
-        call: parts are found by path, never through the index's external links)."""
+        """The HDF5 group of one video: a group of the packed file, or the root of its part file (opened for
+        the call: parts are found by path, never through the index's external links)."""
         vid = self._row(key)["id"]
         if self.parts is None:
             if self._file is None or self._pid != os.getpid():  # never reuse a handle across fork
@@ -775,13 +789,14 @@ class FeatureCache:
             return
         part = self.parts / (vid + PART_SUFFIX)
         if not part.exists():
-            raise CacheError(f"{self.path}: the part of {printable(key)!r} ({part}) is missing; rerun the `pipeline "
-                             f"extract` command that made the cache to redo it")
+            raise CacheError(f"{self.path}: the part of {printable(key)!r} ({part}) is missing; rerun the "
+                             f"`pipeline extract` command that made the cache to redo it")
         with h5py.File(part, "r") as f:
             yield f
 
     def _read(self, key: str, what) -> object:
-        """what(group) for the video `key`; a damaged or missing file becomes one CacheError naming the video."""
+        """what(group) for the video `key`; a damaged or missing file becomes one CacheError naming the
+        video."""
         try:
             with self._open_video(key) as group:
                 return what(group)
@@ -794,9 +809,10 @@ class FeatureCache:
         except (OSError, ValueError, RuntimeError) as e:
             problem = _short(e)
         where = self.part_path(key) or self.path
-        raise CacheError(f"{self.path}: the features of {printable(key)!r} cannot be read from {where} ({problem}); "
-                         f"the file is damaged: rerun the `pipeline extract` command that made the cache to redo it "
-                         f"(`pipeline info --check {self.path}` lists every damaged video)") from None
+        raise CacheError(f"{self.path}: the features of {printable(key)!r} cannot be read from {where} "
+                         f"({problem}); the file is damaged: rerun the `pipeline extract` command that made "
+                         f"the cache to redo it (`pipeline info --check {self.path}` lists every damaged "
+                         f"video)") from None
 
     def features(self, key: str) -> np.ndarray:
         return self._read(key, lambda g: g["features"][()])
@@ -847,8 +863,8 @@ def _warn_unindexed(path: Path, pending: int) -> None:
     if name in _WARNED_UNINDEXED or writer_active(path):
         return
     _WARNED_UNINDEXED.add(name)
-    log.warning("%s: %d finished videos are not in the index yet (the run that made them was interrupted); rerun "
-                "the same `pipeline extract` command to resume and include them", path, pending)
+    log.warning("%s: %d finished videos are not in the index yet (the run that made them was interrupted); "
+                "rerun the same `pipeline extract` command to resume and include them", path, pending)
 
 
 def _short(e: BaseException) -> str:
@@ -866,18 +882,18 @@ class PackResult:
 
 
 def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> PackResult:
-    """Write the cache `path` as one self-contained HDF5 file (the same index, with each /videos/<id> a group that
-    holds the data instead of a link to a part). Features are copied uncompressed, chunked (256, D).
+    """Write the cache `path` as one self-contained HDF5 file (the same index, with each /videos/<id> a group
+    that holds the data instead of a link to a part). Features are copied uncompressed, chunked (256, D).
 
-    The file is written under a temporary name and renamed into place. Without `output` (or with output == path) the
-    cache is packed in place: CACHE.h5 is replaced and CACHE.h5.parts/ removed once the packed file is committed.
-    Holds the cache's lock meanwhile, so no extraction writes to it."""
+    The file is written under a temporary name and renamed into place. Without `output` (or with output ==
+    path) the cache is packed in place: CACHE.h5 is replaced and CACHE.h5.parts/ removed once the packed file
+    is committed. Holds the cache's lock meanwhile, so no extraction writes to it."""
     started = time.perf_counter()
     src = Path(path)
     out = Path(output) if output is not None else src
     in_place = out.resolve() == src.resolve() if out.exists() else out == src
     cache = FeatureCache(src)
-    if cache.unindexed_parts():  # finished videos of an interrupted or sharded run: index them first, lose none
+    if cache.unindexed_parts():  # finished videos of an interrupted or sharded run: index them, lose none
         merge(src)
         cache = FeatureCache(src)
     if cache.packed and in_place:
@@ -890,8 +906,9 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
             raise CacheError(f"{src}: a run added videos while packing started; pack again when it is done")
         missing = cache.missing_parts()
         if missing:
-            raise CacheError(f"{src}: {len(missing)} parts are missing (e.g. {printable(missing[0])!r}); rerun the "
-                             f"extract command to redo them, then pack")
+            example = printable(missing[0])
+            raise CacheError(f"{src}: {len(missing)} parts are missing (e.g. {example!r}); rerun the extract "
+                             f"command to redo them, then pack")
         remove_dead_temp_files(out)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:
@@ -904,7 +921,8 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
                 index.copy(index["failures"], dst, "failures")
                 videos = dst.create_group("videos")
                 for key in cache:
-                    cache._read(key, lambda g, key=key: _copy_video(g, videos.create_group(cache._row(key)["id"])))
+                    group = videos.create_group(cache._row(key)["id"])
+                    cache._read(key, lambda src, group=group: _copy_video(src, group))
             _commit(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)

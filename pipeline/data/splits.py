@@ -116,7 +116,8 @@ class Split:
 
 def stable_unit(key: str, seed: int) -> float:
     """A number in [0, 1) that depends only on (seed, key): the same on every machine and every run."""
-    # surrogateescape: keys of file names that are not UTF-8 hash as their raw bytes (valid keys hash as before)
+    # surrogateescape: keys of file names that are not UTF-8 hash as their raw bytes (valid keys hash as
+    # before)
     digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
@@ -254,7 +255,8 @@ SPLIT_FILE = "split.csv"  # in a run folder: every video the run trained or vali
 
 def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
     """CSV `key,label,split` (train or val) of every video of `split`, so later stages can reuse it exactly."""
-    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # keys as the cache keeps them
+    # surrogateescape: keys of non-UTF-8 file names are written as their raw bytes, as the cache keeps them
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "label", "split"])
         for side in ("train", "val"):

@@ -42,8 +42,8 @@ def natural_key(name: str) -> list:
 
 
 def opencv_safe(path: Path) -> bool:
-    """Whether OpenCV can be given this path as a string: its Python bindings need valid UTF-8 (a file name of other
-    bytes, held as surrogate escapes, crashes the process inside cv2 instead of raising)."""
+    """Whether OpenCV can be given this path as a string: its Python bindings need valid UTF-8 (a file name of
+    other bytes, held as surrogate escapes, crashes the process inside cv2 instead of raising)."""
     try:
         str(path).encode("utf-8")
         return True
@@ -87,10 +87,11 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _capture_by_descriptor(path: Path) -> cv2.VideoCapture:
-    """Open a file whose name OpenCV cannot take through /proc/self/fd/N, a UTF-8 name for the same file (Linux).
-    FFmpeg opens that name itself, so the descriptor is closed as soon as the capture is open."""
+    """Open a file whose name OpenCV cannot take through /proc/self/fd/N, a UTF-8 name for the same file
+    (Linux). FFmpeg opens that name itself, so the descriptor is closed as soon as the capture is open."""
     if not os.path.isdir("/proc/self/fd"):
-        raise DecodeError("its file name is not valid UTF-8, which OpenCV cannot open on this system; rename it")
+        raise DecodeError("its file name is not valid UTF-8, which OpenCV cannot open on this system; "
+                          "rename it")
     fd = os.open(path, os.O_RDONLY)
     try:
         return cv2.VideoCapture(f"/proc/self/fd/{fd}", cv2.CAP_FFMPEG)

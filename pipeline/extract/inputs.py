@@ -4,11 +4,10 @@ A video's key is its path relative to the folder given (videos/<class>/<clip>.mp
 name for a file given directly, or the path as written in a manifest. Labels come from the manifest or from the parent
 folder under the folder given.
 
-Folders are searched following symbolic links, but no directory is searched twice (directories are told apart by
-device and inode), so a link loop (`ln -s . loop`) is skipped with a warning, and a file or folder reached through
-two paths is one video. A file name that is not valid UTF-8 gives a key holding surrogate escapes (os.fsdecode);
-the cache stores it reversibly (docs/cache-format.md).
-"""
+Folders are searched following symbolic links, but no directory is searched twice (directories are told apart
+by device and inode), so a link loop (`ln -s . loop`) is skipped with a warning, and a file or folder reached
+through two paths is one video. A file name that is not valid UTF-8 gives a key holding surrogate escapes
+(os.fsdecode); the cache stores it reversibly (docs/cache-format.md). """
 
 from __future__ import annotations
 
@@ -57,14 +56,16 @@ class InputError(ValueError):
 
 @dataclass
 class _Search:
-    """What one discovery has seen: directories and files by (device, inode), and folders it could not list."""
+    """What one discovery has seen: directories and files by (device, inode), and folders it could not
+    list."""
 
     dirs: dict[tuple[int, int], Path] = field(default_factory=dict)
     files: dict[tuple[int, int], Path] = field(default_factory=dict)
     unreadable: dict[str, str] = field(default_factory=dict)
 
     def first_visit(self, path: Path, table: dict) -> bool:
-        """Record `path`; False (with a warning) when it is a directory or file already met under another path."""
+        """Record `path`; False (with a warning) when it is a directory or file already met under another
+        path."""
         try:
             st = path.stat()
         except OSError:
@@ -84,7 +85,8 @@ def _entries(folder: Path, search: _Search) -> list[os.DirEntry] | None:
         with os.scandir(folder) as it:
             return list(it)
     except OSError as e:
-        search.unreadable[str(folder)] = f"cannot list the folder ({e.strerror or e}); its videos were not searched"
+        reason = f"cannot list the folder ({e.strerror or e}); its videos were not searched"
+        search.unreadable[str(folder)] = reason
         log.warning("%s: cannot list the folder (%s); its videos were not searched", printable(str(folder)),
                     e.strerror or e)
         return None
@@ -109,8 +111,8 @@ def _scan_folder(root: Path, search: _Search | None = None) -> list[VideoItem]:
     """Videos and image folders under `root`, depth first in natural order (a folder's files, then its image
     folders, then its subfolders' contents), following links but never entering a directory twice.
 
-    Symbolic links are followed only after the real tree is searched, so a video reached both directly and through
-    a link keeps its direct path (key and label)."""
+    Symbolic links are followed only after the real tree is searched, so a video reached both directly and
+    through a link keeps its direct path (key and label)."""
     search = search or _Search()
     items: list[VideoItem] = []
     if not search.first_visit(root, search.dirs):  # given twice, or inside a folder given before
@@ -163,9 +165,9 @@ def _item_under(root: Path, path: Path) -> VideoItem:
 def read_manifest(manifest: Path) -> list[VideoItem]:
     """CSV rows `path,label[,split]`, with or without a header; paths relative to the manifest's folder.
 
-    Refused, naming the rows: text that is not UTF-8, a manifest without rows, and one path given two labels or
-    splits (a path listed twice alike is one video). The one exception to UTF-8: a path cell holding the raw bytes
-    of an existing file's name that is not UTF-8 (as `ls > list.csv` writes it) names that file."""
+    Refused, naming the rows: text that is not UTF-8, a manifest without rows, and one path given two labels
+    or splits (a path listed twice alike is one video). The one exception to UTF-8: a path cell holding the
+    raw bytes of an existing file's name that is not UTF-8 (as `ls > list.csv` writes it) names that file."""
     data = manifest.read_bytes()
     text = data.decode("utf-8-sig", "surrogateescape")  # strict below, row by row, so the error names the row
     rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
@@ -189,9 +191,9 @@ def read_manifest(manifest: Path) -> list[VideoItem]:
         if item.key in items:
             first, other = items[item.key]
             if (other.label, other.split) != (item.label, item.split):
-                raise InputError(f"{manifest}, rows {first} and {line}: {item.key!r} is listed twice with different "
-                                 f"labels or splits ({other.label!r}/{other.split!r} and {item.label!r}/"
-                                 f"{item.split!r}); keep one")
+                raise InputError(f"{manifest}, rows {first} and {line}: {item.key!r} is listed twice with "
+                                 f"different labels or splits ({other.label!r}/{other.split!r} and "
+                                 f"{item.label!r}/{item.split!r}); keep one")
             continue
         items[item.key] = (line, item)
     return [item for _, item in items.values()]
@@ -207,11 +209,13 @@ def _check_utf8_row(manifest: Path, line: int, row: list[str]) -> None:
         path = Path(cell.strip())
         if n == 0 and (path if path.is_absolute() else manifest.parent / path).exists():
             continue  # the raw name of a file that exists: a key like those found in folders
-        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{bad:02x}); save the manifest as UTF-8")
+        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{bad:02x}); save the manifest as "
+                         f"UTF-8")
 
 
 def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None = None) -> list[VideoItem]:
-    """All videos and frame folders named by `inputs`, in a stable order; raises InputError on unusable inputs.
+    """All videos and frame folders named by `inputs`, in a stable order; raises InputError on unusable
+    inputs.
 
     Folders under the inputs that cannot be listed are skipped with a warning and added to `unreadable`
     (path -> reason) when given, so that the caller can report them."""
@@ -222,7 +226,8 @@ def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None 
         if path.is_dir():
             known = len(search.dirs)
             found = _scan_folder(path, search)
-            if not found and len(search.dirs) > known:  # (a folder met before adds no directory and is no error)
+            # a folder met before (given twice, or inside one given before) adds no directory and is no error
+            if not found and len(search.dirs) > known:
                 if str(path) in search.unreadable:
                     raise InputError(f"{printable(str(path))}: {search.unreadable[str(path)]}")
                 raise InputError(f"{printable(str(path))}: no video files or image folders found in it")
@@ -238,9 +243,9 @@ def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None 
     seen: dict[str, Path] = {}
     for item in items:
         if item.key in seen and seen[item.key] != item.path:
-            raise InputError(f"two inputs map to the same key {printable(item.key)!r}: {printable(str(seen[item.key]))} "
-                             f"and {printable(str(item.path))}; pass their common parent folder instead, or list them "
-                             f"in a CSV manifest")
+            first, second = printable(str(seen[item.key])), printable(str(item.path))
+            raise InputError(f"two inputs map to the same key {printable(item.key)!r}: {first} and {second}; "
+                             f"pass their common parent folder instead, or list them in a CSV manifest")
         seen[item.key] = item.path
     if unreadable is not None:
         unreadable.update(search.unreadable)

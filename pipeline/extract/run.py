@@ -59,7 +59,8 @@ class ExtractReport:
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> {printable(str(self.cache))}")
+                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+                f"{printable(str(self.cache))}")
         if self.pruned:
             text += f"; {len(self.pruned)} pruned (source gone)"
         if self.packed:

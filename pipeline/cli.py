@@ -246,7 +246,7 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     files."""
     from collections import Counter
 
-    from pipeline.data.cache import open_cache, printable
+    from pipeline.data.cache import open_cache, printable, writer_active
 
     with _errors():
         c = open_cache(cache)
@@ -285,6 +285,10 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
             typer.echo(f"  {printable(key)}: {printable(c.sources()[key][0])}")
         if len(gone) > 20:
             typer.echo(f"  ... {len(gone) - 20} more")
+    if writer_active(c.path):
+        # the run rebuilds the index every 30 s: until then a redone or dropped video's part may look missing
+        typer.echo("note       a `pipeline extract` run is writing to this cache now; rerun info when it ends")
+        return
     damaged = {key: "part file missing" for key in c.missing_parts()}
     if check:
         damaged.update(c.check())

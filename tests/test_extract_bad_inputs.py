@@ -255,6 +255,8 @@ def test_reader_of_a_cache_being_written_warns_once_and_only_when_no_writer_runs
         for _ in range(50):
             assert len(pipeline.open_cache(out)) == 6
         assert "not in the index yet" not in caplog.text  # a run is writing: being behind is normal
+        info = CliRunner().invoke(app, ["info", str(out)])
+        assert info.exit_code == EXIT_OK and "is writing to this cache now" in info.output
         writer.close()
         for _ in range(50):
             pipeline.open_cache(out)

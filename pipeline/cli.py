@@ -212,6 +212,7 @@ def extract(
         config = _settings(ExtractConfig, settings, quiet)
     output = config.output
 
+    from pipeline.data.cache import printable
     from pipeline.extract.run import extract_videos
     from pipeline.predict import extract_with_checkpoint
 
@@ -225,20 +226,27 @@ def extract(
 
     if not quiet or report.failed:
         typer.echo(report.summary())
+    for key in report.pruned:
+        typer.echo(f"  pruned {printable(key)}")
     if report.failed:
         typer.echo(f"{len(report.failed)} inputs failed (they are retried by the next run):", err=True)
         for _key, (path, reason) in sorted(report.failed.items()):
-            typer.echo(f"  {path}: {reason}", err=True)
+            typer.echo(f"  {printable(path)}: {printable(reason)}", err=True)
         raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
 @app.command()
 def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
-         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.", metavar="")] = True) -> None:
-    """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures."""
+         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.",
+                                                metavar="")] = True,
+         check: Annotated[bool, typer.Option(
+             help="Open every video's data and check it against the index; exit 1 naming the damaged ones.",
+             metavar="")] = False) -> None:
+    """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures, missing
+    files."""
     from collections import Counter
 
-    from pipeline.data.cache import open_cache
+    from pipeline.data.cache import open_cache, printable, writer_active
 
     with _errors():
         c = open_cache(cache)
@@ -246,7 +254,8 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     spec = c.spec
     frames = sum(c.num_frames(k) for k in c.keys())
     labels = Counter(c.label(k) or "(none)" for k in c.keys())
-    typer.echo(f"cache      {c.path}  (schema {c.schema_version}, features {c.dtype})")
+    typer.echo(f"cache      {printable(str(c.path))}  (schema {c.schema_version}, features {c.dtype}, "
+               + ("one packed file)" if c.packed else f"parts in {printable(c.parts.name)}/)"))
     typer.echo(f"videos     {len(c)}   frames {frames}   dim {spec.dim}")
     typer.echo(f"backbone   {spec.backbone}   weights {spec.weights}"
                + (f"   sha256 {spec.weights_sha256[:16]}..." if spec.weights_sha256 else ""))
@@ -256,18 +265,60 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     typer.echo(f"sampling   {spec.sampling.describe()}   spec id {spec.id}")
     typer.echo(f"labels     {len([k for k in labels if k != '(none)'])}")
     for label, n in sorted(labels.items()):
-        typer.echo(f"  {label:<28} {n}")
+        typer.echo(f"  {printable(label):<28} {n}")
     bad = c.failures()
     typer.echo(f"failures   {len(bad)}")
     if failures:
         for f in bad:
-            typer.echo(f"  {f['source_path']}: {f['reason']}")
+            typer.echo(f"  {printable(f['source_path'])}: {printable(f['reason'])}")
     shards = c.shards()
     if shards:
         typer.echo(f"shards     {len(shards)}   " + "   ".join(f"{s}: {n} videos" for s, n in shards.items()))
     pending = c.unindexed_parts()
     if pending:
         typer.echo(f"note       {pending} finished videos are not indexed yet: rerun the extract command to resume")
+    gone = c.missing_sources()
+    if gone:
+        typer.echo(f"missing sources  {len(gone)}  (their files are gone or not mounted; "
+                   f"`pipeline extract ... --prune` removes them)")
+        for key in gone[:20]:
+            typer.echo(f"  {printable(key)}: {printable(c.sources()[key][0])}")
+        if len(gone) > 20:
+            typer.echo(f"  ... {len(gone) - 20} more")
+    if writer_active(c.path):
+        # the run rebuilds the index every 30 s: until then a redone or dropped video's part may look missing
+        typer.echo("note       a `pipeline extract` run is writing to this cache now; rerun info when it ends")
+        return
+    damaged = {key: "part file missing" for key in c.missing_parts()}
+    if check:
+        damaged.update(c.check())
+    if damaged:
+        typer.echo(f"damaged    {len(damaged)} videos cannot be read; rerun the extract command that made "
+                   f"the cache to redo them", err=True)
+        for key, problem in sorted(damaged.items()):
+            typer.echo(f"  {printable(key)}: {printable(problem)}", err=True)
+        raise typer.Exit(EXIT_ERROR)
+    if check:
+        typer.echo(f"check      all {len(c)} videos read and match the index")
+
+
+@app.command()
+def pack(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and its parts folder.",
+                                               show_default=False)],
+         output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+             "-o", "--output", help="Where to write the one-file cache \\[default: replace CACHE in place "
+                                    "and remove its parts folder].")] = None) -> None:
+    """Make one self-contained HDF5 file of a cache (index and parts), readable by h5py alone and by every
+    command."""
+    from pipeline.data.cache import pack as pack_cache
+    from pipeline.data.cache import printable
+
+    _setup_logging(False)
+    with _errors():
+        result = pack_cache(cache, output)
+
+    typer.echo(f"{printable(str(result.output))}: {result.videos} videos in one file, "
+               f"{result.bytes / 2**20:.1f} MiB, {result.seconds:.1f}s")
 
 
 @app.command()

@@ -189,6 +189,11 @@ class ExtractConfig(_Settings):
     shard: str | None = None
     """'i/n': extract only share i (0-based) of n of the inputs, balanced by size, e.g. in a Slurm array; then run
     `pipeline merge`. Under torchrun the share comes from RANK/WORLD_SIZE instead."""
+    prune: bool = False
+    """Remove the cache's videos (and failure records) whose source file or folder no longer exists (deleted
+    or renamed). Never done without this flag: sources on a disk that is not mounted look the same."""
+    pack: bool = False
+    """At the end of the run, make the cache one self-contained file (as `pipeline pack`)."""
     runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
@@ -203,6 +208,9 @@ class ExtractConfig(_Settings):
             raise ValueError(f"--std must be positive, got {self.std}")
         if self.shard is not None:
             parse_shard(self.shard)
+            if self.prune or self.pack:
+                raise ValueError("--prune and --pack cannot be combined with --shard: use them after "
+                                 "`pipeline merge` (an unsharded `extract --prune`, or `pipeline pack`)")
             if self.overwrite:
                 raise ValueError("--overwrite cannot be combined with --shard (shards would delete each other's "
                                  "work); delete the cache and its .parts folder first")

@@ -131,7 +131,9 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
             extract_cfg = replace(extract_cfg, weights=str(link))
         # Keys are absolute paths: the same file is found again whatever folder it is given from.
         manifest = Path(tmp) / "inputs.csv"
-        with open(manifest, "w", newline="", encoding="utf-8") as f:
+        # surrogateescape: a file name that is not UTF-8 is written as its own bytes, which read_manifest
+        # accepts
+        with open(manifest, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(["path", "label"])
             for item in items:
@@ -168,7 +170,7 @@ def write_predictions(predictions: list[Prediction], output: Path, k: int, as_js
     """CSV: path, label_1, prob_1, ..., label_k, prob_k, error. JSON (beside it): a list of
     {path, predictions: [{label, prob}], error}."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="", encoding="utf-8") as f:
+    with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:  # paths as on disk
         writer = csv.writer(f)
         writer.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"label_{i}", f"prob_{i}")] + ["error"])
         for p in predictions:

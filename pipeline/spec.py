@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -27,8 +28,10 @@ class Sampling:
     """Frame rate assumed for folders of images, which carry no timestamps of their own."""
 
     def __post_init__(self):
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
+        # isfinite: an infinite rate would keep every frame under a spec that claims a rate, NaN compares
+        # false
+        if self.fps is not None and not (math.isfinite(self.fps) and self.fps > 0):
+            raise ValueError(f"--fps must be a finite number > 0, got {self.fps}")
         if self.stride < 1:
             raise ValueError(f"--stride must be >= 1, got {self.stride}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -40,8 +43,8 @@ class Sampling:
                              "it cannot be combined with --fps, --stride or --max-frames")
         if self.fps is not None and self.stride != 1:
             raise ValueError("use either --fps or --stride, not both")
-        if not self.frames_fps > 0:
-            raise ValueError(f"--frames-fps must be > 0, got {self.frames_fps}")
+        if not (math.isfinite(self.frames_fps) and self.frames_fps > 0):
+            raise ValueError(f"--frames-fps must be a finite number > 0, got {self.frames_fps}")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -116,7 +116,9 @@ class Split:
 
 def stable_unit(key: str, seed: int) -> float:
     """A number in [0, 1) that depends only on (seed, key): the same on every machine and every run."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    # surrogateescape: keys of file names that are not UTF-8 hash as their raw bytes (valid keys hash as
+    # before)
+    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -253,7 +255,8 @@ SPLIT_FILE = "split.csv"  # in a run folder: every video the run trained or vali
 
 def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
     """CSV `key,label,split` (train or val) of every video of `split`, so later stages can reuse it exactly."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    # surrogateescape: keys of non-UTF-8 file names are written as their raw bytes, as the cache keeps them
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "label", "split"])
         for side in ("train", "val"):
@@ -263,7 +266,7 @@ def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
 
 def read_split(path: Path) -> dict[str, str]:
     """key -> 'train' or 'val' from a file written by `write_split`."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"key", "split"} <= set(rows[0]):
         raise SplitError(f"{path} is not a split file (a CSV with columns key,label,split)")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with, parse_shard
-from pipeline.data.cache import CacheWriter, merge
+from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
 from pipeline.extract.inputs import VideoItem, discover
@@ -46,6 +46,9 @@ class ExtractReport:
     extracted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    """Keys removed by --prune (their source no longer exists)."""
+    packed: bool = False
     frames: int = 0
     seconds: float = 0.0
 
@@ -56,7 +59,12 @@ class ExtractReport:
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> {self.cache}")
+                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+                f"{printable(str(self.cache))}")
+        if self.pruned:
+            text += f"; {len(self.pruned)} pruned (source gone)"
+        if self.packed:
+            text += " (packed: one file)"
         return text
 
 
@@ -168,7 +176,8 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
     dist = Distributed.from_env(cfg.shard)
-    items = discover(inputs)
+    unreadable: dict[str, str] = {}
+    items = discover(inputs, unreadable)
     if dist.shard:
         # Every rank computes the same balanced split of ALL inputs (finished or not), so no video is ever
         # owned by two ranks or by none, whatever the others have done.
@@ -190,6 +199,7 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
                          "folder first")
     writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
     report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
+    report.failed.update({folder: (folder, reason) for folder, reason in unreadable.items()})
     try:
         todo, signatures = [], {}
         for item in items:
@@ -203,6 +213,8 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
         if todo:
             embedder = FrameEmbedder(loaded, device)
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
+        if cfg.prune and not dist.shard:
+            report.pruned = writer.prune_missing_sources()
     finally:
         if not dist.shard:
             writer.write_index()
@@ -210,11 +222,15 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     if dist.torchrun:
         dist.barrier()  # every rank's parts are committed; one process builds the index
         if dist.rank == 0:
-            merge(cfg.output)
+            merge(cfg.output, prune=cfg.prune)
+            if cfg.pack:
+                report.packed = bool(pack(cfg.output))
         dist.barrier()
     elif dist.shard:
         log.warning("shard %d/%d done; when every shard is, build the index with `pipeline merge %s`",
                     dist.rank, dist.world, cfg.output)
+    elif cfg.pack:
+        report.packed = bool(pack(cfg.output))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -317,7 +333,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         dead.add(i)
         report.failed[item.key] = (str(item.path), reason)
         writer.record_failure(item.key, str(item.path), reason)
-        tqdm.write(f"FAILED {item.path}: {reason}")
+        tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
         bar_videos.update(1)
 
     def forward(n: int) -> None:

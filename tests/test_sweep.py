@@ -399,7 +399,7 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     from pipeline.sweep.stack import stack_key, train_stack
 
     shared = {"head": "meanpool", "hidden": 16, "epochs": 4, "batch_size": 8, "clip_len": 5, "patience": 0,
-              "plots": False, "runtime": Runtime(progress=False, threads=2)}
+              "plots": False, "overwrite": True, "runtime": Runtime(progress=False, threads=2)}
     own = [{"lr": 1e-3, "dropout": 0.3}, {"lr": 1e-2, "dropout": 0.0, "label_smoothing": 0.1},
            {"lr": 3e-2, "dropout": 0.5, "weight_decay": 0.1}]
     configs = [TrainConfig(out=tmp_path / f"stacked{i}", **shared, **o) for i, o in enumerate(own)]

@@ -3,6 +3,7 @@ and experiments with heads. `open_cache` reads them like any other cache."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,6 +32,9 @@ def write_feature_cache(path: str | os.PathLike, videos: Iterable[tuple[str, np.
     Features are streamed one video at a time, so `videos` may be a generator of any total size.
     """
     writer = CacheWriter(path, spec, dtype)
+    # A source name per cache file (relative: no file to look for), so that two synthetic caches that use the same
+    # keys do not claim each other's videos (evaluate keeps a head's training videos apart by source).
+    origin = "synthetic/" + hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]
     try:
         for n, (key, features, label, split) in enumerate(videos):
             if features.ndim != 2 or features.shape[1] != spec.dim:
@@ -39,7 +43,7 @@ def write_feature_cache(path: str | os.PathLike, videos: Iterable[tuple[str, np.
             part = writer.begin(key, spec.dim)
             try:
                 part.append(features, np.arange(rows), np.arange(rows) / SYNTHETIC_FPS)
-                part.commit({"key": key, "label": label or "", "split": split or "", "source_path": f"synthetic/{key}",
+                part.commit({"key": key, "label": label or "", "split": split or "", "source_path": f"{origin}/{key}",
                              "source_size": rows, "source_mtime_ns": n, "kind": "synthetic",
                              "spec_id": spec.id})
             except BaseException:

@@ -1,14 +1,17 @@
-"""What every benchmark script prints about the machine it ran on (the scripts import it from beside them)."""
+"""What the benchmark scripts share: the machine they ran on, the load, a generated cache (imported from beside them)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pipeline.config import cpu_count
+from pipeline.runtime import cpu_count
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -33,3 +36,13 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
+
+
+def ensure_cache(path: Path, what: str, generate: Callable[[Path], None]) -> None:
+    """Run `generate(path)` unless the cache exists, saying what and how long on stderr."""
+    if path.exists():
+        return
+    print(f"generating {what} into {path} ...", file=sys.stderr)
+    t = time.perf_counter()
+    generate(path)
+    print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)

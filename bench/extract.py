@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from common import load_average, machine  # bench/common.py, beside this script
 
-from pipeline.config import Sampling, cpu_count, pick_device
 from pipeline.extract import run
 from pipeline.extract.backbone import (
     FrameEmbedder,
@@ -33,7 +32,9 @@ from pipeline.extract.backbone import (
 )
 from pipeline.extract.decode import open_source
 from pipeline.extract.workers import DecodeJob, decode_video
+from pipeline.runtime import cpu_count, pick_device
 from pipeline.sample import write_video
+from pipeline.spec import Sampling
 
 CODECS = (".mp4", ".avi")  # mp4v and MJPG, alternating clip by clip (see pipeline.sample.write_video)
 WARMUP_BATCHES = 3  # forward passes before timing: oneDNN builds its kernels for a new shape on the first calls

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import cpu_count
 from pipeline.data.cache import open_cache
+from pipeline.runtime import cpu_count
 from pipeline.sample import write_video
 
 

@@ -31,11 +31,11 @@ from common import load_average, machine  # bench/common.py, beside this script
 from extract import forward_seconds, make_videos, parse_resolution, setup_timer  # bench/extract.py
 
 import pipeline
-from pipeline.config import pick_device
 from pipeline.data.cache import open_cache
 from pipeline.extract import run
 from pipeline.extract.backbone import FrameEmbedder, load_backbone
 from pipeline.extract.workers import CRASH_ON_ENV
+from pipeline.runtime import pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"

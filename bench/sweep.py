@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import load_average, machine  # bench/common.py, beside this script
+from common import ensure_cache, load_average, machine  # bench/common.py, beside this script
 
-from pipeline.config import TrainConfig, cpu_count, default_of
+from pipeline.config import TrainConfig, default_of
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
+from pipeline.runtime import cpu_count
 
 UCF101_CLASSES, MIN_ROWS, MAX_ROWS = 101, 120, 240  # UCF101 clips: ~7 s, 120-240 rows at 25 fps
 LATENT = 128  # the features vary in a 128-dimensional subspace of the 2048 (plus a little isotropic noise) ...
@@ -93,11 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     cache = args.cache or workdir / "ucf101_like.h5"
     try:
-        if not cache.exists():
-            print(f"generating {args.classes} x {args.per_class} videos into {cache} ...", file=sys.stderr)
-            t = time.perf_counter()
-            generate(cache, args.classes, args.per_class, args.dim)
-            print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ensure_cache(cache, f"{args.classes} x {args.per_class} videos",
+                     lambda path: generate(path, args.classes, args.per_class, args.dim))
         common = ["--val-fraction", str(args.val_fraction), "--epochs", str(args.epochs), "--threads", threads]
         loads = [load_average()]
 

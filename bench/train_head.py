@@ -20,16 +20,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import machine  # bench/common.py, beside this script
+from common import ensure_cache, machine  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import TrainConfig, cpu_count, default_of
+from pipeline.config import TrainConfig, default_of
 from pipeline.data.cache import open_cache, video_id
 from pipeline.data.sequences import batches, feature_stats, load_sequences, train_plans
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
-from pipeline.heads.model import HeadDims, build_head
-from pipeline.heads.train import make_optimizer, train_one_epoch, warmup_cosine
+from pipeline.runtime import cpu_count
+from pipeline.train_head.model import HeadDims, build_head
+from pipeline.train_head.train import make_optimizer, train_one_epoch, warmup_cosine
 
 UCF101_VIDEOS, UCF101_CLASSES, MEAN_ROWS = 9_500, 101, 180  # UCF101 split 1 train+test: 13,320 clips of ~7 s
 NOISE_BANK_ROWS = 8192  # generated rows are slices of one random bank plus a class mean: fast, still learnable
@@ -203,11 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="bench-train-head-"))
         path = workdir / "ucf101_like.h5"
     try:
-        if not path.exists():
-            print(f"generating {args.videos} videos into {path} ...", file=sys.stderr)
-            t = time.perf_counter()
-            generate(path, args.videos, args.dim, args.classes)
-            print(f"  {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        ensure_cache(path, f"{args.videos} videos", lambda p: generate(p, args.videos, args.dim, args.classes))
         cache = open_cache(path)
         keys = cache.keys()
         labels = sorted(set(cache.labels().values()))

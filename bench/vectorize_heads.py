@@ -1,7 +1,7 @@
 """Does training N sweep trials of one shape as one vectorised model pay on this CPU? Seconds per optimisation step
 of N heads trained one after the other (each gathering its own batch from a float16 RAM store, as separate trials
 do) against the same N heads as one model: torch.func (stack_module_state + vmap over functional_call, one fused
-AdamW) and, for mean-pool heads, the sweep's own stack (pipeline/heads/stack.py: one batch, one (B*T, D) x (D, N*H)
+AdamW) and, for mean-pool heads, the sweep's own stack (pipeline/sweep/stack.py: one batch, one (B*T, D) x (D, N*H)
 projection, batched LayerNorm, pooling and classifiers, each head's own AdamW and dropout stream).
 
     python bench/vectorize_heads.py                 # the table in docs/performance.md
@@ -17,10 +17,10 @@ import time
 import torch
 from torch.nn import functional as F
 
-from pipeline.config import cpu_count
-from pipeline.heads.model import HeadDims, build_head
-from pipeline.heads.stack import stacked_logits
-from pipeline.heads.train import make_optimizer
+from pipeline.runtime import cpu_count
+from pipeline.sweep.stack import stacked_logits
+from pipeline.train_head.model import HeadDims, build_head
+from pipeline.train_head.train import make_optimizer
 
 STORE_ROWS = 20_000  # rows of the fake RAM store batches are gathered from
 CASES = [("meanpool", 2048, 256), ("meanpool", 2048, 64), ("meanpool", 256, 256), ("meanpool", 256, 64),
@@ -90,7 +90,7 @@ def measure(head: str, dim: int, hidden: int, n: int, batch: int, frames: int, c
         out["vmap"] = None
         out["vmap_error"] = str(e).splitlines()[0][:90]
 
-    # 3. mean-pool only: the library's stack (pipeline/heads/stack.py), each head with its own AdamW and dropout stream
+    # 3. mean-pool only: the library's stack (pipeline/sweep/stack.py), each head with its own AdamW and dropout stream
     if head == "meanpool":
         generators = [torch.Generator() for _ in models]
 

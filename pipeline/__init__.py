@@ -13,49 +13,55 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
 __all__ = ["extract_videos", "open_cache", "train_head", "evaluate", "predict", "ExtractConfig", "Sampling",
            "TrainConfig", "EvalConfig", "PredictConfig", "FeatureSpec", "sweep", "SweepConfig", "finetune",
            "FinetuneConfig", "__version__"]
 
+# name -> (module, attribute). Lazy, so that `pipeline --help` and `import pipeline` stay instant: torch loads on
+# first real use.
+_API = {
+    "extract_videos": ("pipeline.extract.run", "extract_videos"),
+    "open_cache": ("pipeline.data.cache", "open_cache"),
+    "FeatureSpec": ("pipeline.spec", "FeatureSpec"),
+    "Sampling": ("pipeline.spec", "Sampling"),
+    "evaluate": ("pipeline.train_head.evaluate", "evaluate_checkpoint"),
+    **{name: ("pipeline.config", name)
+       for name in ("ExtractConfig", "TrainConfig", "EvalConfig", "PredictConfig", "SweepConfig", "FinetuneConfig")},
+}
+# The stages whose package (or module) has the name of its entry function: `pipeline.train_head(...)` calls
+# train_head.train.train_head, while `pipeline.train_head.model` stays the stage's module.
+_STAGES = {
+    "train_head": "pipeline.train_head.train",
+    "sweep": "pipeline.sweep.run",
+    "finetune": "pipeline.finetune.train",
+    "predict": "pipeline.predict",
+}
+
+
+class _Stage(types.ModuleType):
+    """A stage's package that can be called as its entry function (the import system binds a subpackage to its
+    parent's attribute of the same name, so the function and the package must be one object)."""
+
+    def __call__(self, *args, **kwargs):
+        name = self.__name__.rpartition(".")[2]
+        return getattr(importlib.import_module(_STAGES[name]), name)(*args, **kwargs)
+
+
+def _callable_stage(module_name: str) -> None:
+    """Make the stage package `module_name` callable as its entry function (called from its __init__)."""
+    sys.modules[module_name].__class__ = _Stage
+
 
 def __getattr__(name: str):
-    # Lazy: `pipeline --help` and `import pipeline` stay instant; torch loads on first real use.
-    if name == "extract_videos":
-        from pipeline.extract.run import extract_videos
-
-        return extract_videos
-    if name in ("open_cache", "FeatureSpec"):
-        from pipeline.data import cache
-
-        return getattr(cache, name)
-    if name == "train_head":
-        from pipeline.heads.train import train_head
-
-        return train_head
-    if name == "evaluate":
-        from pipeline.heads.infer import evaluate_checkpoint
-
-        return evaluate_checkpoint
-    if name == "predict":
-        from pipeline.heads.infer import predict
-
-        return predict
-    if name == "finetune":
-        from pipeline.finetuning.train import finetune
-
-        return finetune
-    if name == "FinetuneConfig":
-        from pipeline.config import FinetuneConfig
-
-        return FinetuneConfig
-    if name == "sweep":
-        from pipeline.heads.sweep import sweep
-
-        return sweep
-    if name in ("ExtractConfig", "Sampling", "TrainConfig", "EvalConfig", "PredictConfig", "SweepConfig"):
-        from pipeline import config
-
-        return getattr(config, name)
+    if name in _STAGES:
+        return importlib.import_module(f"pipeline.{name}")
+    if name in _API:
+        module, attr = _API[name]
+        return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

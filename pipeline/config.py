@@ -1,66 +1,166 @@
 """Every user-facing setting and its default, in one place.
 
-The CLI reads its defaults from these dataclasses, and `__post_init__` errors name the CLI flag to fix.
+Each setting is a dataclass field whose docstring is its help text: the CLI builds its options from these fields
+(pipeline/options.py), the Python API takes them as keyword arguments (`config_with`), and `__post_init__` errors
+name the CLI flag to fix. Settings that several commands share live in the groups `Runtime` and `SplitConfig`.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+
+from pipeline.spec import Sampling
 
 FEATURE_DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("auto", "cpu", "nvdec")
 PREPROCESS = ("auto", "workers", "device")
+HEADS = ("lstm", "gru", "bilstm", "meanpool", "attention")
+ACTIVATIONS = ("gelu", "relu")
+MEMORY_MODES = ("auto", "ram", "lazy")
+SPLIT_MODES = ("auto", "cache", "random")
+STRATEGIES = ("tpe", "random", "grid")
+PRUNERS = ("median", "halving", "hyperband", "none")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+
+# Defaults that depend on the machine or on another setting (the fields say when they apply).
+EXTRACT_BATCH_CPU = 8  # frames per forward pass on a CPU (measured fastest on 2-16 cores)
+EXTRACT_BATCH_GPU = 256  # ... and on an accelerator (it needs wide batches)
+HEAD_BATCH = 64  # clips per head forward pass when predict scores new videos
+FINETUNE_CLIP_LEN = 16  # rows per fine-tuning clip when the head was trained on whole sequences
+FINETUNE_BACKBONE_LR_FACTOR = 0.1  # the backbone's peak learning rate is this times --lr
+FINETUNE_UNFREEZE_LAST = 1  # stages trained when neither --unfreeze nor --unfreeze-last is given
+SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
+SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
+SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
 
 
 def default_of(cls: type, name: str):
-    """The default of dataclass field `name`: the CLI uses this so that no default is written twice."""
+    """The default of dataclass field `name`."""
     for f in fields(cls):
         if f.name == name:
             return f.default
     raise KeyError(name)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Which decoded frames become feature rows. Part of the feature spec: a cache holds one sampling."""
+def _check(flag: str, ok: bool, value, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{flag} must be {rule}, got {value!r}")
 
-    fps: float | None = None
-    """Keep at most one frame per 1/fps seconds, the first whose decoded timestamp enters each interval."""
-    stride: int = 1
-    """Keep every stride-th decoded frame (0, K, 2K, ...)."""
-    max_frames: int | None = None
-    """Keep at most this many frames per video (the first ones, after fps/stride)."""
-    num_frames: int | None = None
-    """Keep this many frames spread uniformly over the whole video (all frames if it has fewer)."""
-    frames_fps: float = 30.0
-    """Frame rate assumed for folders of images, which carry no timestamps of their own."""
+
+def _one_of(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(flag, value in choices, value, f"one of {', '.join(choices)}")
+
+
+def _at_least(minimum: int, **values) -> None:
+    """Each value (a field name -> value; None allowed) >= minimum; the message names the flag."""
+    for name, value in values.items():
+        if value is not None:
+            _check("--" + name.replace("_", "-"), value >= minimum, value, f">= {minimum}")
+
+
+# ------------------------------------------------------------------------------------------------- groups
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how a command runs (no effect on its results beyond floating-point noise)."""
+
+    device: str = "auto"
+    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    threads: int | None = None
+    """Torch threads of this process; default: all CPU cores (decode and reader workers use one each)."""
+    progress: bool = True
+    """Progress bars (the CLI's --quiet turns them off)."""
 
     def __post_init__(self):
-        if self.fps is not None and not self.fps > 0:
-            raise ValueError(f"--fps must be > 0, got {self.fps}")
-        if self.stride < 1:
-            raise ValueError(f"--stride must be >= 1, got {self.stride}")
-        if self.max_frames is not None and self.max_frames < 1:
-            raise ValueError(f"--max-frames must be >= 1, got {self.max_frames}")
-        if self.num_frames is not None and self.num_frames < 1:
-            raise ValueError(f"--num-frames must be >= 1, got {self.num_frames}")
-        if self.num_frames is not None and (self.fps is not None or self.stride != 1 or self.max_frames):
-            raise ValueError("--num-frames picks frames uniformly over the whole video; "
-                             "it cannot be combined with --fps, --stride or --max-frames")
-        if self.fps is not None and self.stride != 1:
-            raise ValueError("use either --fps or --stride, not both")
-        if not self.frames_fps > 0:
-            raise ValueError(f"--frames-fps must be > 0, got {self.frames_fps}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+        _check("--device", self.device in DEVICES or self.device.startswith("cuda:"), self.device,
+               f"one of {', '.join(DEVICES)} or cuda:N")
+        _at_least(1, threads=self.threads)
 
 
 @dataclass(frozen=True)
-class ExtractConfig:
+class SplitConfig:
+    """Which labelled videos train and which validate."""
+
+    labels: Path | None = None
+    """CSV `key,label` that replaces the labels recorded in the cache (or the inputs')."""
+    split: str = "auto"
+    """auto: the cache's split column when it has one, else random; cache: require it; random: --val-fraction;
+    head (finetune only, its default): the split of the --init run (its split.csv, else its recorded settings)."""
+    train_list: Path | None = None
+    """Official split file of train videos, one key per line (UCF101 trainlist01.txt style)."""
+    val_list: Path | None = None
+    """Official split file of val/test videos (UCF101 testlist01.txt style)."""
+    val_fraction: float = 0.2
+    """Share of each class held out for validation when the split is random."""
+    split_seed: int = 0
+    """Seed of the random split; each video's side depends only on hash(seed, its key or group)."""
+    group_regex: str | None = None
+    """Videos whose keys give the same match (its first group if it has one) go to the same side, e.g. '_g(\\d+)_'."""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SplitConfig:
+        """The split settings recorded in a run's flat config (config.json, a checkpoint's `config`)."""
+        paths = ("labels", "train_list", "val_list")
+        return cls(**{f.name: (Path(d[f.name]) if f.name in paths else d[f.name]) for f in fields(cls)
+                      if d.get(f.name) is not None})
+
+    def __post_init__(self):
+        _one_of("--split", self.split, (*SPLIT_MODES, "head"))
+        _check("--val-fraction", 0.0 < self.val_fraction < 1.0, self.val_fraction, "between 0 and 1 (exclusive)")
+        if self.split == "random" and (self.train_list or self.val_list):
+            raise ValueError("--split random contradicts --train-list/--val-list; drop one of them")
+        if self.split == "head" and (self.train_list or self.val_list):
+            raise ValueError("--train-list/--val-list make a new split: pass --split auto with them")
+        if self.group_regex is not None:
+            import re
+
+            try:
+                re.compile(self.group_regex)
+            except re.error as e:
+                raise ValueError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from None
+
+
+def _runtime() -> Runtime:
+    return Runtime()
+
+
+def _splitting() -> SplitConfig:
+    return SplitConfig()
+
+
+class _Settings:
+    """What every command's settings share: a flat JSON form and flat attribute names for the groups."""
+
+    def to_dict(self) -> dict:
+        """Flat JSON-able data (groups merged in, paths and tuples as strings and lists): config.json, checkpoints."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_dataclass(value):
+                out.update(value.to_dict() if isinstance(value, _Settings) else _json_able(value))
+            else:
+                out[f.name] = _plain(value)
+        return out
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _json_able(obj) -> dict:
+    return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+
+
+# ------------------------------------------------------------------------------------------------ stage one
+@dataclass(frozen=True)
+class ExtractConfig(_Settings):
     """Settings of `pipeline extract`. Fields that change what a feature row means go into the feature spec."""
 
     output: Path
@@ -80,14 +180,13 @@ class ExtractConfig:
     """RGB normalisation std; default: the weights' own value."""
     sampling: Sampling = field(default_factory=Sampling)
     dtype: str = "float16"
-    """Storage dtype of the features on disk."""
-    device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
+    """Storage dtype of the features on disk: float16 or float32."""
     batch_size: int | None = None
-    """Frames per forward pass, spanning video boundaries; default 8 on CPU, 256 on accelerators. Every pass has
-    this shape (the last one is padded), so a frame's features never depend on how frames were batched."""
+    """Frames per forward pass, spanning video boundaries; default: EXTRACT_BATCH_CPU on a CPU, EXTRACT_BATCH_GPU
+    on an accelerator. Every pass has this shape (the last one is padded), so a frame's features never depend on how
+    frames were batched."""
     workers: int | None = None
-    """Decode worker processes; default 1 on small CPUs, all cores but two with a GPU; 0 decodes in-process."""
+    """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes in-process."""
     decoder: str = "auto"
     """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for H.264,
     HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is measured
@@ -100,34 +199,26 @@ class ExtractConfig:
     max_pixels: int | None = 8192 * 8192
     """Refuse frames larger than this many pixels (from the file's header where it says, before decoding): one
     frame bomb must not exhaust memory. None: no limit."""
-    threads: int | None = None
-    """Torch threads of the model process; default: all CPU cores (decode workers use one thread each)."""
     overwrite: bool = False
     """Discard an existing cache built with a different feature spec instead of refusing."""
     shard: str | None = None
     """'i/n': extract only share i (0-based) of n of the inputs, balanced by size, e.g. in a Slurm array; then run
     `pipeline merge`. Under torchrun the share comes from RANK/WORLD_SIZE instead."""
-    progress: bool = True
+    prune: bool = False
+    """Remove the cache's videos (and failure records) whose source file or folder no longer exists (deleted
+    or renamed). Never done without this flag: sources on a disk that is not mounted look the same."""
+    pack: bool = False
+    """At the end of the run, make the cache one self-contained file (as `pipeline pack`)."""
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
-        if self.dtype not in FEATURE_DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(FEATURE_DTYPES)}, got {self.dtype!r}")
-        if not (self.device in DEVICES or self.device.startswith("cuda:")):
-            raise ValueError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
-        for flag, value in (("--batch-size", self.batch_size), ("--resize", self.resize), ("--crop", self.crop)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"--decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.preprocess not in PREPROCESS:
-            raise ValueError(f"--preprocess must be one of {', '.join(PREPROCESS)}, got {self.preprocess!r}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        _one_of("--dtype", self.dtype, FEATURE_DTYPES)
+        _at_least(1, batch_size=self.batch_size, resize=self.resize, crop=self.crop)
+        _at_least(0, workers=self.workers)
+        _one_of("--decoder", self.decoder, DECODERS)
+        _one_of("--preprocess", self.preprocess, PREPROCESS)
+        _at_least(1, max_pixels=self.max_pixels)
         for flag, value in (("--mean", self.mean), ("--std", self.std)):
             if value is not None and len(value) != 3:
                 raise ValueError(f"{flag} takes three numbers (R G B), got {value}")
@@ -135,6 +226,9 @@ class ExtractConfig:
             raise ValueError(f"--std must be positive, got {self.std}")
         if self.shard is not None:
             parse_shard(self.shard)
+            if self.prune or self.pack:
+                raise ValueError("--prune and --pack cannot be combined with --shard: use them after "
+                                 "`pipeline merge` (an unsharded `extract --prune`, or `pipeline pack`)")
             if self.overwrite:
                 raise ValueError("--overwrite cannot be combined with --shard (shards would delete each other's "
                                  "work); delete the cache and its .parts folder first")
@@ -142,20 +236,9 @@ class ExtractConfig:
             raise ValueError(f"-o/--output should name an .h5 file, got {str(self.output)!r}")
 
 
-
-HEADS = ("lstm", "gru", "bilstm", "meanpool", "attention")
-ACTIVATIONS = ("gelu", "relu")
-MEMORY_MODES = ("auto", "ram", "lazy")
-SPLIT_MODES = ("auto", "cache", "random")
-
-
-def _check_device(device: str) -> None:
-    if not (device in DEVICES or device.startswith("cuda:")):
-        raise ValueError(f"--device must be one of {', '.join(DEVICES)} or cuda:N, got {device!r}")
-
-
+# ------------------------------------------------------------------------------------------------ stage two
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Settings):
     """Settings of `pipeline train-head`: the head, its clips, the split and the optimisation."""
 
     out: Path
@@ -169,7 +252,7 @@ class TrainConfig:
     dropout: float = 0.3
     """Dropout after the input projection, between temporal layers and before the classifier."""
     activation: str = "gelu"
-    """Activation of the input projection (Linear -> LayerNorm -> activation -> dropout)."""
+    """Activation of the input projection (Linear -> LayerNorm -> activation -> dropout): gelu or relu."""
     clip_len: int | None = 16
     """Frames per training clip, cropped at a random start each epoch; None or 0: whole sequences."""
     clip_stride: int = 1
@@ -177,11 +260,13 @@ class TrainConfig:
     eval_clips: int = 0
     """Evaluation: 0 runs the whole sequence at once; N >= 1 averages the probabilities of N evenly spaced clips."""
     epochs: int = 30
+    """Most epochs to train."""
     batch_size: int = 64
     """Clips per optimisation step (and per evaluation batch)."""
     lr: float = 1e-3
     """Peak learning rate of AdamW, reached after the warm-up and decayed to 0 by a cosine."""
     weight_decay: float = 0.01
+    """AdamW weight decay (matrices only)."""
     warmup_epochs: float = 1.0
     """Linear warm-up of the learning rate, in epochs (fractions allowed)."""
     patience: int = 10
@@ -189,20 +274,7 @@ class TrainConfig:
     class_weights: bool = False
     """Weight the loss by inverse class frequency in the train split."""
     label_smoothing: float = 0.0
-    labels: Path | None = None
-    """CSV `key,label` that overrides the labels recorded in the cache."""
-    split: str = "auto"
-    """auto: the cache's split column when it has one, else random; cache: require it; random: --val-fraction."""
-    train_list: Path | None = None
-    """Official split file of train videos, one key per line (UCF101 trainlist01.txt style)."""
-    val_list: Path | None = None
-    """Official split file of val/test videos (UCF101 testlist01.txt style)."""
-    val_fraction: float = 0.2
-    """Share of each class held out for validation when the split is random."""
-    split_seed: int = 0
-    """Seed of the random split; each video's side depends only on hash(seed, its key or group)."""
-    group_regex: str | None = None
-    """Videos whose keys give the same match (its first group if it has one) go to the same side, e.g. '_g(\\d+)_'."""
+    """Label smoothing of the cross-entropy loss."""
     seed: int = 0
     """Seed of initialisation, clip crops, shuffling and dropout: same seed, same machine -> same result."""
     memory: str = "auto"
@@ -210,63 +282,35 @@ class TrainConfig:
     worker processes; auto: ram when it fits comfortably in the available memory."""
     workers: int = 2
     """Reader processes in lazy mode (0 reads in the training process)."""
-    threads: int | None = None
-    """Torch threads; default: all CPU cores."""
-    device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     plots: bool = True
     """Write curves.png and confusion.png when matplotlib is installed."""
-    progress: bool = True
+    overwrite: bool = False
+    """Replace the run in an --out folder that already holds one (its files are removed first) instead of refusing."""
+    splitting: SplitConfig = field(default_factory=_splitting)
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         if self.clip_len == 0:
             object.__setattr__(self, "clip_len", None)
-        if self.head not in HEADS:
-            raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"--activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
-        if self.split not in SPLIT_MODES:
-            raise ValueError(f"--split must be one of {', '.join(SPLIT_MODES)}, got {self.split!r}")
-        _check_device(self.device)
-        for flag, value in (("--hidden", self.hidden), ("--layers", self.layers), ("--clip-stride", self.clip_stride),
-                            ("--epochs", self.epochs), ("--batch-size", self.batch_size)):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        if self.clip_len is not None and self.clip_len < 1:
-            raise ValueError(f"--clip-len must be >= 1 (or 0 for whole sequences), got {self.clip_len}")
-        for flag, value in (("--eval-clips", self.eval_clips), ("--patience", self.patience),
-                            ("--workers", self.workers)):
-            if value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+        _one_of("--head", self.head, HEADS)
+        _one_of("--activation", self.activation, ACTIVATIONS)
+        _one_of("--memory", self.memory, MEMORY_MODES)
+        _check("--split", self.splitting.split != "head", "head", f"one of {', '.join(SPLIT_MODES)}")
+        _at_least(1, hidden=self.hidden, layers=self.layers, clip_stride=self.clip_stride, epochs=self.epochs,
+                  batch_size=self.batch_size, clip_len=self.clip_len)
+        _at_least(0, eval_clips=self.eval_clips, patience=self.patience, workers=self.workers)
         if self.eval_clips and self.clip_len is None:
             raise ValueError("--eval-clips needs a --clip-len (clips of whole sequences are the whole sequence)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        if self.split == "random" and (self.train_list or self.val_list):
-            raise ValueError("--split random contradicts --train-list/--val-list; drop one of them")
-        _check_regex("--group-regex", self.group_regex)
-
-    def to_dict(self) -> dict:
-        return _json_able(self)
+        _check("--dropout", 0.0 <= self.dropout < 1.0, self.dropout, "in [0, 1)")
+        _check("--label-smoothing", 0.0 <= self.label_smoothing < 1.0, self.label_smoothing, "in [0, 1)")
+        _check("--lr", self.lr > 0, self.lr, "> 0")
+        _check("--weight-decay", self.weight_decay >= 0, self.weight_decay, ">= 0")
+        _check("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs, ">= 0")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(_Settings):
     """Settings of `pipeline evaluate`: a checkpoint on any cache of the same features."""
 
     eval_clips: int | None = None
@@ -278,33 +322,27 @@ class EvalConfig:
     out: Path | None = None
     """Folder for eval.json and the confusion-matrix plot."""
     batch_size: int = 64
-    memory: str = "auto"
-    workers: int = 2
-    threads: int | None = None
-    device: str = "auto"
-    progress: bool = True
+    """Clips per forward pass."""
+    memory: str = default_of(TrainConfig, "memory")
+    """auto, ram (read the cache once into memory) or lazy (read per batch)."""
+    workers: int = default_of(TrainConfig, "workers")
+    """Reader processes in lazy mode."""
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
-        if self.eval_clips is not None and self.eval_clips < 0:
-            raise ValueError(f"--eval-clips must be >= 0, got {self.eval_clips}")
-        if self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.memory not in MEMORY_MODES:
-            raise ValueError(f"--memory must be one of {', '.join(MEMORY_MODES)}, got {self.memory!r}")
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
-        _check_device(self.device)
+        _at_least(0, eval_clips=self.eval_clips, workers=self.workers)
+        _at_least(1, batch_size=self.batch_size)
+        _one_of("--memory", self.memory, MEMORY_MODES)
 
 
 @dataclass(frozen=True)
-class PredictConfig:
+class PredictConfig(_Settings):
     """Settings of `pipeline predict`: extract new videos exactly as the checkpoint's features were, then classify."""
 
     output: Path = Path("predictions.csv")
     """CSV of path, top-k labels and probabilities (and, with --json, the same as JSON beside it)."""
     top_k: int = 5
+    """Classes per video."""
     json: bool = False
     """Also write the predictions as JSON (OUTPUT with the suffix .json)."""
     weights: Path | None = None
@@ -314,38 +352,22 @@ class PredictConfig:
     checkpoint (predict_features.h5)."""
     eval_clips: int | None = None
     """0: whole sequences; N: mean over N clips; default: what the checkpoint was trained with."""
-    device: str = "auto"
     batch_size: int | None = None
-    """Frames per backbone forward pass [default: 8 on CPU, 64 on GPU]."""
+    """Frames per backbone forward pass; default: as `pipeline extract` chooses."""
     workers: int | None = None
-    threads: int | None = None
-    progress: bool = True
+    """Decode worker processes; default: as `pipeline extract` chooses; 0 decodes in-process."""
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
-        if self.top_k < 1:
-            raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
-        if self.eval_clips is not None and self.eval_clips < 0:
-            raise ValueError(f"--eval-clips must be >= 0, got {self.eval_clips}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.workers is not None and self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+        _at_least(1, top_k=self.top_k, batch_size=self.batch_size)
+        _at_least(0, eval_clips=self.eval_clips, workers=self.workers)
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
-        _check_device(self.device)
-
-STRATEGIES = ("tpe", "random", "grid")
-PRUNERS = ("median", "halving", "hyperband", "none")
-SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
-SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
-SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(_Settings):
     """Settings of `pipeline sweep`: the search space and strategy, the data every trial shares, the study's storage.
 
     The trials' own settings (head, hidden, lr, epochs, ...) come from the space; what it leaves out keeps its
@@ -358,8 +380,9 @@ class SweepConfig:
     """YAML file (or, from Python, a dict of the same form): parameter -> a list of choices, a range
     {low, high, log, step}, or one value for every trial."""
     params: tuple[str, ...] = ()
-    """Inline parameters NAME=SPEC: hidden=64,128,256 (choices), lr=1e-4:1e-2:log, layers=1:3, dropout=0:0.5:0.1
-    (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the file's entry of the same name."""
+    """Inline parameters NAME=SPEC, repeatable: hidden=64,128,256 (choices), lr=1e-4:1e-2:log, layers=1:3,
+    dropout=0:0.5:0.1 (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the file's entry of the
+    same name."""
     trials: int | None = None
     """Trials of the whole study, all workers together; default: every combination (grid), else SWEEP_TRIALS."""
     strategy: str = "tpe"
@@ -389,50 +412,32 @@ class SweepConfig:
     """Continue (or join) an existing study of this name; without it, a study that has trials is refused."""
     seed: int = 0
     """Seed of the sampler (each trial's own seed is the `seed` parameter, default 0)."""
-    labels: Path | None = default_of(TrainConfig, "labels")
-    split: str = default_of(TrainConfig, "split")
-    train_list: Path | None = default_of(TrainConfig, "train_list")
-    val_list: Path | None = default_of(TrainConfig, "val_list")
-    val_fraction: float = default_of(TrainConfig, "val_fraction")
-    split_seed: int = default_of(TrainConfig, "split_seed")
-    group_regex: str | None = default_of(TrainConfig, "group_regex")
     memory: str = default_of(TrainConfig, "memory")
-    threads: int | None = default_of(TrainConfig, "threads")
-    device: str = default_of(TrainConfig, "device")
+    """auto, ram or lazy: how the cache is read, once for every trial."""
     plots: bool = True
     """Write search.png (needs matplotlib); trials write no plots."""
-    progress: bool = True
+    splitting: SplitConfig = field(default_factory=_splitting)
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "params", tuple(self.params))
         if self.space is not None and not isinstance(self.space, dict):
             object.__setattr__(self, "space", Path(self.space))
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.pruner not in PRUNERS:
-            raise ValueError(f"--pruner must be one of {', '.join(PRUNERS)}, got {self.pruner!r}")
-        if self.trials is not None and self.trials < 1:
-            raise ValueError(f"--trials must be >= 1, got {self.trials}")
-        if self.prune_warmup < 1:
-            raise ValueError(f"--prune-warmup must be >= 1, got {self.prune_warmup}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"--timeout must be > 0 seconds, got {self.timeout}")
-        if self.reduce_dim is not None and self.reduce_dim < 1:
-            raise ValueError(f"--reduce-dim must be >= 1, got {self.reduce_dim}")
-        if self.refit is not None and self.refit < 0:
-            raise ValueError(f"--refit must be >= 0, got {self.refit}")
+        _one_of("--strategy", self.strategy, STRATEGIES)
+        _one_of("--pruner", self.pruner, PRUNERS)
+        _at_least(1, trials=self.trials, prune_warmup=self.prune_warmup, reduce_dim=self.reduce_dim,
+                  stack=self.stack)
+        _at_least(0, refit=self.refit)
+        if self.timeout is not None:
+            _check("--timeout", self.timeout > 0, self.timeout, "> 0 seconds")
         if self.refit and self.reduce_dim is None:
             raise ValueError("--refit trains the best settings again on the full features after a --reduce-dim "
                              "sweep; without --reduce-dim the trials already use them (drop --refit)")
-        if self.stack is not None and self.stack < 1:
-            raise ValueError(f"--stack must be >= 1, got {self.stack}")
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
         if self.space is None and not self.params and not self.resume:
             raise ValueError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
         self.train_config(self.out)
 
@@ -451,23 +456,17 @@ class SweepConfig:
 
     def train_config(self, out: Path, **options) -> TrainConfig:
         """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
-        return TrainConfig(out=out, labels=self.labels, split=self.split, train_list=self.train_list,
-                           val_list=self.val_list, val_fraction=self.val_fraction, split_seed=self.split_seed,
-                           group_regex=self.group_regex, memory=self.memory, threads=self.threads,
-                           device=self.device, plots=False, progress=False, **options)
-
-    def to_dict(self) -> dict:
-        """JSON-able: paths as strings."""
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                for k, v in asdict(self).items()}
+        return TrainConfig(out=out, splitting=self.splitting, memory=self.memory,
+                           runtime=replace(self.runtime, progress=False), plots=False, overwrite=True, **options)
 
 
-AMP_MODES = ("auto", "bf16", "fp16", "off")
-FINETUNE_SPLIT_MODES = ("head", *SPLIT_MODES)
+# ---------------------------------------------------------------------------------------------- stage three
+def _finetune_splitting() -> SplitConfig:
+    return SplitConfig(split="head")
 
 
 @dataclass(frozen=True)
-class FinetuneConfig:
+class FinetuneConfig(_Settings):
     """Settings of `pipeline finetune`: the backbone of a trained head's features, trained together with the head on
     clips decoded from the videos."""
 
@@ -477,7 +476,7 @@ class FinetuneConfig:
     """Run folder: config.json, metrics.csv, summary.json, split.csv, best.pt, last.pt, plots (files are replaced)."""
     unfreeze: str | None = None
     """Backbone modules to train: comma-separated names (layer4; layer3,layer4; layer4.1; features.7), 'all' or
-    'none'. Default, when --unfreeze-last is not given either: the last stage."""
+    'none'. Default, when --unfreeze-last is not given either: the last FINETUNE_UNFREEZE_LAST stage."""
     unfreeze_last: int | None = None
     """Train the backbone's last N stages (ResNet: layer4, then layer3, ...); 0 trains the head only."""
     train_bn: bool = False
@@ -489,22 +488,32 @@ class FinetuneConfig:
     accumulate: int = 1
     """Gradient accumulation: one optimiser step every N batches (N x --batch-size clips per step)."""
     clip_len: int | None = None
-    """Feature rows (frames at the cached sampling) per training clip; default: the head's, or 16 for a head trained
+    """Feature rows (frames at the cached sampling) per training clip, at most; 0: whole sequences (the backbone
+    then runs on every frame of a video in one step). Default: the head's, or FINETUNE_CLIP_LEN for a head trained
     on whole sequences."""
     clip_stride: int | None = None
     """Rows between the frames of a training clip; default: the head's."""
     lr: float = 1e-4
     """Peak AdamW learning rate of the head (linear warm-up, then cosine to 0)."""
     backbone_lr: float | None = None
-    """Peak learning rate of the unfrozen backbone; default: a tenth of --lr."""
+    """Peak learning rate of the unfrozen backbone; default: FINETUNE_BACKBONE_LR_FACTOR times --lr."""
     weight_decay: float = default_of(TrainConfig, "weight_decay")
+    """AdamW weight decay (matrices only)."""
     warmup_epochs: float = default_of(TrainConfig, "warmup_epochs")
+    """Linear warm-up of the learning rate, in epochs (fractions allowed)."""
     patience: int = 5
     """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early."""
     label_smoothing: float = default_of(TrainConfig, "label_smoothing")
+    """Label smoothing of the cross-entropy loss."""
     augment: bool = True
     """Random resized crop and horizontal flip of training clips, drawn once per clip; validation always gets
     stage one's exact preprocessing."""
+    val_clips: int | None = None
+    """Validate on the clips of at most this many val videos (evenly spread over the split, the same ones every
+    epoch); default: every val video."""
+    start_eval: bool = True
+    """Score the starting model (the head's own checkpoint) on the val videos before training: epoch 0 of best.pt
+    and of the summary. --no-start-eval saves that pass."""
     min_scale: float = 0.35
     """Smallest share of a frame's area that a random crop keeps."""
     flip: bool = True
@@ -513,16 +522,6 @@ class FinetuneConfig:
     """Recompute the unfrozen blocks' activations in the backward pass: less memory, about a third more compute."""
     amp: str = "auto"
     """Mixed precision of the backbone on CUDA: auto (bf16 where supported, else fp16), bf16, fp16 or off."""
-    labels: Path | None = default_of(TrainConfig, "labels")
-    """CSV `key,label` that overrides the labels of the inputs."""
-    split: str = "head"
-    """head: the split of the --init run (its split.csv, else recomputed from its recorded settings); auto, cache or
-    random: a new split as `train-head --split` makes it."""
-    train_list: Path | None = default_of(TrainConfig, "train_list")
-    val_list: Path | None = default_of(TrainConfig, "val_list")
-    val_fraction: float = default_of(TrainConfig, "val_fraction")
-    split_seed: int = default_of(TrainConfig, "split_seed")
-    group_regex: str | None = default_of(TrainConfig, "group_regex")
     cache: Path | None = None
     """The head's feature cache, whose frame indices define each video's rows; default: the one recorded in
     --init. Videos it lacks are indexed by one pass of the sampling over the file."""
@@ -532,63 +531,39 @@ class FinetuneConfig:
     """Seed of clip positions, augmentation, shuffling and dropout."""
     workers: int | None = None
     """Decode worker processes (seeking, cropping); default: as `pipeline extract` chooses; 0 decodes in-process."""
-    threads: int | None = None
-    """Torch threads; default: all CPU cores."""
-    device: str = "auto"
-    """auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."""
     plots: bool = True
     """Write curves.png and confusion.png when matplotlib is installed."""
-    progress: bool = True
+    overwrite: bool = False
+    """Replace the run in an --out folder that already holds one (its files are removed first) instead of refusing."""
+    splitting: SplitConfig = field(default_factory=_finetune_splitting)
+    runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         for name in ("init", "out"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        if self.clip_len == 0:
-            raise ValueError("--clip-len must be >= 1: fine-tuning trains on clips (whole sequences would run the "
-                             "backbone on every frame of a video in one step)")
         if self.unfreeze is not None and self.unfreeze_last is not None:
             raise ValueError("use either --unfreeze or --unfreeze-last, not both")
         if self.unfreeze is not None and not self.unfreeze.strip():
             raise ValueError("--unfreeze needs module names (e.g. layer4), 'all' or 'none'")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"--amp must be one of {', '.join(AMP_MODES)}, got {self.amp!r}")
-        if self.split not in FINETUNE_SPLIT_MODES:
-            raise ValueError(f"--split must be one of {', '.join(FINETUNE_SPLIT_MODES)}, got {self.split!r}")
-        if self.split == "head" and (self.train_list or self.val_list):
-            raise ValueError("--train-list/--val-list make a new split: pass --split auto with them")
-        _check_device(self.device)
-        for flag, value in (("--batch-size", self.batch_size), ("--accumulate", self.accumulate),
-                            ("--clip-len", self.clip_len), ("--clip-stride", self.clip_stride)):
-            if value is not None and value < 1:
-                raise ValueError(f"{flag} must be >= 1, got {value}")
-        for flag, value in (("--epochs", self.epochs), ("--patience", self.patience),
-                            ("--unfreeze-last", self.unfreeze_last), ("--workers", self.workers)):
-            if value is not None and value < 0:
-                raise ValueError(f"{flag} must be >= 0, got {value}")
+        _one_of("--amp", self.amp, AMP_MODES)
+        _at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, clip_stride=self.clip_stride,
+                  val_clips=self.val_clips)
+        if self.epochs == 0 and not self.start_eval:
+            raise ValueError("--epochs 0 only evaluates the start: drop --no-start-eval")
+        _at_least(0, epochs=self.epochs, patience=self.patience, unfreeze_last=self.unfreeze_last,
+                  workers=self.workers, clip_len=self.clip_len)
         for flag, value in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{flag} must be > 0, got {value}")
-        if self.weight_decay < 0:
-            raise ValueError(f"--weight-decay must be >= 0, got {self.weight_decay}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0.0 < self.min_scale <= 1.0:
-            raise ValueError(f"--min-scale must be in (0, 1], got {self.min_scale}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {self.threads}")
+            if value is not None:
+                _check(flag, value > 0, value, "> 0")
+        _check("--weight-decay", self.weight_decay >= 0, self.weight_decay, ">= 0")
+        _check("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs, ">= 0")
+        _check("--label-smoothing", 0.0 <= self.label_smoothing < 1.0, self.label_smoothing, "in [0, 1)")
+        _check("--min-scale", 0.0 < self.min_scale <= 1.0, self.min_scale, "in (0, 1]")
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"--cache should name an .h5 file, got {str(self.cache)!r}")
 
-        _check_regex("--group-regex", self.group_regex)
 
-    def to_dict(self) -> dict:
-        return _json_able(self)
-
-
+# ------------------------------------------------------------------------------------------------- helpers
 def parse_shard(text: str) -> tuple[int, int]:
     """'i/n' -> (i, n) with 0 <= i < n."""
     try:
@@ -600,57 +575,41 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def group_fields(cls: type) -> dict[str, str]:
+    """Setting name -> the group field of `cls` that holds it (sampling, splitting, runtime)."""
+    out = {}
+    for f in fields(cls):
+        group = f.default_factory() if callable(f.default_factory) else None
+        if group is not None and is_dataclass(group):
+            out.update({g.name: f.name for g in fields(group)})
+    return out
+
+
 def config_with(cls: type, config, required: dict, options: dict, what: str):
-    """`config`, or a new `cls`, with `options` and the given `required` fields set (the API's keyword style).
+    """`config`, or a new `cls`, with `options` and the given `required` fields set: the API's keyword style and
+    the CLI's. Options may name a group's settings flat (fps=5, device="cpu", val_fraction=0.3).
 
     Unknown option names and a missing required field raise TypeError naming them."""
-    unknown = sorted(set(options) - {f.name for f in fields(cls)})
+    grouped = group_fields(cls)
+    own = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - own - set(grouped))
     if unknown:
         raise TypeError(f"unknown {what} options: {', '.join(unknown)}")
-    options = {**options, **{k: v for k, v in required.items() if v is not None}}
+    direct = {k: v for k, v in options.items() if k in own}
+    direct.update({k: v for k, v in required.items() if v is not None})
+    by_group: dict[str, dict] = {}
+    for name, value in options.items():
+        if name not in own:
+            by_group.setdefault(grouped[name], {})[name] = value
     if config is None:
-        missing = [k for k in required if k not in options]
+        missing = [k for k in required if k not in direct]
         if missing:
             raise TypeError(f"{what} needs {' and '.join(f'`{k}`' for k in missing)}, or a config")
-        return cls(**options)
-    return replace(config, **options)
+        template = {f.name: f.default_factory() for f in fields(cls) if f.name in by_group}
+    else:
+        template = {name: getattr(config, name) for name in by_group}
+    for group, values in by_group.items():
+        base = direct.get(group, template[group])
+        direct[group] = replace(base, **values)
+    return cls(**direct) if config is None else replace(config, **direct)
 
-
-def _check_regex(flag: str, pattern: str | None) -> None:
-    if pattern is not None:
-        import re
-
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"{flag} {pattern!r} is not a valid regular expression: {e}") from None
-
-
-def _json_able(config) -> dict:
-    """A config as JSON-able data: paths as strings."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
-
-
-def cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def pick_device(device: str):
-    """The torch.device of a --device setting (auto: cuda, else mps, else cpu); an error when it is not there."""
-    import torch  # here, so that importing the settings (the CLI's --help) stays light
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
-    return dev

@@ -34,8 +34,9 @@ def run_demo(out: str | Path, backbone: str = "resnet18", weights: str = "none",
     """Run every stage; returns {"test_top1": {head: accuracy}, "predictions": PredictReport, ...}."""
     from pipeline.data.cache import open_cache
     from pipeline.extract.run import extract_videos
-    from pipeline.heads.infer import evaluate_checkpoint, predict
-    from pipeline.heads.train import train_head
+    from pipeline.predict import predict
+    from pipeline.train_head.evaluate import evaluate_checkpoint
+    from pipeline.train_head.train import train_head
 
     out = Path(out)
     echo(f"[1/5] sample: {len(CLASSES)} classes ({', '.join(CLASSES)}) that show the same frames in different orders")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import FAST, decode_all_rgb, make_frame_folder, make_video
+from helpers import FAST, decode_all_rgb, make_frame_folder, make_video
 from PIL import Image
 
 import pipeline
@@ -52,7 +52,7 @@ def test_video_rows_equal_independent_reference_and_bgr_is_caught(tmp_path, resn
     # Provenance: the spec names the file's sha256 and torchvision's default preprocessing for the architecture.
     spec = cache.spec
     assert spec.weights == resnet18_state_file.name and len(spec.weights_sha256) == 64
-    assert (spec.preprocessing["resize"], spec.preprocessing["crop"], spec.preprocessing["color"]) == (256, 224, "RGB")
+    assert (spec.preprocessing.resize, spec.preprocessing.crop, spec.preprocessing.color) == (256, 224, "RGB")
 
 
 def test_frame_folder_rows_equal_pil_reference(tmp_path, resnet18_state_file):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 from typer.testing import CliRunner
 
 import pipeline
@@ -150,9 +150,9 @@ def test_merge_refuses_other_spec_and_running_writers(videos, tmp_path):
 def _spec_of(cache: Path):
     import json
 
-    from pipeline.data.cache import FeatureSpec
+    from pipeline.spec import FeatureSpec
 
-    return FeatureSpec(**json.loads((parts_dir(cache) / "spec.json").read_text())["spec"])
+    return FeatureSpec.from_dict(json.loads((parts_dir(cache) / "spec.json").read_text())["spec"])
 
 
 def test_shard_option_errors():

@@ -7,7 +7,7 @@ import os
 import cv2
 import numpy as np
 import pytest
-from conftest import FAST, make_frame_folder, make_video, pattern_frame
+from helpers import FAST, make_frame_folder, make_video, pattern_frame
 from typer.testing import CliRunner
 
 import pipeline

@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 
 import pipeline
 from pipeline.data.cache import CacheError, parts_dir
@@ -70,8 +70,8 @@ def test_other_spec_into_existing_cache_is_refused_or_overwritten(videos, tmp_pa
     assert len(report.extracted) == 4
     cache = pipeline.open_cache(out)
     key, value = next(iter(change.items()))
-    recorded = {"backbone": cache.spec.backbone, "stride": cache.spec.sampling["stride"],
-                "crop": cache.spec.preprocessing["crop"], "dtype": cache.dtype,
+    recorded = {"backbone": cache.spec.backbone, "stride": cache.spec.sampling.stride,
+                "crop": cache.spec.preprocessing.crop, "dtype": cache.dtype,
                 "weights": str(resnet18_state_file) if cache.spec.weights == resnet18_state_file.name else None}
     assert recorded[key] == value
 

@@ -7,10 +7,10 @@ import math
 import cv2
 import numpy as np
 import pytest
-from conftest import FAST, decode_all_rgb, make_video
+from helpers import FAST, decode_all_rgb, make_video
 
 import pipeline
-from pipeline.config import Sampling
+from pipeline.spec import Sampling
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from conftest import FAST, decode_all_rgb, make_frame_folder, make_video, pattern_frame
+from helpers import FAST, decode_all_rgb, make_frame_folder, make_video, pattern_frame
 from typer.testing import CliRunner
 
 import pipeline

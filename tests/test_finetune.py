@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, decode_all_rgb, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -22,7 +22,7 @@ from pipeline.data.sequences import eval_plans
 from pipeline.data.splits import read_split
 from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, load_backbone, tensors_sha256
 from pipeline.extract.decode import VideoSource
-from pipeline.finetuning.clips import (
+from pipeline.finetune.clips import (
     SEEK,
     SEEK_BACKOFF,
     SEQUENTIAL,
@@ -34,9 +34,9 @@ from pipeline.finetuning.clips import (
     clip_batches,
     read_video_frames,
 )
-from pipeline.finetuning.model import FinetuneModel, UnfreezeError, backbone_stages, resolve_unfreeze
-from pipeline.heads.checkpoint import load_checkpoint
-from pipeline.heads.infer import checkpoint_backbone
+from pipeline.finetune.model import FinetuneModel, UnfreezeError, backbone_stages, resolve_unfreeze
+from pipeline.predict import checkpoint_backbone
+from pipeline.train_head.checkpoint import load_checkpoint
 
 runner = CliRunner()
 HEAD = dict(head="lstm", hidden=32, epochs=8, batch_size=4, lr=1e-2, clip_len=4, patience=0, val_fraction=0.3,
@@ -259,6 +259,20 @@ def test_the_head_split_is_reused(head_run, tmp_path):
     (copy / "split.csv").unlink()
     pipeline.finetune([head_run / "videos"], copy / "best.pt", tmp_path / "ft2", **{**TUNE, "epochs": 0})
     assert read_split(tmp_path / "ft2" / "split.csv") == recorded
+
+
+def test_validation_can_be_capped_and_the_start_evaluation_skipped(head_run, tmp_path):
+    recorded = read_split(head_run / "run" / "split.csv")
+    assert list(recorded.values()).count("val") >= 2
+    result = pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "ft",
+                               **{**TUNE, "val_clips": 1, "start_eval": False})
+    assert result.summary["videos"] == 1 and result.summary["start"] is None
+    assert result.summary["best_epoch"] == 1  # no epoch 0: the start was not scored
+    assert load_checkpoint(tmp_path / "ft" / "best.pt").epoch == 1
+    assert "(start" not in result.summary_line()
+    with pytest.raises(ValueError, match="--epochs 0 only evaluates the start"):
+        pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "x",
+                          **{**TUNE, "epochs": 0, "start_eval": False})
 
 
 # ------------------------------------------------------------------------------------- predict and extract

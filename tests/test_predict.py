@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, make_video
+from helpers import FAST, make_video
 from typer.testing import CliRunner
 
 import pipeline
@@ -116,7 +116,7 @@ def test_predict_needs_the_same_weights_file(tmp_path, resnet18_state_file):
 
 
 def test_predict_refuses_an_unsafe_checkpoint(tmp_path):
-    from pipeline.heads.checkpoint import FORMAT_NAME
+    from pipeline.train_head.checkpoint import FORMAT_NAME
 
     class Payload:
         def __reduce__(self):

@@ -8,11 +8,11 @@ import sys
 
 import pytest
 import torch
-from conftest import feature_cache, separable_videos
+from helpers import feature_cache, separable_videos
 from typer.testing import CliRunner
 
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
-from pipeline.heads.checkpoint import FORMAT_NAME
+from pipeline.train_head.checkpoint import FORMAT_NAME
 
 runner = CliRunner()
 TINY = ["--hidden", "16", "--epochs", "3", "--batch-size", "8", "--clip-len", "5", "--no-plots", "--threads", "2",
@@ -49,7 +49,8 @@ def test_train_then_evaluate(cache, tmp_path):
     result = invoke("evaluate", tmp_path / "run" / "best.pt", cache, "--out", tmp_path / "eval", "--eval-clips", "0")
     assert result.exit_code == EXIT_OK, result.output
     assert "top-1" in result.output and "class2" in result.output
-    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["videos"] == 18
+    scored = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert scored["videos"] + scored["trained_on"]["videos"] == 18  # held-out videos scored, training ones apart
     result = invoke("evaluate", tmp_path / "run" / "best.pt", cache, "--json", "--quiet")
     assert result.exit_code == EXIT_OK
     metrics = json.loads(result.stdout)
@@ -111,3 +112,45 @@ def test_a_class_missing_from_train_is_refused(cache, tmp_path):
 def test_a_missing_cache_is_an_error(tmp_path):
     result = invoke("train-head", tmp_path / "nope.h5", "--out", tmp_path / "run")
     assert result.exit_code == EXIT_ERROR and "nope.h5" in result.output
+
+
+def test_a_run_folder_is_not_replaced_without_overwrite(tmp_path):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(classes=2, per_class=6))
+    out = tmp_path / "run"
+    args = ["train-head", str(cache), "--out", str(out), "--epochs", "1", "--hidden", "8", "--batch-size", "4", "--clip-len", "4",
+            "--threads", "2", "--quiet"]
+    assert runner.invoke(app, args + ["--plots"]).exit_code == 0
+    first = (out / "best.pt").read_bytes()
+    assert (out / "curves.png").exists() or not _has_matplotlib()
+    again = runner.invoke(app, args + ["--seed", "1"])
+    assert again.exit_code == 1
+    assert f"{out} already holds a run" in again.output and "--overwrite" in again.output
+    assert (out / "best.pt").read_bytes() == first  # nothing of the first run was touched
+    replaced = runner.invoke(app, args + ["--seed", "1", "--overwrite", "--no-plots"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (out / "best.pt").read_bytes() != first
+    assert not (out / "curves.png").exists()  # no file of the old run is left to be taken for the new one's
+
+
+def _has_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def test_evaluate_keeps_the_heads_training_videos_apart(tmp_path):
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(classes=2, per_class=10))
+    run = tmp_path / "run"
+    assert runner.invoke(app, ["train-head", str(cache), "--out", str(run), "--epochs", "2", "--hidden", "8",
+                               "--clip-len", "4", "--threads", "2", "--quiet", "--no-plots"]).exit_code == 0
+    summary = json.loads((run / "summary.json").read_text())
+    split = (run / "split.csv").read_text()
+    n_train = split.count(",train")
+    assert n_train > 0 and summary["videos"] == 20 - n_train
+    result = runner.invoke(app, ["evaluate", str(run / "best.pt"), str(cache), "--json", "--quiet"])
+    report = json.loads(result.output)
+    # the score is the held-out videos' (the run's own val score), the training videos are reported apart
+    assert report["videos"] == summary["videos"] and report["top1"] == summary["top1"]
+    assert report["trained_on"]["videos"] == n_train
+    text = runner.invoke(app, ["evaluate", str(run / "best.pt"), str(cache), "--quiet"]).output
+    assert "held-out videos" in text and f"{n_train} videos the head was trained on" in text

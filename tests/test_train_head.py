@@ -9,15 +9,15 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_HEAD, feature_cache, order_videos, separable_videos
+from helpers import TINY_HEAD, feature_cache, order_videos, separable_videos
 
 import pipeline
 from pipeline.config import HEADS
 from pipeline.data.sequences import RamStore, clip_frames, eval_plans, load_sequences, train_plans
 from pipeline.data.splits import list_split, make_split, random_split
-from pipeline.heads.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
-from pipeline.heads.metrics import classification_report
-from pipeline.heads.model import HeadDims, build_head
+from pipeline.train_head.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
+from pipeline.train_head.metrics import classification_report
+from pipeline.train_head.model import HeadDims, build_head
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -116,13 +116,13 @@ def test_clip_plans():
     plans = train_plans(lengths, np.array([0, 1, 2]), 2, 4, 2, np.random.default_rng(0))
     assert sorted(v for p in plans for v in p.videos) == [0, 1, 2]
     for p in plans:
-        for v, f in zip(p.videos, p.frames, strict=True):
+        for v, f in zip(p.videos, p.rows, strict=True):
             real = f[f >= 0]
             assert (np.diff(real) == 2).all() and real.max() < lengths[v]
     # three evenly spaced clips: the first starts at row 0, the last ends at the last row
     (plan,) = eval_plans(np.array([0]), lengths, np.zeros(3, np.int64), 8, 4, 2, 3)
-    assert sorted(plan.frames[:, 0].tolist()) == [0, 6, 13]
-    assert plan.frames.max() == 19 and (plan.owners == 0).all()
+    assert sorted(plan.rows[:, 0].tolist()) == [0, 6, 13]
+    assert plan.rows.max() == 19 and (plan.owners == 0).all()
 
 
 # ------------------------------------------------------------------------------------------------------ splits
@@ -190,10 +190,11 @@ def test_checkpoint_round_trip(tiny_run, tmp_path):
     with torch.inference_mode():
         logits = model(x, torch.tensor([x.shape[1]]))
     assert ckpt.classes[int(logits.argmax())] == c.label(key)
-    # evaluate on the training cache reproduces the summary's val accuracy when restricted to the val videos
+    # evaluate on the training cache scores the val videos (the summary's val accuracy), the training ones apart
     report = pipeline.evaluate(run / "best.pt", cache, progress=False)
-    assert report.metrics["top1"] == 1.0 and report.metrics["videos"] == 24
     summary = json.loads((run / "summary.json").read_text())
+    assert report.metrics["videos"] == summary["videos"] and report.metrics["top1"] == summary["top1"] == 1.0
+    assert report.seen["videos"] + report.metrics["videos"] == 24 and not report.only_seen
     assert ckpt.metrics["top1"] == summary["top1"] and ckpt.epoch == summary["best_epoch"]
 
 

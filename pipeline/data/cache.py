@@ -17,11 +17,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ SCHEMA_VERSION = 1
 PART_SUFFIX = ".h5"
 FAILED_SUFFIX = ".failed.json"
 SPEC_FILE = "spec.json"
+# `layout` attribute of CACHE.h5: an index beside a parts folder (caches without the attribute are of this
+# kind), or one self-contained file made by `pack` whose /videos/<id> are groups holding the data.
+LAYOUT_PARTS, LAYOUT_PACKED = "parts", "packed"
+PACK_CHUNK_ROWS = 256
 # A video of at most this many rows is written as one contiguous dataset; longer ones stream into a chunked one.
 CONTIGUOUS_MAX_ROWS = 1024
 CHUNK_ROWS = 256  # (256, D) chunks: 1 MiB for D=2048 in float16, the size h5py's docs recommend for hot data
@@ -39,67 +45,46 @@ class CacheError(RuntimeError):
     """A cache that cannot be used as asked (wrong spec, not a cache, locked by another run)."""
 
 
-@dataclass(frozen=True)
-class FeatureSpec:
-    """What one feature row means. Two caches with equal spec ids hold interchangeable features."""
-
-    backbone: str
-    weights: str
-    """torchvision weights enum name (e.g. ResNet50_Weights.IMAGENET1K_V2), a file name, or 'none(seed=0)'."""
-    weights_sha256: str | None
-    preprocessing: dict
-    """resize, crop, interpolation, antialias, mean, std, color order."""
-    sampling: dict
-    dim: int
-
-    @property
-    def id(self) -> str:
-        """Short stable hash of the fields that define a feature row."""
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, indent=1)
-
-    @classmethod
-    def from_json(cls, text: str) -> FeatureSpec:
-        return cls(**json.loads(text))
-
-    def differences(self, other: FeatureSpec) -> list[str]:
-        """Human-readable 'field: ours != theirs' lines."""
-        a, b = asdict(self), asdict(other)
-        out = []
-        for name in a:
-            if a[name] != b[name]:
-                out.append(f"{name}: {a[name]!r} != {b[name]!r}")
-        return out
-
-    def describe(self) -> str:
-        pre = self.preprocessing
-        return (f"{self.backbone} [{self.weights}] dim={self.dim}, resize {pre.get('resize')} crop {pre.get('crop')}, "
-                f"sampling {describe_sampling(self.sampling)}")
-
-
-def describe_sampling(s: dict) -> str:
-    parts = []
-    if s.get("fps"):
-        parts.append(f"fps={s['fps']:g}")
-    if s.get("stride", 1) != 1:
-        parts.append(f"stride={s['stride']}")
-    if s.get("max_frames"):
-        parts.append(f"max_frames={s['max_frames']}")
-    if s.get("num_frames"):
-        parts.append(f"num_frames={s['num_frames']}")
-    return ", ".join(parts) or "every frame"
-
-
 def parts_dir(cache_path: str | os.PathLike) -> Path:
     return Path(str(cache_path) + ".parts")
 
 
 def video_id(key: str) -> str:
-    """Stable file-system-safe id of a video key (keys are relative paths and may hold any character)."""
-    return hashlib.sha1(key.encode("utf-8")).hexdigest()[:20]
+    """Stable file-system-safe id of a video key (keys are relative paths and may hold any character).
+
+    Keys made from file names that are not UTF-8 hold surrogate escapes (os.fsdecode); they hash as their raw
+    bytes."""
+    return hashlib.sha1(key.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------------------- strings in HDF5
+# HDF5 strings here are UTF-8. A key or path made from a file name that is not valid UTF-8 (os.fsdecode gives
+# it surrogate escapes, e.g. b'caf\xe9.mp4' -> 'caf\udce9.mp4') cannot be encoded strictly; it is stored as
+# its raw file-name bytes in the same UTF-8 string type and read back with errors="surrogateescape", so it
+# round-trips exactly. Names that are valid UTF-8 are stored exactly as before.
+def _h5_text(value: str) -> str | bytes:
+    """`value` as HDF5 can store it: itself, or its raw bytes when it holds surrogate escapes."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogateescape")
+
+
+def _set_attr(attrs, name: str, value) -> None:
+    """attrs[name] = value, also for strings that carry surrogate escapes (see _h5_text)."""
+    if value is None:
+        value = ""
+    if isinstance(value, str):
+        text = _h5_text(value)
+        if isinstance(text, bytes):
+            attrs.create(name, text, dtype=h5py.string_dtype("utf-8"))
+            return
+    attrs[name] = value
+
+
+def _text_column(values: list[str]) -> np.ndarray:
+    return np.array([_h5_text(str(v)) for v in values], dtype=object)
 
 
 # --------------------------------------------------------------------------------------------- atomic file helpers
@@ -180,7 +165,7 @@ class PartWriter:
         elif self._buf:
             self._spill()
         for k, v in attrs.items():
-            self._file.attrs[k] = "" if v is None else v
+            _set_attr(self._file.attrs, k, v)
         self._file.attrs["num_frames"] = self.rows
         self._file.close()
         self._file = None
@@ -223,10 +208,16 @@ class CacheWriter:
         try:
             if shard:
                 self._lock_fds.append(_lock(self.parts / f".lock{self.tag}", self.path))
+            packed = _layout(self.path) == LAYOUT_PACKED
+            if packed and not (self.parts / SPEC_FILE).exists():
+                _write_spec_from_index(self.path, self.parts / SPEC_FILE)
             self._check_spec(overwrite)
             # Temporary files left by a killed run: all of them, or a shard's own (others may be writing theirs).
             for stale in self.parts.glob(f".*{self.tag}.*.tmp" if shard else ".*.tmp"):
                 stale.unlink(missing_ok=True)
+            remove_dead_temp_files(self.path)
+            if packed and self.path.exists():
+                _unpack(self.path, self.parts, self.tag)
             spec_text = json.dumps({"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype},
                                    indent=1, sort_keys=True)
             if not (self.parts / SPEC_FILE).exists():
@@ -243,7 +234,7 @@ class CacheWriter:
         if not spec_file.exists():
             return
         stored = json.loads(spec_file.read_text(encoding="utf-8"))
-        old = FeatureSpec(**stored["spec"])
+        old = FeatureSpec.from_dict(stored["spec"])
         diffs = old.differences(self.spec)
         if stored.get("dtype") != self.dtype:
             diffs.append(f"dtype: {stored.get('dtype')!r} != {self.dtype!r}")
@@ -284,12 +275,44 @@ class CacheWriter:
         return PartWriter(self.part_path(key), dim, self.dtype, self.tag)
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
+        """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),
+        the features of its previous version are dropped: they no longer describe the file. A source that is
+        gone (an unmounted disk, a broken link) keeps them; `prune_missing_sources` removes those on
+        request."""
+        part = self.part_path(key)
+        if part.exists() and os.path.exists(source_path):
+            log.warning("%s: dropping the features of its previous version (the file changed and now fails)",
+                        printable(key))
+            part.unlink(missing_ok=True)
+            self._index.pop(video_id(key), None)
         record = {"key": key, "source_path": source_path, "reason": reason,
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _write_text_atomic(self.parts / (video_id(key) + FAILED_SUFFIX), json.dumps(record, ensure_ascii=False))
+        # ensure_ascii (the default): \u escapes carry surrogate-escaped names through JSON and back exactly
+        _write_text_atomic(self.parts / (video_id(key) + FAILED_SUFFIX), json.dumps(record))
 
     def clear_failure(self, key: str) -> None:
         (self.parts / (video_id(key) + FAILED_SUFFIX)).unlink(missing_ok=True)
+
+    def prune_missing_sources(self) -> list[str]:
+        """Remove the videos and failure records whose recorded source no longer exists; returns their keys.
+
+        Only absolute source paths are checked (caches written from arrays record none). Called only on an
+        explicit request (`extract --prune`): a source can be missing just because its disk is not mounted."""
+        pruned = []
+        for part in sorted(self.parts.glob("*" + PART_SUFFIX)):
+            row = self._index.get(part.name[: -len(PART_SUFFIX)]) or _part_row(part)
+            if row is not None and source_missing(row["source_path"]):
+                part.unlink(missing_ok=True)
+                self._index.pop(row["id"], None)
+                pruned.append(row["key"])
+        for record_file in sorted(self.parts.glob("*" + FAILED_SUFFIX)):
+            with contextlib.suppress(ValueError, OSError):
+                record = json.loads(record_file.read_text(encoding="utf-8"))
+                if source_missing(record.get("source_path", "")):
+                    record_file.unlink(missing_ok=True)
+                    if record.get("key") not in pruned:
+                        pruned.append(record.get("key", record_file.name))
+        return pruned
 
     # -- the index
     def write_index(self) -> None:
@@ -324,6 +347,7 @@ class CacheWriter:
             f.attrs["spec_id"] = self.spec.id
             f.attrs["dtype"] = self.dtype
             f.attrs["parts_dir"] = self.parts.name
+            f.attrs["layout"] = LAYOUT_PARTS
             f.attrs["versions"] = json.dumps(package_versions(), sort_keys=True)
             f.attrs["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
             videos = f.create_group("videos")
@@ -334,12 +358,12 @@ class CacheWriter:
             for col, kind in _INDEX_COLUMNS.items():
                 values = [r[col] for r in ordered]
                 if kind is str:
-                    index.create_dataset(col, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+                    index.create_dataset(col, data=_text_column(values), dtype=h5py.string_dtype())
                 else:
                     index.create_dataset(col, data=np.array(values, dtype=kind))
             fail = f.create_group("failures")
             for col in ("key", "source_path", "reason", "time"):
-                fail.create_dataset(col, data=np.array([str(x.get(col, "")) for x in failures], dtype=object),
+                fail.create_dataset(col, data=_text_column([str(x.get(col, "")) for x in failures]),
                                     dtype=h5py.string_dtype())
         _commit(tmp, self.path)
 
@@ -349,17 +373,22 @@ class CacheWriter:
         self._lock_fds = []
 
 
-def merge(path: str | os.PathLike) -> int:
+def merge(path: str | os.PathLike, prune: bool = False) -> int:
     """Build CACHE.h5 from every finished part in CACHE.h5.parts/ (after sharded runs); returns the video count.
 
-    Refuses while a writer is running and when parts of another feature spec are present."""
+    Refuses while a writer is running and when parts of another feature spec are present. `prune`: first
+    remove the videos whose source no longer exists (see CacheWriter.prune_missing_sources)."""
     parts = parts_dir(path)
     spec_file = parts / SPEC_FILE
     if not spec_file.exists():
         raise CacheError(f"nothing to merge: {parts} does not exist or holds no spec.json")
     stored = json.loads(spec_file.read_text(encoding="utf-8"))
-    writer = CacheWriter(path, FeatureSpec(**stored["spec"]), stored["dtype"])  # its start writes the index
-    writer.close()
+    writer = CacheWriter(path, FeatureSpec.from_dict(stored["spec"]), stored["dtype"])  # its start writes the index
+    try:
+        if prune and writer.prune_missing_sources():
+            writer.write_index()
+    finally:
+        writer.close()
     return len(writer._index)
 
 
@@ -376,17 +405,171 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# Readers probe the lock for an instant (writer_active): a writer starting meanwhile waits this long for them.
+LOCK_WAIT_S = 1.0
+
+
 def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+            return fd
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                os.close(fd)
+                raise
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); "
+                                 f"wait for it, or choose another -o path") from e
+            time.sleep(0.02)
+
+
+def writer_active(cache: str | os.PathLike) -> bool:
+    """Whether an extraction (or a shard of one) is writing to `cache` now: its lock files are held.
+
+    Probes with a shared, non-blocking lock held for an instant, so it never blocks a writer (whose _lock
+    retries)."""
+    folder = parts_dir(cache)
+    if not folder.is_dir():
+        return False
+    for lock_file in [folder / ".lock", *sorted(folder.glob(".lock.shard-*"))]:
+        try:
+            fd = os.open(lock_file, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing also releases the probe's lock
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-    except OSError as e:
-        os.close(fd)
-        if e.errno in (errno.EAGAIN, errno.EACCES):
-            raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); wait for it, "
-                             f"or choose another -o path") from e
-        raise
-    return fd
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+def remove_dead_temp_files(cache: Path) -> list[Path]:
+    """Delete `.CACHE.h5.<pid>.tmp` files (an index or packed file being written) whose writer is no longer
+    alive.
+
+    A run killed while rebuilding the index leaves one beside CACHE.h5; a live process's file is left
+    alone."""
+    removed = []
+    prefix, folder = f".{cache.name}.", cache.parent
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        pid = name[len(prefix): -len(".tmp")]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+                removed.append(folder / name)
+                log.info("removed %s, left by an interrupted run", folder / name)
+    return removed
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: control characters, other unprintable ones and the raw bytes of
+    names that are not UTF-8 (surrogate escapes) are shown as backslash escapes (\\x1b, \\xe9, \\u200b); the
+    rest unchanged."""
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:  # a raw byte of a non-UTF-8 file name
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(repr(ch)[1:-1] if code < 0x10000 else f"\\U{code:08x}")
+    return "".join(out)
+
+
+def source_missing(source_path: str) -> bool:
+    """True when a recorded absolute source path no longer exists (relative ones, e.g. synthetic, are not
+    checked)."""
+    return bool(source_path) and os.path.isabs(source_path) and not os.path.exists(source_path)
+
+
+def _layout(path: Path) -> str | None:
+    """The layout attribute of a cache index (LAYOUT_PARTS for caches written before it existed), None if
+    unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                return None
+            return _attr(f.attrs, "layout", LAYOUT_PARTS)
+    except OSError:
+        return None
+
+
+def _write_spec_from_index(index: Path, spec_file: Path) -> None:
+    with h5py.File(index, "r") as f:
+        spec, dtype = json.loads(_attr(f.attrs, "spec")), _attr(f.attrs, "dtype")
+    text = json.dumps({"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1,
+                      sort_keys=True)
+    _write_text_atomic(spec_file, text)
+
+
+def _copy_attrs(src, dst) -> None:
+    for name in src:
+        _set_attr(dst, name, _attr(src, name))
+
+
+def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
+    """Write the videos and failure records of a packed cache back as parts, so that extraction can add to it.
+
+    Each part is committed whole (temporary name, then rename), so an interrupted unpack is resumed by the
+    next run; the packed file itself is replaced only later, by the new index. Returns the number of parts
+    written."""
+    written = 0
+    with h5py.File(packed, "r") as f:
+        ids = _column(f["index/id"])
+        log.warning("%s is a packed one-file cache: unpacking its %d videos into %s to add to it (run "
+                    "`pipeline pack %s` afterwards, or extract with --pack, to make one file again)", packed,
+                    len(ids), parts, packed)
+        for vid in ids:
+            final = parts / (vid + PART_SUFFIX)
+            if final.exists():
+                continue
+            src = f["videos"][vid]
+            tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
+            with h5py.File(tmp, "w") as out:
+                for name in ("features", "frame_indices", "timestamps"):
+                    data = src[name][()]
+                    long = len(data) > CONTIGUOUS_MAX_ROWS
+                    chunks = None
+                    if long:  # as PartWriter writes a long video: resizable, (256, D) chunks
+                        chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096,)
+                    out.create_dataset(name, data=data, chunks=chunks,
+                                       maxshape=(None, *data.shape[1:]) if long else None)
+                _copy_attrs(src.attrs, out.attrs)
+            _commit(tmp, final)
+            written += 1
+        fail = f["failures"]
+        columns = {c: _column(fail[c]) for c in fail}
+        for i in range(len(columns.get("key", []))):
+            record = {c: columns[c][i] for c in columns}
+            record_file = parts / (video_id(record["key"]) + FAILED_SUFFIX)
+            if not record_file.exists():
+                _write_text_atomic(record_file, json.dumps(record))
+    return written
 
 
 def _is_cache_file(path: Path) -> bool:
@@ -400,7 +583,7 @@ def _is_cache_file(path: Path) -> bool:
 def _attr(attrs, name: str, default=None):
     v = attrs.get(name, default)
     if isinstance(v, bytes):
-        v = v.decode("utf-8")
+        v = v.decode("utf-8", "surrogateescape")
     if isinstance(v, np.generic):
         v = v.item()
     return v
@@ -438,7 +621,7 @@ def _read_index_rows(path: Path) -> dict[str, dict]:
 
 def _column(ds) -> list:
     if h5py.check_string_dtype(ds.dtype):
-        return list(ds.asstr()[()])
+        return list(ds.asstr(errors="surrogateescape")[()])
     return [int(x) for x in ds[()]]
 
 
@@ -469,6 +652,7 @@ class FeatureCache:
                 self.dtype = _attr(f.attrs, "dtype")
                 self.versions = json.loads(_attr(f.attrs, "versions", "{}"))
                 self.schema_version = version
+                self.layout = _attr(f.attrs, "layout", LAYOUT_PARTS)
                 index = f["index"]
                 cols = {c: _column(index[c]) for c in _INDEX_COLUMNS}
                 fail = f["failures"]
@@ -479,10 +663,16 @@ class FeatureCache:
         self._rows = {cols["key"][i]: {c: cols[c][i] for c in _INDEX_COLUMNS} for i in range(len(cols["key"]))}
         self._file: h5py.File | None = None
         self._pid = None
+        self.packed = self.layout == LAYOUT_PACKED
+        # Parts are found beside the index under its present name (never through the names recorded in its
+        # links), so a cache renamed or moved together with its folder reads as before.
+        self.parts = None if self.packed else parts_dir(self.path)
+        if self.parts is not None and self._rows and not self.parts.is_dir():
+            raise CacheError(f"{self.path} needs its parts folder {self.parts.name}/ (not found beside it): "
+                             f"copy it along, or make one self-contained file with `pipeline pack`")
         pending = self.unindexed_parts()
         if pending:
-            log.warning("%s: %d finished videos are not in the index yet (the run that made them was interrupted); "
-                        "rerun the same `pipeline extract` command to resume and include them", self.path, pending)
+            _warn_unindexed(self.path, pending)
 
     # -- listing
     def keys(self) -> list[str]:
@@ -526,9 +716,51 @@ class FeatureCache:
         """Inputs that failed in the last run that met them: key, source_path, reason, time."""
         return list(self._failures)
 
+    def missing_parts(self) -> list[str]:
+        """Keys whose part file is absent from the parts folder (a partial copy); empty for a packed cache."""
+        if self.parts is None:
+            return []
+        try:
+            present = set(os.listdir(self.parts))
+        except OSError:
+            return list(self._rows)
+        return [k for k, r in self._rows.items() if r["id"] + PART_SUFFIX not in present]
+
+    def missing_sources(self) -> list[str]:
+        """Keys whose recorded source file or folder no longer exists (deleted, renamed, or its disk not
+        mounted); `pipeline extract ... --prune` removes them."""
+        return [k for k, r in self._rows.items() if source_missing(r["source_path"])]
+
+    def check(self) -> dict[str, str]:
+        """Open every video's data and check it against the index; returns key -> problem for the bad ones.
+
+        Checks: the part (or packed group) opens, features are (num_frames, dim) of the cache's dtype,
+        frame_indices and timestamps have num_frames rows, and the first and last rows read (a truncated file
+        fails there)."""
+        bad = {}
+        for key, row in self._rows.items():
+            try:
+                with self._open_video(key) as group:
+                    feats = group["features"]
+                    n = row["num_frames"]
+                    if feats.shape != (n, self.spec.dim):
+                        bad[key] = f"features of shape {feats.shape}, the index says ({n}, {self.spec.dim})"
+                    elif feats.dtype != np.dtype(self.dtype):
+                        bad[key] = f"features of dtype {feats.dtype}, the cache stores {self.dtype}"
+                    elif any(group[c].shape != (n,) for c in ("frame_indices", "timestamps")):
+                        bad[key] = "frame_indices or timestamps do not have one entry per row"
+                    elif n:
+                        for c in ("features", "frame_indices", "timestamps"):
+                            group[c][:1], group[c][n - 1:]
+            except CacheError as e:
+                bad[key] = str(e)
+            except (OSError, KeyError, ValueError, RuntimeError) as e:
+                bad[key] = f"unreadable ({_short(e)})"
+        return bad
+
     def unindexed_parts(self) -> int:
-        parts = parts_dir(self.path)
-        if not parts.is_dir():
+        parts = self.parts
+        if parts is None or not parts.is_dir():
             return 0
         ids = {r["id"] for r in self._rows.values()}
         return sum(1 for p in parts.glob("*" + PART_SUFFIX) if p.name[: -len(PART_SUFFIX)] not in ids)
@@ -540,25 +772,60 @@ class FeatureCache:
         except KeyError:
             raise KeyError(f"{key!r} is not in {self.path}") from None
 
-    def _group(self, key: str) -> h5py.Group:
-        if self._file is None or self._pid != os.getpid():  # never reuse a handle across fork
-            self._file = h5py.File(self.path, "r")
-            self._pid = os.getpid()
-        return self._file["videos"][self._row(key)["id"]]
+    def part_path(self, key: str) -> Path | None:
+        """The part file holding `key` (None in a packed cache, where the index file holds it)."""
+        return None if self.parts is None else self.parts / (self._row(key)["id"] + PART_SUFFIX)
+
+    @contextlib.contextmanager
+    def _open_video(self, key: str):
+        """The HDF5 group of one video: a group of the packed file, or the root of its part file (opened for
+        the call: parts are found by path, never through the index's external links)."""
+        vid = self._row(key)["id"]
+        if self.parts is None:
+            if self._file is None or self._pid != os.getpid():  # never reuse a handle across fork
+                self._file = h5py.File(self.path, "r")
+                self._pid = os.getpid()
+            yield self._file["videos"][vid]
+            return
+        part = self.parts / (vid + PART_SUFFIX)
+        if not part.exists():
+            raise CacheError(f"{self.path}: the part of {printable(key)!r} ({part}) is missing; rerun the "
+                             f"`pipeline extract` command that made the cache to redo it")
+        with h5py.File(part, "r") as f:
+            yield f
+
+    def _read(self, key: str, what) -> object:
+        """what(group) for the video `key`; a damaged or missing file becomes one CacheError naming the
+        video."""
+        try:
+            with self._open_video(key) as group:
+                return what(group)
+        except (CacheError, KeyError) as e:
+            if isinstance(e, KeyError) and key not in self._rows:
+                raise
+            if isinstance(e, CacheError):
+                raise
+            problem = _short(e)
+        except (OSError, ValueError, RuntimeError) as e:
+            problem = _short(e)
+        where = self.part_path(key) or self.path
+        raise CacheError(f"{self.path}: the features of {printable(key)!r} cannot be read from {where} "
+                         f"({problem}); the file is damaged: rerun the `pipeline extract` command that made "
+                         f"the cache to redo it (`pipeline info --check {self.path}` lists every damaged "
+                         f"video)") from None
 
     def features(self, key: str) -> np.ndarray:
-        return self._group(key)["features"][()]
+        return self._read(key, lambda g: g["features"][()])
 
     def frame_indices(self, key: str) -> np.ndarray:
-        return self._group(key)["frame_indices"][()]
+        return self._read(key, lambda g: g["frame_indices"][()])
 
     def timestamps(self, key: str) -> np.ndarray:
-        return self._group(key)["timestamps"][()]
+        return self._read(key, lambda g: g["timestamps"][()])
 
     def info(self, key: str) -> dict:
         """Everything recorded about the video: label, source_path, native_fps, width, height, decoded_frames, ..."""
-        attrs = self._group(key).attrs
-        return {k: _attr(attrs, k) for k in attrs.keys()}
+        return self._read(key, lambda g: {k: _attr(g.attrs, k) for k in g.attrs})
 
     # -- lifetime
     def close(self) -> None:
@@ -584,3 +851,95 @@ class FeatureCache:
 def open_cache(path: str | os.PathLike) -> FeatureCache:
     """Open a feature cache for reading (see FeatureCache)."""
     return FeatureCache(path)
+
+
+_WARNED_UNINDEXED: set[str] = set()
+
+
+def _warn_unindexed(path: Path, pending: int) -> None:
+    """Say once per process that a cache's index is behind its parts, and only when no run is writing to it (a
+    running extraction is behind by design: it rebuilds the index every 30 s and at its end)."""
+    name = str(path.resolve())
+    if name in _WARNED_UNINDEXED or writer_active(path):
+        return
+    _WARNED_UNINDEXED.add(name)
+    log.warning("%s: %d finished videos are not in the index yet (the run that made them was interrupted); "
+                "rerun the same `pipeline extract` command to resume and include them", path, pending)
+
+
+def _short(e: BaseException) -> str:
+    """The first line of an exception's message (h5py's can run over many lines)."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+@dataclass
+class PackResult:
+    output: Path
+    videos: int
+    bytes: int
+    seconds: float
+
+
+def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> PackResult:
+    """Write the cache `path` as one self-contained HDF5 file (the same index, with each /videos/<id> a group
+    that holds the data instead of a link to a part). Features are copied uncompressed, chunked (256, D).
+
+    The file is written under a temporary name and renamed into place. Without `output` (or with output ==
+    path) the cache is packed in place: CACHE.h5 is replaced and CACHE.h5.parts/ removed once the packed file
+    is committed. Holds the cache's lock meanwhile, so no extraction writes to it."""
+    started = time.perf_counter()
+    src = Path(path)
+    out = Path(output) if output is not None else src
+    in_place = out.resolve() == src.resolve() if out.exists() else out == src
+    cache = FeatureCache(src)
+    if cache.unindexed_parts():  # finished videos of an interrupted or sharded run: index them, lose none
+        merge(src)
+        cache = FeatureCache(src)
+    if cache.packed and in_place:
+        return PackResult(src, len(cache), src.stat().st_size, 0.0)
+    if not in_place and out.exists() and not _is_cache_file(out):
+        raise CacheError(f"{out} exists and is not a pipeline feature cache; choose another -o path")
+    lock_fd = _lock(cache.parts / ".lock", src) if cache.parts is not None and cache.parts.is_dir() else None
+    try:
+        if cache.unindexed_parts():
+            raise CacheError(f"{src}: a run added videos while packing started; pack again when it is done")
+        missing = cache.missing_parts()
+        if missing:
+            example = printable(missing[0])
+            raise CacheError(f"{src}: {len(missing)} parts are missing (e.g. {example!r}); rerun the extract "
+                             f"command to redo them, then pack")
+        remove_dead_temp_files(out)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            with h5py.File(src, "r") as index, h5py.File(tmp, "w") as dst:
+                _copy_attrs(index.attrs, dst.attrs)
+                _set_attr(dst.attrs, "layout", LAYOUT_PACKED)
+                _set_attr(dst.attrs, "parts_dir", "")
+                _set_attr(dst.attrs, "updated", time.strftime("%Y-%m-%dT%H:%M:%S"))
+                index.copy(index["index"], dst, "index")
+                index.copy(index["failures"], dst, "failures")
+                videos = dst.create_group("videos")
+                for key in cache:
+                    group = videos.create_group(cache._row(key)["id"])
+                    cache._read(key, lambda src, group=group: _copy_video(src, group))
+            _commit(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if in_place and cache.parts is not None:
+            shutil.rmtree(cache.parts, ignore_errors=True)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+        cache.close()
+    return PackResult(out, len(cache), out.stat().st_size, time.perf_counter() - started)
+
+
+def _copy_video(src, dst) -> None:
+    feats = src["features"][()]
+    rows = max(1, min(PACK_CHUNK_ROWS, len(feats)))
+    dst.create_dataset("features", data=feats, chunks=(rows, feats.shape[1]))
+    dst.create_dataset("frame_indices", data=src["frame_indices"][()])
+    dst.create_dataset("timestamps", data=src["timestamps"][()])
+    _copy_attrs(src.attrs, dst.attrs)

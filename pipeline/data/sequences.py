@@ -31,18 +31,19 @@ STATS_CHUNK = 8192  # rows converted to float32 at a time while computing them (
 class Plan:
     """Which rows one batch is made of.
 
-    Shapes: videos (B,) store indices; frames (B, L) row positions within each video, -1 for padding;
+    Shapes: videos (B,) store indices; rows (B, L) row positions within each video (not decoded frame
+    numbers: those are the cache's frame_indices), -1 for padding;
     owners (B,) the sample each clip belongs to (several clips of one video share an owner); y (B,) class indices.
     """
 
     videos: np.ndarray
-    frames: np.ndarray
+    rows: np.ndarray
     owners: np.ndarray
     y: np.ndarray
 
     @property
     def lengths(self) -> np.ndarray:
-        return (self.frames >= 0).sum(1)
+        return (self.rows >= 0).sum(1)
 
 
 @dataclass
@@ -91,12 +92,12 @@ class RamStore(SequenceStore):
         self.dim = data.shape[1]
 
     def gather(self, plan: Plan) -> Batch:
-        b, length = plan.frames.shape
-        valid = plan.frames >= 0
+        b, length = plan.rows.shape
+        valid = plan.rows >= 0
         x = torch.empty(b, length, self.dim)
         counts = valid.sum(1)
-        first = plan.frames[:, 0]
-        if (plan.frames[np.arange(b), counts - 1] - first == counts - 1).all():
+        first = plan.rows[:, 0]
+        if (plan.rows[np.arange(b), counts - 1] - first == counts - 1).all():
             # Each sequence a run of consecutive rows (stride 1, padding at the end): one slice copy per sequence,
             # converting to float32 as it copies (about 1.6x faster than index_select and a second copy).
             starts = self.offsets[plan.videos] + first
@@ -105,7 +106,7 @@ class RamStore(SequenceStore):
                 if n < length:
                     x[i, n:] = 0.0
             return _batch(plan, x)
-        rows = self.offsets[plan.videos][:, None] + np.where(valid, plan.frames, 0)
+        rows = self.offsets[plan.videos][:, None] + np.where(valid, plan.rows, 0)
         x.view(-1, self.dim).copy_(self.data.index_select(0, torch.from_numpy(rows.reshape(-1))))
         if not valid.all():
             x[torch.from_numpy(~valid)] = 0.0
@@ -123,9 +124,9 @@ class LazyStore(SequenceStore, Dataset):
         self.dim = cache.spec.dim
 
     def gather(self, plan: Plan) -> Batch:
-        b, length = plan.frames.shape
+        b, length = plan.rows.shape
         x = torch.zeros(b, length, self.dim)
-        for i, (v, frames) in enumerate(zip(plan.videos, plan.frames, strict=True)):
+        for i, (v, frames) in enumerate(zip(plan.videos, plan.rows, strict=True)):
             frames = frames[frames >= 0]
             x[i, : len(frames)] = torch.from_numpy(self.cache.features(self.keys[v])[frames].astype(np.float32))
         return _batch(plan, x)

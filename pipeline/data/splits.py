@@ -15,6 +15,8 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from pipeline.config import SplitConfig
+
 log = logging.getLogger(__name__)
 
 TRAIN_NAMES = frozenset({"train", "training", "trainval"})
@@ -114,7 +116,9 @@ class Split:
 
 def stable_unit(key: str, seed: int) -> float:
     """A number in [0, 1) that depends only on (seed, key): the same on every machine and every run."""
-    digest = hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+    # surrogateescape: keys of file names that are not UTF-8 hash as their raw bytes (valid keys hash as
+    # before)
+    digest = hashlib.sha256(f"{seed}\0{key}".encode("utf-8", "surrogateescape")).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
@@ -204,13 +208,16 @@ def column_split(labels: dict[str, str], splits: dict[str, str]) -> Split:
     return Split(train, val, "split column of the cache", excluded)
 
 
-def make_split(labels: dict[str, str], *, mode: str = "auto", cache_splits: dict[str, str] | None = None,
-               train_list: Path | None = None, val_list: Path | None = None, val_fraction: float = 0.2,
-               split_seed: int = 0, group_regex: str | None = None, all_keys: list[str] | None = None) -> Split:
-    """Split the labelled videos (`labels`: key -> class name) and check that the result can be trained on.
+def make_split(labels: dict[str, str], settings: SplitConfig | None = None, *,
+               cache_splits: dict[str, str] | None = None, all_keys: list[str] | None = None) -> Split:
+    """Split the labelled videos (`labels`: key -> class name) as `settings` say (default: SplitConfig()'s) and
+    check that the result can be trained on. `cache_splits`: the split column of the cache or manifest.
 
     Raises SplitError for an empty side or a class that has no train video.
     """
+    settings = settings or SplitConfig()
+    mode, train_list, val_list = settings.split, settings.train_list, settings.val_list
+    val_fraction, split_seed, group_regex = settings.val_fraction, settings.split_seed, settings.group_regex
     cache_splits = cache_splits or {}
     if train_list is not None or val_list is not None:
         split = list_split(all_keys or list(labels), labels, train_list, val_list)
@@ -248,7 +255,8 @@ SPLIT_FILE = "split.csv"  # in a run folder: every video the run trained or vali
 
 def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
     """CSV `key,label,split` (train or val) of every video of `split`, so later stages can reuse it exactly."""
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    # surrogateescape: keys of non-UTF-8 file names are written as their raw bytes, as the cache keeps them
+    with open(path, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["key", "label", "split"])
         for side in ("train", "val"):
@@ -258,7 +266,7 @@ def write_split(path: Path, split: Split, labels: dict[str, str]) -> None:
 
 def read_split(path: Path) -> dict[str, str]:
     """key -> 'train' or 'val' from a file written by `write_split`."""
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"key", "split"} <= set(rows[0]):
         raise SplitError(f"{path} is not a split file (a CSV with columns key,label,split)")

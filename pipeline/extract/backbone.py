@@ -9,14 +9,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
+
+from pipeline.spec import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -29,42 +29,8 @@ class WeightsError(RuntimeError):
     """Weights that cannot be found or loaded; the message names the remedies."""
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Frame -> network input: resize the shorter side, centre-crop, scale to [0, 1], normalise RGB.
-
-    Exactly the operations (and order) of torchvision's ImageClassification preset that ships with the weights.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    antialias: bool = True
-    color: str = "RGB"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["mean"], d["std"] = list(self.mean), list(self.std)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
-
-    def crop_frame(self, frame: torch.Tensor) -> torch.Tensor:
-        """Shapes: (3, H, W) or (N, 3, H, W) uint8 -> (..., 3, crop, crop) uint8. Runs in decode workers."""
-        frame = F.resize(frame, [self.resize], interpolation=InterpolationMode(self.interpolation),
-                         antialias=self.antialias)
-        return F.center_crop(frame, [self.crop])
-
-    def normalize(self, batch: torch.Tensor) -> torch.Tensor:
-        """Shapes: (N, 3, crop, crop) uint8 -> float32, normalised. Runs next to the model (on its device)."""
-        return F.normalize(F.convert_image_dtype(batch, torch.float32), mean=list(self.mean), std=list(self.std))
-
-    def __call__(self, frame: torch.Tensor) -> torch.Tensor:
-        return self.normalize(self.crop_frame(frame))
+class WeightsNameError(ValueError):
+    """A --weights value that names no weights of the backbone (a usage error, like an unknown --backbone)."""
 
 
 def model_weights_enum(backbone: str):
@@ -236,13 +202,14 @@ def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: 
 def _weights_member(enum, name: str, backbone: str):
     key = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
     if "." in key:
-        raise WeightsError(f"--weights {name!r} names weights of another model; {backbone} takes {enum.__name__}.*")
+        raise WeightsNameError(f"--weights {name!r} names weights of another model; {backbone} takes "
+                               f"{enum.__name__}.*")
     try:
         return enum[key]
     except KeyError:
         options = ", ".join(["DEFAULT"] + [w.name for w in enum])
-        raise WeightsError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
-                           f"a state-dict file, or none") from None
+        raise WeightsNameError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
+                               f"a state-dict file, or none") from None
 
 
 def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict, str]:

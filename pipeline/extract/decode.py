@@ -23,7 +23,7 @@ if hasattr(cv2, "setLogLevel"):  # also when cv2 was imported before the variabl
     cv2.setLogLevel(2)  # 2 = LOG_LEVEL_ERROR
 import numpy as np
 
-from pipeline.config import Sampling
+from pipeline.spec import Sampling
 
 VIDEO_EXTENSIONS = frozenset({
     ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv", ".3gp", ".ts",
@@ -112,6 +112,16 @@ def natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
 
+def opencv_safe(path: Path) -> bool:
+    """Whether OpenCV can be given this path as a string: its Python bindings need valid UTF-8 (a file name of
+    other bytes, held as surrogate escapes, crashes the process inside cv2 instead of raising)."""
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def is_video(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
 
@@ -145,6 +155,19 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 1:
         return cv2.cvtColor(image[:, :, 0], cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _capture_by_descriptor(path: Path) -> cv2.VideoCapture:
+    """Open a file whose name OpenCV cannot take through /proc/self/fd/N, a UTF-8 name for the same file
+    (Linux). FFmpeg opens that name itself, so the descriptor is closed as soon as the capture is open."""
+    if not os.path.isdir("/proc/self/fd"):
+        raise DecodeError("its file name is not valid UTF-8, which OpenCV cannot open on this system; "
+                          "rename it")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return cv2.VideoCapture(f"/proc/self/fd/{fd}", cv2.CAP_FFMPEG)
+    finally:
+        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------------------ sources
@@ -181,7 +204,10 @@ class VideoSource(Source):
             raise DecodeError(f"cannot read the file ({e.strerror})") from e
         if size == 0:
             raise DecodeError("empty file (0 bytes)")
-        cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        if opencv_safe(self.path):
+            cap = cv2.VideoCapture(str(self.path), cv2.CAP_FFMPEG)
+        else:
+            cap = _capture_by_descriptor(self.path)
         if not cap.isOpened():
             cap.release()
             raise DecodeError("OpenCV/FFmpeg cannot open it as a video (not a video, or a corrupt/truncated one)")
@@ -250,7 +276,14 @@ class FolderSource(Source):
             size = image_size(image_path)  # from the header: a frame bomb is refused before it is decoded
             if size is not None:
                 check_pixels(*size, self.max_pixels, f"image {image_path.name!r}")
-        image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+        if opencv_safe(image_path):
+            image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
+        else:  # see opencv_safe: decode the bytes instead of handing cv2 the name
+            try:
+                data = np.fromfile(image_path, np.uint8)
+            except OSError as e:
+                raise DecodeError(f"cannot read image {image_path.name!r} ({e.strerror})") from e
+            image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
         if image is None:
             raise DecodeError(f"cannot decode image {image_path.name!r} (corrupt or not an image)")
         return to_rgb(image)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.extract.backbone import Preprocessing
+from pipeline.spec import Preprocessing
 
 PREPROCESS_MODES = ("auto", "workers", "device")
 

@@ -16,19 +16,19 @@ import queue as queue_module
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import ExtractConfig, Sampling, cpu_count, parse_shard, pick_device
-from pipeline.data.cache import CacheWriter, FeatureSpec, merge
+from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with, parse_shard
+from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
-from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: also used by finetuning.clips)
+from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: also used by finetune.clips)
     JOBS_AHEAD,
     DecodeJob,
     DecodePool,
@@ -37,6 +37,8 @@ from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_ini
     start_workers,
     worker_init,
 )
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ class ExtractReport:
     extracted: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pruned: list[str] = field(default_factory=list)
+    """Keys removed by --prune (their source no longer exists)."""
+    packed: bool = False
     frames: int = 0
     seconds: float = 0.0
     device_busy_seconds: float = 0.0  # CUDA: device time of the forward passes (normalise, model, copy back)
@@ -65,7 +70,12 @@ class ExtractReport:
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
         text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> {self.cache}")
+                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+                f"{printable(str(self.cache))}")
+        if self.pruned:
+            text += f"; {len(self.pruned)} pruned (source gone)"
+        if self.packed:
+            text += " (packed: one file)"
         if self.worker_restarts:
             text += f"; {self.worker_restarts} decode worker(s) replaced after dying"
         return text
@@ -86,14 +96,9 @@ def balance(weights: list[int], n: int) -> list[list[int]]:
 
 # ---------------------------------------------------------------------------------------------------- the run
 def build_config(output, config: ExtractConfig | None = None, **options) -> ExtractConfig:
-    """An ExtractConfig from keyword options; sampling options (fps, stride, ...) may be given flat."""
-    sampling_names = {f.name for f in fields(Sampling)}
-    sampling_opts = {k: options.pop(k) for k in list(options) if k in sampling_names}
-    if config is None:
-        config = ExtractConfig(output=output)
-    if sampling_opts:
-        options["sampling"] = replace(config.sampling, **sampling_opts)
-    return replace(config, output=Path(output), **options)
+    """An ExtractConfig from keyword options; sampling and runtime options (fps, stride, device, ...) may be flat."""
+    return config_with(ExtractConfig, config, {"output": Path(output) if output is not None else None}, options,
+                       "extract_videos")
 
 
 def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
@@ -108,28 +113,30 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
     dist = Distributed.from_env(cfg.shard)
-    items = discover(inputs)
+    unreadable: dict[str, str] = {}
+    items = discover(inputs, unreadable)
     if dist.shard:
         # Every rank computes the same balanced split of ALL inputs (finished or not), so no video is ever
         # owned by two ranks or by none, whatever the others have done.
         items = [items[i] for i in balance([it.signature()[0] for it in items], dist.world)[dist.rank]]
-    device = pick_device(dist.device(cfg.device))
+    device = pick_device(dist.device(cfg.runtime.device))
     workers = cfg.workers if cfg.workers is not None else default_workers(device, dist.local_world)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
-    threads = cfg.threads or max(1, cpu_count() // dist.local_world)
+    threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
     batch_size = cfg.batch_size or default_batch_size(device)
 
     loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
-                                             progress=cfg.progress)
+                                             progress=cfg.runtime.progress)
     spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
-                       preprocessing=loaded.preprocessing.to_dict(), sampling=cfg.sampling.to_dict(), dim=loaded.dim)
+                       preprocessing=loaded.preprocessing, sampling=cfg.sampling, dim=loaded.dim)
     if dist.shard and cfg.overwrite:
         raise ValueError("--overwrite cannot be used by several ranks at once; delete the cache and its .parts "
                          "folder first")
     writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
     report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
+    report.failed.update({folder: (folder, reason) for folder, reason in unreadable.items()})
     try:
         todo, signatures = [], {}
         for item in items:
@@ -143,6 +150,8 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
         if todo:
             embedder = FrameEmbedder(loaded, device, compile=cfg.compile)
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
+        if cfg.prune and not dist.shard:
+            report.pruned = writer.prune_missing_sources()
     finally:
         if not dist.shard:
             writer.write_index()
@@ -150,11 +159,15 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     if dist.torchrun:
         dist.barrier()  # every rank's parts are committed; one process builds the index
         if dist.rank == 0:
-            merge(cfg.output)
+            merge(cfg.output, prune=cfg.prune)
+            if cfg.pack:
+                report.packed = bool(pack(cfg.output))
         dist.barrier()
     elif dist.shard:
         log.warning("shard %d/%d done; when every shard is, build the index with `pipeline merge %s`",
                     dist.rank, dist.world, cfg.output)
+    elif cfg.pack:
+        report.packed = bool(pack(cfg.output))
     report.seconds = time.perf_counter() - started
     return report
 
@@ -214,8 +227,9 @@ def default_workers(device: torch.device, ranks: int = 1) -> int:
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Frames per forward pass: 8 on a CPU (latency, memory), 256 on an accelerator (it needs wide batches)."""
-    return 8 if device.type == "cpu" else 256
+    """Frames per forward pass: EXTRACT_BATCH_CPU on a CPU (latency, memory), EXTRACT_BATCH_GPU on an accelerator
+    (it needs wide batches)."""
+    return EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU
 
 
 class _Committer:
@@ -316,8 +330,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
     releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
     last_index = time.monotonic()
-    bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.progress, position=0)
-    bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.progress, position=1, smoothing=0.1)
+    bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.runtime.progress, position=0)
+    bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.runtime.progress, position=1, smoothing=0.1)
     pool = committer = None
 
     def finish(i: int) -> None:
@@ -342,7 +356,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
         dead.add(i)
         report.failed[item.key] = (str(item.path), reason)
         writer.record_failure(item.key, str(item.path), reason)
-        tqdm.write(f"FAILED {item.path}: {reason}")
+        tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
         bar_videos.update(1)
 
     def drop(i: int) -> None:

@@ -27,9 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import Sampling
-from pipeline.extract.backbone import Preprocessing
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
+from pipeline.spec import Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
 

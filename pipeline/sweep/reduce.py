@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from pipeline.data.sequences import RamStore, SequenceStore, sample_rows
-from pipeline.heads.checkpoint import HeadCheckpoint
-from pipeline.heads.model import build_head
+from pipeline.train_head.checkpoint import HeadCheckpoint
+from pipeline.train_head.model import build_head
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from pipeline.config import Sampling
 from pipeline.data.sequences import Plan
-from pipeline.extract.backbone import Preprocessing
 from pipeline.extract.decode import DecodeError, FolderSource, FrameSelector, VideoSource, open_source, to_rgb
+from pipeline.spec import Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +282,7 @@ class ClipDataset(Dataset):
     def __getitem__(self, job: ClipJob) -> ClipBatch:
         plan = job.plan
         clips, reads = [], dict.fromkeys(READ_MODES, 0)
-        for k, (video, rows) in enumerate(zip(plan.videos.tolist(), plan.frames, strict=True)):
+        for k, (video, rows) in enumerate(zip(plan.videos.tolist(), plan.rows, strict=True)):
             seed = None if job.seeds is None else int(job.seeds[k])
             frames, mode = self.clip(video, rows[rows >= 0], seed)
             clips.append(frames)

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.extract.backbone import Preprocessing
-from pipeline.heads.model import Head, length_mask
+from pipeline.spec import Preprocessing
+from pipeline.train_head.model import Head, length_mask
 
 EVAL_CHUNK = 256  # frames per backbone call when no gradient is needed (whole validation sequences)
 

@@ -2,7 +2,7 @@
 from their per-epoch validation, in one process or in many cooperating on one study (SQLite, journal file or RDB).
 
 The cache is read (and optionally PCA-reduced) once per process; every trial is a `train_head` run on that shared
-data, with its own run folder under OUT/trials/NNNN, or one head of a stack (`pipeline.heads.stack`) that trains
+data, with its own run folder under OUT/trials/NNNN, or one head of a stack (`pipeline.sweep.stack`) that trains
 as that run would. Trials are asked from the study up to --stack at a time (ask and tell, with this process's own
 heartbeats); after a reduced sweep the --refit best settings are trained again on the full features (OUT/refit/).
 
@@ -31,13 +31,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with, cpu_count, pick_device
-from pipeline.heads.checkpoint import load_checkpoint, save_checkpoint
-from pipeline.heads.metrics import pyplot, to_json
-from pipeline.heads.reduce import Reduction, fit_pca, fold_reduction, reduce_store
-from pipeline.heads.space import SearchSpace, SpaceError, parse_mapping, parse_space
-from pipeline.heads.stack import stack_groups, train_stack
-from pipeline.heads.train import TrainData, TrainResult, load_train_data, train_head
+from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with
+from pipeline.data.labelled import LabelledData, load_labelled
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.sweep.reduce import Reduction, fit_pca, fold_reduction, reduce_store
+from pipeline.sweep.space import SearchSpace, SpaceError, parse_mapping, parse_space
+from pipeline.sweep.stack import stack_groups, train_stack
+from pipeline.train_head.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.train_head.metrics import pyplot, to_json
+from pipeline.train_head.train import TrainResult, train_head
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +291,7 @@ class _Sweep:
 
         cfg = self.cfg
         cfg.out.mkdir(parents=True, exist_ok=True)
-        torch.set_num_threads(cfg.threads or cpu_count())
+        torch.set_num_threads(cfg.runtime.threads or cpu_count())
         with _quiet_optuna():
             self.storage_url, storage = open_storage(cfg.storage, cfg.out)
             self.storage = storage
@@ -311,7 +313,7 @@ class _Sweep:
             self.trials = self._budget(space)
 
             data, reduction, full = self._load()
-            self.device = pick_device(cfg.device)
+            self.device = pick_device(cfg.runtime.device)
             identity = self._identity(space, data)
             if recorded is not None:
                 self._check_same(recorded, identity)
@@ -371,12 +373,12 @@ class _Sweep:
             return min(cfg.trials or size, size)
         return cfg.trials or SWEEP_TRIALS
 
-    def _load(self) -> tuple[TrainData, Reduction | None, TrainData | None]:
+    def _load(self) -> tuple[LabelledData, Reduction | None, LabelledData | None]:
         """The cache, read once for every trial (the clip length is checked per trial), reduced if asked; and the
         full features again for the refit (kept in RAM when they were read into it)."""
         cfg = self.cfg
         base = cfg.train_config(cfg.out, clip_len=None)
-        data = load_train_data(self.cache, replace(base, progress=cfg.progress))
+        data = load_labelled(self.cache, replace(base, runtime=replace(base.runtime, progress=cfg.runtime.progress)))
         if cfg.reduce_dim is None:
             return data, None, None
         t = time.perf_counter()
@@ -389,7 +391,7 @@ class _Sweep:
         reduced = replace(data, store=store, stats=stats, notes={**data.notes, "reduction": reduction.describe()})
         return reduced, reduction, (data if cfg.refits and data.store.in_memory else None)
 
-    def _identity(self, space: SearchSpace, data: TrainData) -> dict:
+    def _identity(self, space: SearchSpace, data: LabelledData) -> dict:
         """What every worker of a study must share: the space and the data its trials see."""
         cfg = self.cfg
         return {"space": space.to_dict(), "strategy": cfg.strategy,
@@ -413,7 +415,7 @@ class _Sweep:
                         recorded.get("strategy"), identity["strategy"])
 
     # ------------------------------------------------------------------------------------------- trials
-    def _optimize(self, study, data: TrainData, reduction: Reduction | None) -> None:
+    def _optimize(self, study, data: LabelledData, reduction: Reduction | None) -> None:
         """Ask the study for trials (up to --stack at once) and train them until the study has its --trials, the
         time budget is spent, or the sampler has nothing left."""
         import optuna
@@ -425,7 +427,7 @@ class _Sweep:
         self.deadline = None if remaining is None else time.time() + remaining
         done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t) and t.state.is_finished())
         self.bar = tqdm(total=self.trials, initial=min(done, self.trials), desc="sweep", unit="trial",
-                        disable=not cfg.progress, dynamic_ncols=True)
+                        disable=not cfg.runtime.progress, dynamic_ncols=True)
         try:
             if self._left(study) <= 0:
                 log.info("study %s already has its %d trials", self.name, self.trials)
@@ -475,7 +477,7 @@ class _Sweep:
             asked.append(item)
         return asked
 
-    def _run(self, study, asked: list[_Pending], data: TrainData, reduction: Reduction | None) -> None:
+    def _run(self, study, asked: list[_Pending], data: LabelledData, reduction: Reduction | None) -> None:
         """Train the asked trials: those of one stack_key as one model, the others one by one."""
         groups = [[asked[i] for i in g] for g in stack_groups([item.cfg for item in asked], self.device)]
         try:
@@ -494,7 +496,7 @@ class _Sweep:
                         item.trial.set_user_attr("surplus", True)
                     self._tell(study, item.trial, state="FAIL")
 
-    def _train_alone(self, study, item: _Pending, data: TrainData, reduction: Reduction | None) -> None:
+    def _train_alone(self, study, item: _Pending, data: LabelledData, reduction: Reduction | None) -> None:
         import optuna
 
         item.started = True
@@ -506,7 +508,7 @@ class _Sweep:
             outcome = e
         self._conclude(study, item, outcome, time.perf_counter() - started, reduction)
 
-    def _train_stacked(self, study, group: list[_Pending], data: TrainData, reduction: Reduction | None) -> None:
+    def _train_stacked(self, study, group: list[_Pending], data: LabelledData, reduction: Reduction | None) -> None:
         for item in group:
             item.started = True
             item.trial.set_user_attr("stack", [i.trial.number for i in group])
@@ -588,7 +590,7 @@ class _Sweep:
         self.bar.refresh()
 
     # ------------------------------------------------------------------------------------------- refit
-    def _refit(self, rows: list[dict], full: TrainData | None) -> dict | None:
+    def _refit(self, rows: list[dict], full: LabelledData | None) -> dict | None:
         """Train the settings of the --refit best trials again on the full features, each as `pipeline train-head`
         would (same seed, split and epochs, no pruning; those of one stack_key as one stack), into OUT/refit/NNNN/;
         the best of them (val top-1, then val loss) becomes best.pt. Returns its entry of best.json's `refits`."""
@@ -596,23 +598,23 @@ class _Sweep:
         chosen = [r for r in rows if r["top1"] is not None][: cfg.refits]
         if not chosen:
             return None
-        configs = [replace(cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed,
-                                                                                      **r["params"]}),
-                           progress=cfg.progress) for r in chosen]
+        configs = [cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed, **r["params"]})
+                   for r in chosen]
+        configs = [replace(c, runtime=replace(c.runtime, progress=cfg.runtime.progress)) for c in configs]
         what = f"refit on the full features: trials {', '.join(str(r['trial']) for r in chosen)}"
-        if cfg.progress:
+        if cfg.runtime.progress:
             tqdm.write(what, file=sys.stderr)
         else:
             log.info(what)
         started = time.perf_counter()
         if full is None:  # the cache was read lazily: read it again
-            full = load_train_data(self.cache, configs[0])
+            full = load_labelled(self.cache, configs[0])
         results: dict[int, TrainResult] = {}
         for members in stack_groups(configs, self.device):
             if len(members) == 1:
                 results[members[0]] = train_head(full.cache, config=configs[members[0]], data=full)
                 continue
-            stacked = train_stack(full, [configs[i] for i in members], self.device, progress=cfg.progress)
+            stacked = train_stack(full, [configs[i] for i in members], self.device, progress=cfg.runtime.progress)
             for i, outcome in zip(members, stacked, strict=True):
                 if not isinstance(outcome, TrainResult):
                     raise outcome

@@ -27,9 +27,10 @@ from torch.nn import functional as F
 from tqdm import tqdm
 
 from pipeline.config import TrainConfig
+from pipeline.data.labelled import LabelledData
 from pipeline.data.sequences import batches, eval_plans
-from pipeline.heads.model import MeanPoolHead, dropout_mask, length_mask
-from pipeline.heads.train import HeadRun, TrainData, TrainResult
+from pipeline.train_head.model import MeanPoolHead, dropout_mask, length_mask
+from pipeline.train_head.train import HeadRun, TrainResult
 
 STACKABLE = ("meanpool",)
 PER_HEAD = ("out", "lr", "weight_decay", "dropout", "label_smoothing", "patience", "plots", "progress")
@@ -97,7 +98,7 @@ def _masks(heads, generators, shape, dtype, dim: int) -> torch.Tensor:
                         torch.ones(shape, dtype=dtype) for h, g in zip(heads, generators, strict=True)], dim=dim)
 
 
-def train_stack(data: TrainData, configs: list[TrainConfig], device: torch.device,
+def train_stack(data: LabelledData, configs: list[TrainConfig], device: torch.device,
                 hooks: list[Callable[[dict], None] | None] | None = None,
                 progress: bool = False) -> list[TrainResult | Exception]:
     """Train the heads of `configs` (one stack_key) on `data` as one model; each writes its own run folder.
@@ -180,7 +181,7 @@ def _train_epoch(active: list[_Member], batch_iter, device: torch.device) -> lis
 
 
 @torch.inference_mode()
-def _validate(active: list[_Member], data: TrainData, cfg: TrainConfig, workers: int,
+def _validate(active: list[_Member], data: LabelledData, cfg: TrainConfig, workers: int,
               device: torch.device) -> list[np.ndarray]:
     """Each head's (val videos, C) probabilities, averaged over clips as `evaluate` does."""
     heads = [m.run.model for m in active]

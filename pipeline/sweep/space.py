@@ -23,7 +23,8 @@ from pipeline.config import TrainConfig
 SWEEP_WIDE = {"labels": "--labels", "split": "--split", "train_list": "--train-list", "val_list": "--val-list",
               "val_fraction": "--val-fraction", "split_seed": "--split-seed", "group_regex": "--group-regex"}
 NOT_SEARCHED = {"out": "--out", "memory": "--memory", "workers": None, "threads": "--threads",
-                "device": "--device", "plots": "--plots", "progress": "--quiet"}
+                "device": "--device", "plots": "--plots", "progress": "--quiet",
+                "overwrite": None, "splitting": None, "runtime": None}  # groups: their settings are named above
 RANGE_KEYS = ("low", "high", "step", "log")
 NONE_WORDS = ("none", "null", "~")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")

@@ -10,14 +10,15 @@ from __future__ import annotations
 import json
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
-from pipeline.data.cache import FeatureCache, FeatureSpec
-from pipeline.heads.model import Head, HeadDims, build_head
+from pipeline.data.cache import FeatureCache
+from pipeline.spec import FeatureSpec
+from pipeline.train_head.model import Head, HeadDims, build_head
 
 FORMAT_NAME = "pipeline-head-checkpoint"
 FORMAT_VERSION = 1
@@ -47,6 +48,9 @@ class HeadCheckpoint:
     """Validation metrics at this epoch (loss, top1, top5)."""
     config: dict = field(default_factory=dict)
     """The TrainConfig of the run, the cache path and the split sizes."""
+    train_videos: list[str] = field(default_factory=list)
+    """Source paths of the videos the head was trained on (so that `evaluate` can keep them apart); empty in
+    checkpoints of pipeline 0.1."""
     backbone_state: dict[str, torch.Tensor] | None = None
     """The fine-tuned backbone (classifier removed) of a `pipeline finetune` checkpoint; its feature_spec names it
     'finetuned:<run>' with the sha256 of these tensors. None for a head trained on a cache."""
@@ -57,13 +61,27 @@ class HeadCheckpoint:
         head.load_state_dict(self.state_dict)
         return head.to(device).eval()
 
+    def eval_clips_for(self, requested: int | None) -> int:
+        """The evaluation clips to use: `requested`, or what the head was trained with when None."""
+        clips = self.eval_clips if requested is None else requested
+        if clips and self.clip_len is None:
+            raise ValueError("--eval-clips needs a head trained on clips; this one was trained on whole sequences")
+        return clips
+
+    def describe_eval(self, clips: int) -> str:
+        """How a video is scored: 'whole sequences' or 'mean of N clips of L rows'."""
+        stride = f", stride {self.clip_stride}" if self.clip_stride > 1 else ""
+        if clips and self.clip_len is not None:
+            return f"mean of {clips} clips of {self.clip_len} rows{stride}"
+        return f"whole sequences{stride}"
+
     def to_dict(self) -> dict:
         plain = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dims": self.dims.to_dict(),
-            "classes": list(self.classes), "feature_spec": asdict(self.feature_spec),
+            "classes": list(self.classes), "feature_spec": self.feature_spec.to_dict(),
             "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
             "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "epoch": self.epoch,
-            "metrics": self.metrics, "config": self.config, "versions": _versions(),
+            "metrics": self.metrics, "config": self.config, "versions": _versions(), "train_videos": self.train_videos,
         }
         # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
         plain = json.loads(json.dumps(plain, default=str))
@@ -123,9 +141,10 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
     try:
         return HeadCheckpoint(
             dims=HeadDims(**obj["dims"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
-            feature_spec=FeatureSpec(**obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
+            feature_spec=FeatureSpec.from_dict(obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
             clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
             epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
+            train_videos=list(obj.get("train_videos", [])),
             backbone_state=obj.get("backbone_state_dict"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

@@ -8,13 +8,11 @@ under a warm-up + cosine schedule, evaluates the val split, and keeps the best c
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +20,24 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, config_with, cpu_count, pick_device
-from pipeline.data.cache import FeatureCache, FeatureSpec, open_cache
+from pipeline.config import TrainConfig, config_with
+from pipeline.data.labelled import LabelledData, load_labelled
 from pipeline.data.sequences import (
     Batch,
     SequenceStore,
     batches,
     eval_plans,
-    feature_stats,
-    load_sequences,
     train_plans,
 )
-from pipeline.data.splits import SPLIT_FILE, Split, SplitError, make_split, read_labels_csv, write_split
-from pipeline.heads.checkpoint import HeadCheckpoint, load_checkpoint, save_checkpoint
-from pipeline.heads.metrics import classification_report, plot_confusion, plot_curves, to_json
-from pipeline.heads.model import Head, HeadDims, build_head
+from pipeline.data.splits import Split
+from pipeline.runtime import cpu_count, pick_device
+from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
+from pipeline.train_head.metrics import classification_report
+from pipeline.train_head.model import Head, HeadDims, build_head
+from pipeline.train_head.recorder import RunRecorder
 
 log = logging.getLogger(__name__)
 
-METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "lr", "train_seconds",
-                  "val_seconds")
 
 
 @dataclass
@@ -62,103 +58,45 @@ class TrainResult:
                 f"-> {self.out}")
 
 
-# --------------------------------------------------------------------------------------------------- labels
-def video_labels(cache: FeatureCache, labels_csv: Path | None = None) -> dict[str, str]:
-    """key -> class name of every labelled video: the cache's labels, or those of `labels_csv` when given."""
-    if labels_csv is not None:
-        labels = read_labels_csv(labels_csv, cache.keys())
-    else:
-        labels = {k: v for k, v in cache.labels().items() if v}
-    if not labels:
-        raise SplitError(f"no video of {cache.path} has a label; extract from class folders (videos/<class>/...), a "
-                         f"CSV manifest with labels, or pass --labels CSV")
-    unlabelled = len(cache) - len(labels)
-    if unlabelled:
-        log.warning("%d videos of %s have no label and are left out", unlabelled, cache.path)
-    return labels
-
-
-# ----------------------------------------------------------------------------------------------------- data
-@dataclass
-class TrainData:
-    """The labelled videos of a cache, split and loaded: everything `train_head` needs besides its settings.
-
-    `load_train_data` builds it; a sweep builds it once and passes it to every trial (`train_head(data=...)`).
-    """
-
-    cache: Path
-    spec: FeatureSpec
-    """The cache's features (what checkpoints record); `store.dim` may be smaller after a reduction."""
-    dtype: str
-    labels: dict[str, str]
-    split: Split
-    classes: list[str]
-    store: SequenceStore
-    """The train videos first, then the val videos."""
-    y: np.ndarray
-    """(videos,) class index of each store video."""
-    notes: dict = field(default_factory=dict)
-    """How the data was prepared beyond the cache (e.g. a reduction), recorded in config.json and checkpoints."""
-    stats: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
-    """Per-dimension mean and std (D,) the heads standardise their inputs with; from the train rows when None."""
-
-    @property
-    def train_idx(self) -> np.ndarray:
-        return np.arange(len(self.split.train))
-
-    @property
-    def val_idx(self) -> np.ndarray:
-        return np.arange(len(self.split.train), len(self.store.keys))
-
-    def train_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """`stats`, computed once from the train rows when not given."""
-        if self.stats is None:
-            self.stats = feature_stats(self.store, self.train_idx)
-        return self.stats
-
-
 def check_clip_len(clip_len: int | None, longest: int) -> None:
     if clip_len is not None and clip_len > longest:
         raise ValueError(f"--clip-len {clip_len} is longer than every sequence (the longest has {longest} rows); "
                          f"use --clip-len {longest} or less, or 0 for whole sequences")
 
 
-def load_train_data(cache: str | Path, cfg: TrainConfig) -> TrainData:
-    """Labels, split (cfg's split settings) and the sequences of `cache`, in RAM or lazy (cfg.memory)."""
-    cache_obj = open_cache(cache)
-    labels = video_labels(cache_obj, cfg.labels)
-    split = make_split(labels, mode=cfg.split, cache_splits=cache_obj.splits(), train_list=cfg.train_list,
-                       val_list=cfg.val_list, val_fraction=cfg.val_fraction, split_seed=cfg.split_seed,
-                       group_regex=cfg.group_regex, all_keys=cache_obj.keys())
-    classes = sorted({labels[k] for k in split.train})
-    keys = split.train + split.val
-    check_clip_len(cfg.clip_len, max(cache_obj.num_frames(k) for k in keys))
-    log.info("split: %s; %d classes", split.sizes(), len(classes))
-    store = load_sequences(cache_obj, keys, cfg.memory, cfg.progress)
-    class_index = {c: i for i, c in enumerate(classes)}
-    y = np.array([class_index[labels[k]] for k in keys], dtype=np.int64)
-    return TrainData(cache=Path(cache).resolve(), spec=cache_obj.spec, dtype=cache_obj.dtype, labels=labels,
-                     split=split, classes=classes, store=store, y=y)
-
-
 # ------------------------------------------------------------------------------------------------ the loops
-def train_one_epoch(model: Head, batch_iter, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
-                    device: torch.device) -> dict:
-    """One pass over the training clips. Returns mean loss and clip accuracy."""
+def train_one_epoch(model: nn.Module, batch_iter, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
+                    device: torch.device, *, accumulate: int = 1, num_batches: int | None = None,
+                    scaler: torch.amp.GradScaler | None = None,
+                    on_batch: Callable[[Batch, float], None] | None = None) -> dict:
+    """One pass over the training clips: one optimiser (and schedule) step every `accumulate` batches, the last group
+    of `num_batches` possibly shorter; losses scaled by `scaler` (fp16) when given. `on_batch(batch, mean loss so
+    far)` follows every batch. Returns the mean loss and the clip accuracy."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
-    for batch in batch_iter:
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(batch_iter):
+        group_start = i - i % accumulate
+        group_size = accumulate if num_batches is None else min(accumulate, num_batches - group_start)
         batch = batch.to(device)
         logits = model(batch.x, batch.lengths)
         loss = loss_fn(logits, batch.y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        scaled = loss / group_size if group_size > 1 else loss
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        if i - group_start == group_size - 1:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
         n = len(batch.y)
         total_loss += float(loss.detach()) * n
         correct += int((logits.argmax(1) == batch.y).sum())
         seen += n
+        if on_batch is not None:
+            on_batch(batch, total_loss / seen)
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
@@ -221,23 +159,23 @@ def build_config(out, config: TrainConfig | None = None, **options) -> TrainConf
 
 
 def train_head(cache: str | Path, out: str | Path | None = None, *, config: TrainConfig | None = None,
-               data: TrainData | None = None, on_epoch: Callable[[dict], None] | None = None,
+               data: LabelledData | None = None, on_epoch: Callable[[dict], None] | None = None,
                **options) -> TrainResult:
     """Train a head on the labelled videos of `cache`; write the run folder `out` (see docs/train-head.md).
 
     Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, ...). Raises SplitError for
     unusable labels or splits, ValueError for settings that do not fit the cache.
-    `data` (from `load_train_data`) skips reading the cache, and its split settings replace cfg's. `on_epoch` is
+    `data` (from `load_labelled`) skips reading the cache, and its split settings replace cfg's. `on_epoch` is
     called with each epoch's metrics row after its checkpoints are written; an exception it raises stops the run.
     """
     cfg = build_config(out, config, **options)
     started = time.perf_counter()
-    torch.set_num_threads(cfg.threads or cpu_count())
-    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.runtime.threads or cpu_count())
+    device = pick_device(cfg.runtime.device)
     if data is None:
-        data = load_train_data(cache, cfg)
+        data = load_labelled(cache, cfg)
     run = HeadRun(cfg, data, device, on_epoch, started)
-    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.progress)
+    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()
@@ -258,12 +196,12 @@ class HeadRun:
     """One head's run: its model, optimizer and schedule, and its run folder (config.json, split.csv, metrics.csv,
     best.pt, last.pt, summary.json, plots).
 
-    `train_head` drives one; `pipeline.heads.stack` drives several that share their batches. The caller trains an
+    `train_head` drives one; `pipeline.sweep.stack` drives several that share their batches. The caller trains an
     epoch and hands its metrics and val probabilities to `end_epoch`, which writes the row and the checkpoints,
     calls `on_epoch` and applies the patience; `finish` re-validates the best checkpoint and writes the summary.
     """
 
-    def __init__(self, cfg: TrainConfig, data: TrainData, device: torch.device,
+    def __init__(self, cfg: TrainConfig, data: LabelledData, device: torch.device,
                  on_epoch: Callable[[dict], None] | None = None, started: float | None = None):
         check_clip_len(cfg.clip_len, int(data.store.lengths.max()))
         self.cfg, self.data, self.device, self.on_epoch = cfg, data, device, on_epoch
@@ -287,20 +225,12 @@ class HeadRun:
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
         self.out = cfg.out
-        self.out.mkdir(parents=True, exist_ok=True)
         self.run_info = {"cache": str(data.cache), "split": split_info(split, data.labels, classes),
                          "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
                          "in_memory": store.in_memory, "device": str(device), **data.notes}
-        (self.out / "config.json").write_text(json.dumps({"train": cfg.to_dict(), **self.run_info}, indent=1) + "\n")
-        write_split(self.out / SPLIT_FILE, split, data.labels)  # which video was on which side, for `finetune`
-        self.rows: list[dict] = []
-        self.best = {"top1": -1.0, "loss": math.inf, "epoch": 0}
-        self.stale = 0
-        self.stopped_early = False
-        self._metrics_file = open(self.out / "metrics.csv", "w", newline="")
-        self._writer = csv.DictWriter(self._metrics_file, fieldnames=METRIC_COLUMNS)
-        self._writer.writeheader()
-        self._metrics_file.flush()
+        self.recorder = RunRecorder(self.out, {"train": cfg.to_dict(), **self.run_info}, split, data.labels,
+                                    overwrite=cfg.overwrite,
+                                    patience=cfg.patience, on_epoch=on_epoch)
 
     def epoch_plans(self, epoch: int) -> list:
         """The epoch's training batches: one random clip of each train video, shuffled ([seed, epoch] stream)."""
@@ -321,7 +251,7 @@ class HeadRun:
         return HeadCheckpoint(dims=self.dims, state_dict=self.model.state_dict(), classes=self.data.classes,
                               feature_spec=self.data.spec, feature_dtype=self.data.dtype, clip_len=cfg.clip_len,
                               clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"train": cfg.to_dict(), **self.run_info})
+                              config={"train": cfg.to_dict(), **self.run_info}, train_videos=self.data.train_sources)
 
     def end_epoch(self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float,
                   val_seconds: float) -> bool:
@@ -330,32 +260,19 @@ class HeadRun:
         report = classification_report(probs, self.data.y[self.data.val_idx], self.data.classes)
         row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
                "val_top5": report["top5"], "lr": lr, "train_seconds": train_seconds, "val_seconds": val_seconds}
-        self.rows.append(row)
-        self._writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-        self._metrics_file.flush()
         metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
-        best = self.best
-        if report["top1"] > best["top1"] or (report["top1"] == best["top1"] and report["loss"] < best["loss"]):
-            self.best = {"top1": report["top1"], "loss": report["loss"], "epoch": epoch}
-            save_checkpoint(self.checkpoint(epoch, metrics), self.out / "best.pt")
-            self.stale = 0
-        else:
-            self.stale += 1
-        save_checkpoint(self.checkpoint(epoch, metrics), self.out / "last.pt")
-        if self.on_epoch is not None:
-            self.on_epoch(dict(row))
-        if self.cfg.patience and self.stale >= self.cfg.patience:
-            self.stopped_early = True
-            log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, self.cfg.patience)
-            return False
-        return True
+        return self.recorder.end_epoch(row, report, lambda: self.checkpoint(epoch, metrics))
+
+    @property
+    def best(self) -> dict:
+        return self.recorder.best
 
     def postfix(self) -> dict:
-        row = self.rows[-1]
+        row = self.recorder.rows[-1]
         return {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_top1']:.1%}", "best": f"{self.best['top1']:.1%}"}
 
     def close(self) -> None:
-        self._metrics_file.close()
+        self.recorder.close()
 
     def finish(self) -> TrainResult:
         """Validate the best checkpoint again (final metrics), write summary.json and the plots."""
@@ -363,21 +280,12 @@ class HeadRun:
         self.close()
         self.model.load_state_dict(load_checkpoint(self.out / "best.pt").state_dict)
         report = classification_report(self.validate(), data.y[data.val_idx], data.classes)
-        summary = {
-            "head": cfg.head, "best_epoch": self.best["epoch"], "epochs_run": len(self.rows),
-            "stopped_early": self.stopped_early, "top1": report["top1"], "top5": report["top5"],
-            "val_loss": report["loss"], "videos": report["videos"],
-            "per_class_accuracy": report["per_class_accuracy"], "confusion_matrix": report["confusion_matrix"],
-            "classes": data.classes, "split": self.run_info["split"],
-            "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips),
-            "seconds": time.perf_counter() - self.started,
-            "parameters": sum(p.numel() for p in self.model.parameters()), "feature_spec_id": data.spec.id,
-        }
-        (self.out / "summary.json").write_text(to_json(summary))
-        if cfg.plots:
-            plot_curves(self.rows, self.out / "curves.png")
-            plot_confusion(np.array(report["confusion_matrix"]), data.classes, self.out / "confusion.png",
-                           f"{cfg.head}: val top-1 {report['top1']:.1%}")
+        summary = self.recorder.finish(
+            {"head": cfg.head, "split": self.run_info["split"],
+             "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips),
+             "seconds": time.perf_counter() - self.started,
+             "parameters": sum(p.numel() for p in self.model.parameters()), "feature_spec_id": data.spec.id},
+            report, data.classes, cfg.head, cfg.plots)
         return TrainResult(out=self.out, summary=summary)
 
 

@@ -182,9 +182,9 @@ class ExtractConfig(_Settings):
     dtype: str = "float16"
     """Storage dtype of the features on disk: float16 or float32."""
     batch_size: int | None = None
-    """Frames per forward pass, spanning video boundaries; default: EXTRACT_BATCH_CPU on a CPU, EXTRACT_BATCH_GPU
-    on an accelerator. Every pass has this shape (the last one is padded), so a frame's features never depend on how
-    frames were batched."""
+    """Frames per forward pass, spanning video boundaries. Every pass has this shape (the last one is padded), so a
+    frame's features never depend on how frames were batched; default: EXTRACT_BATCH_CPU on a CPU,
+    EXTRACT_BATCH_GPU on an accelerator."""
     workers: int | None = None
     """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes in-process."""
     decoder: str = "auto"
@@ -198,7 +198,7 @@ class ExtractConfig(_Settings):
     """torch.compile the backbone (a one-off compilation of a minute or more; then faster forward passes)."""
     max_pixels: int | None = 8192 * 8192
     """Refuse frames larger than this many pixels (from the file's header where it says, before decoding): one
-    frame bomb must not exhaust memory. None: no limit."""
+    frame bomb must not exhaust memory (the Python API takes None: no limit)."""
     overwrite: bool = False
     """Discard an existing cache built with a different feature spec instead of refusing."""
     shard: str | None = None

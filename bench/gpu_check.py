@@ -1,10 +1,11 @@
-"""GPU check: ResNet-50 extraction on CUDA against the bf16 forward pass alone (320x240 and 1280x720 clips, the CPU
-decoder and NVDEC), the device path's features against the CPU path's, bit-identical batching, then a short ResNet-50
-fine-tune in bf16 (clips/s, peak GPU memory, the loss going down). One table; exit status 0 when every check passed.
+"""GPU check: ResNet-50 extraction on CUDA against the bf16 forward pass alone (320x240 and 1280x720 clips,
+the CPU decoder and NVDEC), the device path's features against the CPU path's, bit-identical batching, then a
+short ResNet-50 fine-tune in bf16 (clips/s, peak GPU memory, the loss going down). One table; exit status 0
+when every check passed.
 
-Nothing is downloaded: weights are the seeded random initialisation ('none'), so the CPU and CUDA models are identical.
-Real H.264 clips (for NVDEC) are used when .cache/h264/ holds them (bench/fetch_h264.py, on a machine with network).
-Run it through bench/gpu_check.sh, which checks the environment first.
+Nothing is downloaded: weights are the seeded random initialisation ('none'), so the CPU and CUDA models are
+identical. Real H.264 clips (for NVDEC) are used when .cache/h264/ holds them (bench/fetch_h264.py, on a
+machine with network). Run it through bench/gpu_check.sh, which checks the environment first.
 
     python bench/gpu_check.py --device cuda
     python bench/gpu_check.py --device cpu --resolutions 320x240 --clips 2 --frames 16 --cpu-frames 8 \
@@ -127,9 +128,9 @@ def tinted_videos(folder: Path, per_class: int, frames: int, width: int, height:
 
 
 def finetune_check(args, device, work: Path) -> tuple[list[str], list[str]]:
-    """Extract a generated sample, train an LSTM head for one epoch, fine-tune layer4 (BatchNorm statistics too) +
-    head (bf16 on CUDA); table lines and failures. The head is left under-trained on purpose, so that fine-tuning
-    has a loss to bring down."""
+    """Extract a generated sample, train an LSTM head for one epoch, fine-tune layer4 (BatchNorm statistics
+    too) + head (bf16 on CUDA); table lines and failures. The head is left under-trained on purpose, so that
+    fine-tuning has a loss to bring down."""
     w, h = parse_resolution(args.finetune_resolution)
     start = time.perf_counter()
     videos = work / "finetune_videos"
@@ -349,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                                **{**options, "workers": 1})
         checks.append(("one run = one run per video, bit for bit", same_bytes(whole, pieces), ""))
 
-        # A decode worker killed mid-run (as the OOM killer would): its video fails, a new worker (forked after the
-        # slots were page-locked) decodes the next ones.
+        # A decode worker killed mid-run (as the OOM killer would): its video fails, a new worker (forked
+        # after the slots were page-locked) decodes the next ones.
         names: dict[str, Path] = {}
         for v in sorted(work.glob("videos_*/clip_*")) + sorted(work.glob("h264_*/*.mp4")):
             names.setdefault(v.name, v)  # file names are the keys: one of each

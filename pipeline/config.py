@@ -182,18 +182,19 @@ class ExtractConfig(_Settings):
     dtype: str = "float16"
     """Storage dtype of the features on disk: float16 or float32."""
     batch_size: int | None = None
-    """Frames per forward pass, spanning video boundaries. Every pass has this shape (the last one is padded), so a
-    frame's features never depend on how frames were batched; default: EXTRACT_BATCH_CPU on a CPU,
+    """Frames per forward pass, spanning video boundaries. Every pass has this shape (the last one is padded),
+    so a frame's features never depend on how frames were batched; default: EXTRACT_BATCH_CPU on a CPU,
     EXTRACT_BATCH_GPU on an accelerator."""
     workers: int | None = None
-    """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes in-process."""
+    """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes
+    in-process."""
     decoder: str = "auto"
-    """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for H.264,
-    HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is measured
-    faster on the machine: see docs/performance.md)."""
+    """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for
+    H.264, HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is
+    measured faster on the machine: see docs/performance.md)."""
     preprocess: str = "auto"
-    """Where frames are resized and cropped: workers (each frame in its decode worker), device (whole chunks on the
-    model's device) or auto (device on CUDA, workers elsewhere). Same operations either way."""
+    """Where frames are resized and cropped: workers (each frame in its decode worker), device (whole chunks
+    on the model's device) or auto (device on CUDA, workers elsewhere). Same operations either way."""
     compile: bool = False
     """torch.compile the backbone (a one-off compilation of a minute or more; then faster forward passes)."""
     max_pixels: int | None = 8192 * 8192

@@ -1,5 +1,6 @@
-"""Decode workers and the device path: batched preprocessing equals the per-frame crop, features do not depend on
-batching, a crashing decoder fails only its video, frame bombs are refused, NVDEC falls back to the CPU decoder."""
+"""Decode workers and the device path: batched preprocessing equals the per-frame crop, features do not depend
+on batching, a crashing decoder fails only its video, frame bombs are refused, NVDEC falls back to the CPU
+decoder."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ def decoded_frames(tmp_path_factory) -> list[np.ndarray]:
 
 
 def test_batched_preprocessing_equals_per_frame_crop_and_torchvision(decoded_frames):
-    """The device path's batched resize + crop, run on CPU tensors, gives the per-frame path's crops exactly, and
-    normalised they are torchvision's own transforms of the weights."""
+    """The device path's batched resize + crop, run on CPU tensors, gives the per-frame path's crops exactly,
+    and normalised they are torchvision's own transforms of the weights."""
     pre = default_preprocessing(torchvision.models.ResNet50_Weights.DEFAULT)
     frames = [torch.from_numpy(f) for f in decoded_frames]  # (H, W, 3) uint8, sizes mixed
     batched = crop_frames(pre, frames)
@@ -55,8 +56,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_device_preprocessing_gives_the_worker_path_features(tmp_path):
-    """Extraction with the device path forced on the CPU (native frames through the shared slots, cropped in whole
-    chunks) against the per-frame path of the workers, on videos of several sizes and a folder of mixed sizes."""
+    """Extraction with the device path forced on the CPU (native frames through the shared slots, cropped in
+    whole chunks) against the per-frame path of the workers, on videos of several sizes and a folder of mixed
+    sizes."""
     videos = tmp_path / "v"
     for k, (w, h) in enumerate([(176, 144), (240, 320), (97, 61)]):
         make_video(videos / f"c{k}.avi", 5, width=w, height=h, offset=k)
@@ -95,8 +97,9 @@ def test_features_do_not_depend_on_batching_bit_for_bit(tmp_path):
 
 
 def test_a_decoder_crash_fails_only_its_video_and_a_rerun_retries_it(tmp_path, monkeypatch):
-    """A decode worker killed by SIGKILL (as the OOM killer would) while reading one file: that file is failed with
-    the reason, the worker is replaced, the other videos are extracted, exit code 3; the next run retries it."""
+    """A decode worker killed by SIGKILL (as the OOM killer would) while reading one file: that file is failed
+    with the reason, the worker is replaced, the other videos are extracted, exit code 3; the next run retries
+    it."""
     videos = tmp_path / "v"
     for k in range(4):
         make_video(videos / f"c{k}.avi", 4, offset=k)
@@ -161,8 +164,8 @@ def test_nvdec_without_a_gpu_says_why_and_decodes_on_the_cpu(tmp_path, caplog):
 
 @pytest.fixture
 def fake_torchcodec(monkeypatch):
-    """A stand-in for torchcodec's VideoDecoder, decoding with OpenCV on the CPU (NHWC uint8, pts at 25 fps): lets
-    the NVDEC path run here. Files named 'broken*' fail halfway through, 'closed*' cannot be opened."""
+    """A stand-in for torchcodec's VideoDecoder, decoding with OpenCV on the CPU (NHWC uint8, pts at 25 fps):
+    lets the NVDEC path run here. Files named 'broken*' fail halfway through, 'closed*' cannot be opened."""
 
     class Batch:
         def __init__(self, data, pts):
@@ -221,7 +224,8 @@ def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_torch
 
 
 def test_stage_one_imports_no_stage_two_dependencies():
-    """Extraction runs where only its own dependencies are installed (the GPU machines): no optuna, no yaml."""
+    """Extraction runs where only its own dependencies are installed (the GPU machines): no optuna, no
+    yaml."""
     import subprocess
 
     probe = ("import sys, pipeline.extract.run, pipeline.extract.nvdec; "

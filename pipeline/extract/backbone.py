@@ -270,8 +270,8 @@ class FrameEmbedder:
             self.copy_stream = torch.cuda.Stream(device)
 
     def upload(self, frames: torch.Tensor) -> tuple[torch.Tensor, object]:
-        """Host frames -> the device, copied on a side stream while the model runs. Returns the device tensor and
-        an event after which the host memory may be reused (None: it may be reused now)."""
+        """Host frames -> the device, copied on a side stream while the model runs. Returns the device tensor
+        and an event after which the host memory may be reused (None: it may be reused now)."""
         if self.device.type != "cuda":
             return frames, None
         with torch.cuda.stream(self.copy_stream):
@@ -296,8 +296,8 @@ class FrameEmbedder:
         x = self.pre.normalize(frames.to(self.device, non_blocking=True))
         x = x.contiguous(memory_format=torch.channels_last)
         if self.autocast_dtype is not None:
-            # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes in
-            # every run (resumed or not).
+            # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes
+            # in every run (resumed or not).
             with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), \
                     torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
                 y = self.model(x)

@@ -48,8 +48,9 @@ def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "f
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of a PNG, JPEG, GIF, BMP, WebP or PPM/PGM file from its header, without decoding it; None
-    for other formats or an unreadable header. A few bytes are read (JPEG: the markers up to its frame header)."""
+    """(width, height) of a PNG, JPEG, GIF, BMP, WebP or PPM/PGM file from its header, without decoding it;
+    None for other formats or an unreadable header. A few bytes are read (JPEG: the markers up to its frame
+    header)."""
     try:
         with open(path, "rb") as f:
             head = f.read(32)
@@ -311,7 +312,8 @@ class FolderSource(Source):
 
 
 def open_source(path: Path, frames_fps: float, max_pixels: int | None = None) -> Source:
-    """The frames of a video file or a folder of images; frames over `max_pixels` are refused (DecodeError)."""
+    """The frames of a video file or a folder of images; frames over `max_pixels` are refused
+    (DecodeError)."""
     return FolderSource(path, frames_fps, max_pixels) if path.is_dir() else VideoSource(path, max_pixels)
 
 

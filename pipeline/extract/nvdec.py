@@ -1,9 +1,10 @@
-"""Hardware video decoding on the GPU (NVDEC) through torchcodec, with the CPU decoder as the fallback for everything.
+"""Hardware video decoding on the GPU (NVDEC) through torchcodec, with the CPU decoder as the fallback for
+everything.
 
-torchcodec (`pip install torchcodec`, a build with CUDA support) is imported only when `--decoder nvdec` asks for
-it. A few threads of the main process decode one video each; frames arrive on the GPU as (N, H, W, 3) uint8 RGB and
-go to the device preprocessing without a host round trip. Frame indices and timestamps come from the decoded
-frames (their pts); the frame count is that of torchcodec's exact scan of the file.
+torchcodec (`pip install torchcodec`, a build with CUDA support) is imported only when `--decoder nvdec` asks
+for it. A few threads of the main process decode one video each; frames arrive on the GPU as (N, H, W, 3)
+uint8 RGB and go to the device preprocessing without a host round trip. Frame indices and timestamps come from
+the decoded frames (their pts); the frame count is that of torchcodec's exact scan of the file.
 
 Whatever goes wrong (torchcodec missing, a codec NVDEC does not take, a file it cannot open, an error halfway
 through) the video is handed to the CPU decode workers with a note; it never fails a run.
@@ -43,9 +44,9 @@ class Fallback(Exception):
 
 
 def decode_nvdec(job: DecodeJob, device: torch.device):
-    """Messages for one video decoded by NVDEC: ('rows', i, frames (n, H, W, 3) uint8 on the device, frame indices,
-    timestamps) chunks, then ('end', i, info); ('fallback', i, reason) at any point hands it to the CPU decoder,
-    and ('error', i, reason) is a refusal that the CPU decoder would make too (--max-pixels)."""
+    """Messages for one video decoded by NVDEC: ('rows', i, frames (n, H, W, 3) uint8 on the device, frame
+    indices, timestamps) chunks, then ('end', i, info); ('fallback', i, reason) at any point hands it to the
+    CPU decoder, and ('error', i, reason) is a refusal that the CPU decoder would make too (--max-pixels)."""
     i = job.index
     try:
         from torchcodec.decoders import VideoDecoder
@@ -92,7 +93,8 @@ def decode_nvdec(job: DecodeJob, device: torch.device):
 
 class NvdecDecoders:
     """NVDEC_THREADS threads of this process, each decoding one video at a time from a shared job queue; their
-    messages arrive, in each video's order, on `messages` (bounded: decoding waits while the model is behind)."""
+    messages arrive, in each video's order, on `messages` (bounded: decoding waits while the model is
+    behind)."""
 
     def __init__(self, device: torch.device, threads: int = NVDEC_THREADS):
         self.device = device

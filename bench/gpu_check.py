@@ -59,7 +59,8 @@ class Line:
 
     def text(self) -> str:
         busy = f"{self.busy:.0%}" if self.busy is not None else "-"
-        return f"{self.what:<28} {self.decoder:>7} {self.frames:>7} {self.fps:>11.1f} {self.ratio:>6.2f} {busy:>6}"
+        return (f"{self.what:<28} {self.decoder:>7} {self.frames:>7} {self.fps:>11.1f} {self.ratio:>6.2f} "
+                f"{busy:>6}")
 
 
 def min_cosine(reference: Path, other: Path) -> tuple[float, int]:
@@ -145,9 +146,9 @@ def finetune_check(args, device, work: Path) -> tuple[list[str], list[str]]:
     if not report.ok:
         return [], [f"fine-tune: extraction failed: {report.failed}"]
     clip_len = min(args.finetune_clip_len, args.finetune_frames)
-    head = pipeline.train_head(work / "finetune.h5", work / "head", head="lstm", hidden=128, clip_len=clip_len,
-                               epochs=1, batch_size=16, lr=1e-3, group_regex=r"clip_(\d+)", val_fraction=0.25,
-                               patience=0, plots=False, progress=False, device=str(device))
+    head = pipeline.train_head(work / "finetune.h5", work / "head", head="lstm", hidden=128,
+                               clip_len=clip_len, epochs=1, batch_size=16, lr=1e-3, group_regex=r"clip_(\d+)",
+                               val_fraction=0.25, patience=0, plots=False, progress=False, device=str(device))
     amp = "bf16" if device.type == "cuda" else "off"
     start = time.perf_counter()
     # Random weights have no BatchNorm statistics worth keeping (running mean 0, variance 1: no normalisation at
@@ -206,17 +207,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", default="250,96", help="frames per clip, one number or one per resolution")
     p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (256 on a GPU)")
     p.add_argument("--workers", type=int, default=None, help="decode workers; default: extract's own")
-    p.add_argument("--h264-copies", type=int, default=24, help="copies of each real H.264 clip extracted as one set")
+    p.add_argument("--h264-copies", type=int, default=24,
+                   help="copies of each real H.264 clip extracted as one set")
     p.add_argument("--h264-frames", type=int, default=None, help="frames kept per H.264 clip (default: all)")
     p.add_argument("--cpu-clips", type=int, default=2, help="clips per resolution also extracted on the CPU")
     p.add_argument("--cpu-frames", type=int, default=16, help="frames per clip extracted on the CPU (the first ones)")
-    p.add_argument("--min-cosine", type=float, default=0.999, help="smallest cosine allowed between CPU float32 and "
-                                                                   "device bf16 rows")
+    p.add_argument("--min-cosine", type=float, default=0.999,
+                   help="smallest cosine allowed between CPU float32 and device bf16 rows")
     p.add_argument("--min-cosine-fp32", type=float, default=0.9999,
                    help="smallest cosine allowed between the CPU path and the device path, both float32")
-    p.add_argument("--no-targets", action="store_true", help="report the speed targets without failing on them")
+    p.add_argument("--no-targets", action="store_true",
+                   help="report the speed targets without failing on them")
     p.add_argument("--compile", action="store_true",
-                   help="also extract the first resolution with a torch.compile'd backbone (a minute or more)")
+                   help="also extract the first resolution with a compiled backbone (a minute or more)")
     p.add_argument("--finetune-per-class", type=int, default=24,
                    help="fine-tune check: clips per class of the 4 generated classes (0 skips the check)")
     p.add_argument("--finetune-frames", type=int, default=32, help="fine-tune check: frames per clip")
@@ -241,8 +244,9 @@ def main(argv: list[str] | None = None) -> int:
 
     nvdec_missing = nvdec.unavailable_reason(device)
     print(f"machine: {machine(device)}; load average {load_average()}")
-    print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers {workers}, "
-          f"features stored as float32; NVDEC: {nvdec_missing or 'available (torchcodec)'}", flush=True)
+    print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
+          f"{workers}, features stored as float32; NVDEC: {nvdec_missing or 'available (torchcodec)'}",
+          flush=True)
     failures, targets, lines, checks = [], [], [], []
     options = {"device": str(device), "batch_size": batch_size, "workers": args.workers, "dtype": "float32"}
 
@@ -251,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     forward_fps = batches * batch_size / forward_seconds(embedder, batch_size, batches)
     forward_fps = max(forward_fps, batches * batch_size / forward_seconds(embedder, batch_size, batches))
     lines.append(Line(f"pure forward, batch {batch_size}", "-", batches * batch_size, forward_fps, 1.0, None))
-    print(f"pure forward ({'bf16' if embedder.autocast_dtype is not None else 'fp32'}): {forward_fps:.0f} frames/s",
-          flush=True)
+    precision = "bf16" if embedder.autocast_dtype is not None else "fp32"
+    print(f"pure forward ({precision}): {forward_fps:.0f} frames/s", flush=True)
     del embedder
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -263,15 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         def timed(label: str, videos: list[Path], decoder: str, **extra) -> Line | None:
             cache = work / f"{label.replace(' ', '_')}_{decoder}.h5"
             warm = {**extra, "max_frames": min(batch_size, extra.get("max_frames") or batch_size)}
-            run.extract_videos(videos[:1], cache.with_name(f"warm_{cache.name}"), backbone=MODEL, weights="none",
-                               progress=False, decoder=decoder, **options, **warm)
+            run.extract_videos(videos[:1], cache.with_name(f"warm_{cache.name}"), backbone=MODEL,
+                               weights="none", progress=False, decoder=decoder, **options, **warm)
             report, seconds = extract(videos, cache, decoder=decoder, **options, **extra)
             if not report.ok:
                 failures.append(f"{label} ({decoder}): extraction failed: {report.failed}")
                 return None
             busy = report.device_busy_seconds / seconds if cuda else None
-            line = Line(label, decoder, report.frames, report.frames / seconds, report.frames / seconds / forward_fps,
-                        busy)
+            fps = report.frames / seconds
+            line = Line(label, decoder, report.frames, fps, fps / forward_fps, busy)
             lines.append(line)
             print(f"  {line.text()}", flush=True)
             return line
@@ -286,10 +290,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.compile and resolution == resolutions[0]:
                 timed(f"{resolution} compiled", videos, "cpu", compile=True)
             if line is not None and line.frames != n_clips * n_frames:
-                failures.append(f"{resolution}: {line.frames} frames extracted, {n_clips * n_frames} expected")
+                failures.append(f"{resolution}: {line.frames} frames extracted, "
+                                f"{n_clips * n_frames} expected")
             if line is not None and resolution == "320x240" and cuda:
-                targets.append((f"320x240 end-to-end >= {TARGET_FPS_320} frames/s", line.fps >= TARGET_FPS_320,
-                                f"{line.fps:.0f}"))
+                targets.append((f"320x240 end-to-end >= {TARGET_FPS_320} frames/s",
+                                line.fps >= TARGET_FPS_320, f"{line.fps:.0f}"))
                 targets.append((f"320x240 end-to-end >= {TARGET_RATIO_320} x pure forward",
                                 line.ratio >= TARGET_RATIO_320, f"{line.ratio:.2f}"))
             # The device path against the CPU path on the first frames of a few clips.
@@ -304,21 +309,23 @@ def main(argv: list[str] | None = None) -> int:
             device_fp32 = work / f"device_fp32_{w}x{h}.h5"
             with float32_on_cuda():
                 run.extract_videos(sample, device_fp32, backbone=MODEL, weights="none", device=str(device),
-                                   dtype="float32", max_frames=args.cpu_frames, preprocess="device", progress=False)
+                                   dtype="float32", max_frames=args.cpu_frames, preprocess="device",
+                                   progress=False)
             cos32, rows = min_cosine(reference, device_fp32)
-            cos16 = min_cosine(reference, work / f"{resolution}_mp4v+MJPG_cpu.h5")[0] if line is not None else 0.0
+            bf16 = work / f"{resolution}_mp4v+MJPG_cpu.h5"
+            cos16 = min_cosine(reference, bf16)[0] if line is not None else 0.0
             checks.append((f"{resolution}: device path fp32 vs CPU path, min cosine over {rows} rows",
                            cos32 >= args.min_cosine_fp32, f"{cos32:.6f} (>= {args.min_cosine_fp32})"))
             checks.append((f"{resolution}: device bf16 vs CPU fp32, min cosine over {rows} rows",
                            cos16 >= args.min_cosine, f"{cos16:.6f} (>= {args.min_cosine})"))
-            print(f"  CPU reference {report.frames} frames in {time.perf_counter() - start:.1f}s; min cosine fp32 "
-                  f"{cos32:.6f}, bf16 {cos16:.6f}", flush=True)
+            print(f"  CPU reference {report.frames} frames in {time.perf_counter() - start:.1f}s; min cosine "
+                  f"fp32 {cos32:.6f}, bf16 {cos16:.6f}", flush=True)
 
         # Real H.264 clips: the CPU decoder against NVDEC.
         for resolution, clip in H264_CLIPS.items():
             if not (H264_DIR / clip).is_file():
-                print(f"no real H.264 clip {H264_DIR / clip} (python bench/fetch_h264.py, then copy .cache/h264/ "
-                      f"here): the H.264 rows are skipped")
+                print(f"no real H.264 clip {H264_DIR / clip} (python bench/fetch_h264.py, then copy "
+                      f".cache/h264/ here): the H.264 rows are skipped")
                 break
             videos = h264_inputs(work / f"h264_{resolution}", clip, args.h264_copies)
             keep = {"max_frames": args.h264_frames} if args.h264_frames else {}
@@ -342,9 +349,11 @@ def main(argv: list[str] | None = None) -> int:
                                 line.ratio >= TARGET_RATIO_720_NVDEC, f"{line.ratio:.2f}"))
 
         # Resumed = uninterrupted: one run over three clips against one run per clip, in another order.
-        some = sorted((work / f"videos_{'x'.join(map(str, parse_resolution(resolutions[0])))}").glob("clip_*"))[:3]
+        first = "x".join(map(str, parse_resolution(resolutions[0])))
+        some = sorted((work / f"videos_{first}").glob("clip_*"))[:3]
         whole, pieces = work / "bits_whole.h5", work / "bits_pieces.h5"
-        run.extract_videos(some, whole, backbone=MODEL, weights="none", progress=False, max_frames=40, **options)
+        run.extract_videos(some, whole, backbone=MODEL, weights="none", progress=False, max_frames=40,
+                           **options)
         for v in reversed(some):
             run.extract_videos([v], pieces, backbone=MODEL, weights="none", progress=False, max_frames=40,
                                **{**options, "workers": 1})
@@ -358,8 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         crashed = list(names.values())[:4]
         os.environ[CRASH_ON_ENV] = crashed[1].name
         try:
-            report = run.extract_videos(crashed, work / "crash.h5", backbone=MODEL, weights="none", progress=False,
-                                        max_frames=40, **{**options, "workers": 1})
+            report = run.extract_videos(crashed, work / "crash.h5", backbone=MODEL, weights="none",
+                                        progress=False, max_frames=40, **{**options, "workers": 1})
         finally:
             del os.environ[CRASH_ON_ENV]
         reason = report.failed.get(crashed[1].name, ("", ""))[1]
@@ -381,9 +390,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{'busy':>6}")
     for line in lines:
         print(line.text())
-    print(f"peak GPU memory {f'{peak_gpu:.0f} MiB' if peak_gpu is not None else '-'}; peak host RSS {rss:.0f} MiB "
-          f"(this process or one decode worker); ratio = end-to-end / pure forward; busy = the forward passes' "
-          f"device time / wall time")
+    gpu = f"{peak_gpu:.0f} MiB" if peak_gpu is not None else "-"
+    print(f"peak GPU memory {gpu}; peak host RSS {rss:.0f} MiB (this process or one decode worker); "
+          f"ratio = end-to-end / pure forward; busy = the forward passes' device time / wall time")
     for name, ok, value in checks:
         print(f"{'ok    ' if ok else 'FAILED'} {name}: {value}")
         if not ok:

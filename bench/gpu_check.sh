@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 bf16 extraction on CUDA against the forward
-# pass alone (generated 320x240 and 1280x720 clips; real H.264 clips with the CPU decoder and NVDEC when .cache/h264/
-# holds them: bench/fetch_h264.py), the device path's features against the CPU path's (cosine), bit-identical
-# batching, GPU busy share, peak GPU memory and host RSS, and a short ResNet-50 fine-tune in bf16 (clips/s, the loss
-# going down). One table; under 5 minutes; nothing is downloaded or installed.
+# GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 bf16 extraction on CUDA against the
+# forward pass alone (generated 320x240 and 1280x720 clips; real H.264 clips with the CPU decoder and NVDEC
+# when .cache/h264/ holds them: bench/fetch_h264.py), the device path's features against the CPU path's
+# (cosine), bit-identical batching, a killed decode worker, GPU busy share, peak GPU memory and host RSS, and
+# a short ResNet-50 fine-tune in bf16 (clips/s, the loss going down). One table; under 5 minutes; nothing is
+# downloaded or installed.
 #
 #   bash bench/gpu_check.sh                      # uses python3 from PATH
-#   PYTHON=/opt/env/bin/python bash bench/gpu_check.sh --no-targets   # extra options go to bench/gpu_check.py
-#   DEVICE=cpu LIMIT_S=900 bash bench/gpu_check.sh --resolutions 320x240 --clips 2 --frames 16 --cpu-frames 8 \
-#       --h264-copies 1 --h264-frames 8 --finetune-per-class 8 --finetune-frames 16 --finetune-resolution 160x120 \
-#       --finetune-crop 64   # dry run, no GPU
+#   PYTHON=/opt/env/bin/python bash bench/gpu_check.sh --no-targets   # options go to bench/gpu_check.py
+#   DEVICE=cpu LIMIT_S=900 bash bench/gpu_check.sh --resolutions 320x240 --clips 2 --frames 16 \
+#       --cpu-frames 8 --h264-copies 1 --h264-frames 8 --finetune-per-class 8 --finetune-frames 16 \
+#       --finetune-resolution 160x120 --finetune-crop 64   # dry run, no GPU
 #
 # Exit status: 0 all checks passed, 1 a check failed, 2 the environment lacks something, 124 over the time limit.
 set -euo pipefail
@@ -28,13 +29,16 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY=PASSIVE
 
-# NVDEC needs a CUDA build of torchcodec matching this torch. When none is installed and one was carried here as a
-# wheel (.cache/wheels/torchcodec-*.whl), it goes into .cache/site without network, for this check only.
+# NVDEC needs a CUDA build of torchcodec matching this torch. When none is installed and one was carried here
+# as a wheel (.cache/wheels/torchcodec-*.whl), it goes into .cache/site without network, for this check only.
 if ! "$PYTHON" -c "import torchcodec" >/dev/null 2>&1; then
     for wheel in .cache/wheels/torchcodec-*.whl; do
         [ -f "$wheel" ] || continue
-        "$PYTHON" -m pip install -q --no-index --no-deps --target .cache/site "$wheel" \
-            && export PYTHONPATH="$PYTHONPATH:$PWD/.cache/site" || echo "gpu_check: could not install $wheel" >&2
+        if "$PYTHON" -m pip install -q --no-index --no-deps --target .cache/site "$wheel"; then
+            export PYTHONPATH="$PYTHONPATH:$PWD/.cache/site"
+        else
+            echo "gpu_check: could not install $wheel" >&2
+        fi
         break
     done
 fi

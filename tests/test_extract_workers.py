@@ -23,7 +23,8 @@ from pipeline.extract.decode import image_size
 from pipeline.extract.preprocess import crop_frames
 from pipeline.extract.workers import CRASH_ON_ENV
 
-SIZES = [(176, 144), (320, 240), (1280, 720), (240, 320), (97, 61)]  # (width, height): QCIF, QVGA, 720p, portrait, odd
+# (width, height): QCIF, QVGA, 720p, portrait, odd
+SIZES = [(176, 144), (320, 240), (1280, 720), (240, 320), (97, 61)]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def test_batched_preprocessing_equals_per_frame_crop_and_torchvision(decoded_fra
     batched = crop_frames(pre, frames)
     assert batched.shape == (len(frames), 3, 224, 224) and batched.dtype == torch.uint8
     for k, f in enumerate(frames):
-        assert torch.equal(batched[k], pre.crop_frame(f.permute(2, 0, 1))), f"frame {k} of shape {tuple(f.shape)}"
+        expected = pre.crop_frame(f.permute(2, 0, 1))  # (3, C, C), this frame alone
+        assert torch.equal(batched[k], expected), f"frame {k} of shape {tuple(f.shape)}"
     reference = torchvision.models.ResNet50_Weights.DEFAULT.transforms()
     expected = torch.stack([reference(f.permute(2, 0, 1)) for f in frames])
     torch.testing.assert_close(pre.normalize(batched), expected, rtol=0, atol=1e-6)
@@ -104,8 +106,8 @@ def test_a_decoder_crash_fails_only_its_video_and_a_rerun_retries_it(tmp_path, m
     for k in range(4):
         make_video(videos / f"c{k}.avi", 4, offset=k)
     out = tmp_path / "c.h5"
-    args = ["extract", str(videos), "-o", str(out), "--backbone", "resnet18", "--weights", "none", "--resize", "64",
-            "--crop", "56", "--workers", "1", "--batch-size", "4", "-q"]
+    args = ["extract", str(videos), "-o", str(out), "--backbone", "resnet18", "--weights", "none",
+            "--resize", "64", "--crop", "56", "--workers", "1", "--batch-size", "4", "-q"]
     monkeypatch.setenv(CRASH_ON_ENV, "c1.avi")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_INPUTS_FAILED, result.output
@@ -153,10 +155,11 @@ def test_image_size_reads_headers(tmp_path, ext):
 def test_nvdec_without_a_gpu_says_why_and_decodes_on_the_cpu(tmp_path, caplog):
     make_video(tmp_path / "v" / "a.avi", 3)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "n.h5", decoder="nvdec", dtype="float32",
-                                         **FAST)
+        report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "n.h5", decoder="nvdec",
+                                         dtype="float32", **FAST)
     assert report.ok and report.extracted == ["a.avi"]
-    assert "--decoder nvdec is unavailable: NVDEC decodes on an NVIDIA GPU, and this run's device is cpu" in caplog.text
+    said = "--decoder nvdec is unavailable: NVDEC decodes on an NVIDIA GPU, and this run's device is cpu"
+    assert said in caplog.text
     pipeline.extract_videos([tmp_path / "v"], tmp_path / "c.h5", decoder="cpu", dtype="float32", **FAST)
     a, b = pipeline.open_cache(tmp_path / "n.h5"), pipeline.open_cache(tmp_path / "c.h5")
     assert a.features("a.avi").tobytes() == b.features("a.avi").tobytes()
@@ -177,13 +180,15 @@ def fake_torchcodec(monkeypatch):
                 raise RuntimeError("could not open input file")
             self.path, self.frames = path, decode_all_rgb(path)
             h, w = self.frames[0].shape[:2]
-            self.metadata = types.SimpleNamespace(codec="h264", width=w, height=h, num_frames=len(self.frames),
-                                                  average_fps=25.0, num_frames_from_header=len(self.frames))
+            n = len(self.frames)
+            self.metadata = types.SimpleNamespace(codec="h264", width=w, height=h, num_frames=n,
+                                                  average_fps=25.0, num_frames_from_header=n)
 
         def get_frames_in_range(self, start, stop):
             if "broken" in self.path and start > 0:
                 raise RuntimeError("NVDEC error halfway")
-            return Batch(torch.from_numpy(np.stack(self.frames[start:stop])), [k / 25 for k in range(start, stop)])
+            frames = torch.from_numpy(np.stack(self.frames[start:stop]))  # (n, H, W, 3)
+            return Batch(frames, [k / 25 for k in range(start, stop)])
 
     module = types.ModuleType("torchcodec")
     module.decoders = types.ModuleType("torchcodec.decoders")
@@ -195,7 +200,8 @@ def fake_torchcodec(monkeypatch):
     monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
     # As on a GPU, where torchcodec would be importable:
     monkeypatch.setattr(run, "_nvdec_usable", lambda decoder, device: decoder == "nvdec")
-    monkeypatch.setattr(run, "_nvdec_decoders", lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
+    monkeypatch.setattr(run, "_nvdec_decoders",
+                        lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -229,5 +235,6 @@ def test_stage_one_imports_no_stage_two_dependencies():
     import subprocess
 
     probe = ("import sys, pipeline.extract.run, pipeline.extract.nvdec; "
-             "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; assert not extra, extra")
+             "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; "
+             "assert not extra, extra")
     assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=120).returncode == 0

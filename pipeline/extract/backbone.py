@@ -280,7 +280,8 @@ class FrameEmbedder:
             copied.record(self.copy_stream)
         compute = torch.cuda.current_stream(self.device)
         compute.wait_event(copied)
-        out.record_stream(compute)  # the allocator must not hand the block out while the compute stream reads it
+        # the allocator must not hand the block out while the compute stream reads it
+        out.record_stream(compute)
         return out, copied
 
     @torch.inference_mode()

@@ -39,7 +39,8 @@ class DecodeError(RuntimeError):
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame", header: bool = True) -> None:
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame",
+                 header: bool = True) -> None:
     """Refuse a frame larger than `max_pixels` (a frame bomb: a small file that decodes into gigabytes)."""
     if max_pixels is not None and width * height > max_pixels:
         raise DecodeError(f"{what} is {width}x{height} ({width * height / 1e6:.3g} megapixels), over the "
@@ -296,7 +297,8 @@ class FolderSource(Source):
         if size is None:
             first = self._read(self.images[0])
             size = first.shape[1], first.shape[0]
-        return SourceInfo(native_fps=self.fps, width=size[0], height=size[1], header_frame_count=len(self.images))
+        return SourceInfo(native_fps=self.fps, width=size[0], height=size[1],
+                          header_frame_count=len(self.images))
 
     def count(self) -> int:
         return len(self.images)

@@ -34,7 +34,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return f"NVDEC decodes on an NVIDIA GPU, and this run's device is {device}"
     try:
         import torchcodec.decoders  # noqa: F401  (probe only)
-    except Exception as e:  # noqa: BLE001  (ImportError, or a wheel that cannot load its FFmpeg or CUDA libraries)
+    except Exception as e:  # noqa: BLE001  (ImportError, or libraries that do not load)
         return f"torchcodec cannot be imported ({type(e).__name__}: {e}); install a CUDA build of torchcodec"
     return None
 
@@ -52,7 +52,8 @@ def decode_nvdec(job: DecodeJob, device: torch.device):
         from torchcodec.decoders import VideoDecoder
 
         try:
-            decoder = VideoDecoder(str(job.path), device=str(device), dimension_order="NHWC", seek_mode="exact")
+            decoder = VideoDecoder(str(job.path), device=str(device), dimension_order="NHWC",
+                                   seek_mode="exact")
         except Exception as e:  # torchcodec raises RuntimeError/ValueError of its own
             raise Fallback(f"NVDEC could not open it ({type(e).__name__}: {e})") from e
         meta = decoder.metadata
@@ -69,7 +70,8 @@ def decode_nvdec(job: DecodeJob, device: torch.device):
             pts = batch.pts_seconds.tolist()  # on the CPU whatever the device
             picked = [k for k, t in enumerate(pts) if keep(start + k, t)]
             if picked:
-                frames = batch.data if len(picked) == len(pts) else batch.data[picked]  # (n, H, W, 3) on device
+                # (n, H, W, 3) on device
+                frames = batch.data if len(picked) == len(pts) else batch.data[picked]
                 yield "rows", i, frames, [start + k for k in picked], [pts[k] for k in picked]
                 rows += len(picked)
         if total == 0:

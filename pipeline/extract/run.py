@@ -28,7 +28,7 @@ from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
-from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: also used by finetune.clips)
+from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: for finetune)
     JOBS_AHEAD,
     DecodeJob,
     DecodePool,
@@ -313,7 +313,8 @@ def _nvdec_decoders(decoder: str, device: torch.device):
 def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: FrameEmbedder, writer: CacheWriter,
          report: ExtractReport, workers: int, batch_size: int, device: torch.device) -> None:
     pre = embed.pre
-    native = resolve_mode(cfg.preprocess, device) == "device"  # workers hand over native frames, the device crops
+    # workers hand over native frames, the device crops
+    native = resolve_mode(cfg.preprocess, device) == "device"
     log.info("%s: %d decode workers, resize and crop %s, decoder %s, batches of %d", device, workers,
              "on the device" if native else "in the workers", cfg.decoder, batch_size)
     jobs = [DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels)

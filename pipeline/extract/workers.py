@@ -39,7 +39,8 @@ CROP_CHUNK_FRAMES = 8  # crops per chunk: the model starts as soon as the first 
 SLOT_BYTES = 16 << 20  # one slot: 72 frames of 320x240 RGB, 5 of 1280x720, 111 crops of 224x224
 SLOTS_PER_WORKER = 4
 JOBS_AHEAD = 2  # videos queued at a worker: it starts the next one without waiting for the main process
-CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"  # tests: a worker kills itself (SIGKILL) on opening a file of this name
+# tests: a worker kills itself (SIGKILL) on opening a file of this name
+CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,8 @@ class _Worker:
     control: object  # Connection, main -> worker: ("job", DecodeJob), ("free", slot), None
     results: object  # Connection, worker -> main
     generation: int
-    jobs: deque = field(default_factory=deque)  # assigned, not yet ended, in order: the first is being decoded
+    # assigned, not yet ended, in order: the first is being decoded
+    jobs: deque = field(default_factory=deque)
 
 
 @dataclass
@@ -221,7 +223,8 @@ class DecodePool:
         self.ctx = mp.get_context("fork")  # workers start in milliseconds and share the slots' mapping
         self.slots, self.slot_bytes = slots, slot_bytes
         self.shm = [mmap.mmap(-1, slots * slot_bytes) for _ in range(n)]
-        self.buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self.shm]  # (slots * slot_bytes,) each
+        # (slots * slot_bytes,) each
+        self.buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self.shm]
         self.workers: list[_Worker | None] = [None] * n
         self._pinned: list[int] = []
         self._generation = 0
@@ -240,7 +243,8 @@ class DecodePool:
             try:
                 torch.cuda.check_error(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
             except Exception as e:  # noqa: BLE001  (a locked-memory limit, an old driver)
-                log.info("could not page-lock the decode workers' shared memory (%s); copying through staging", e)
+                log.info("could not page-lock the decode workers' shared memory (%s); copying through "
+                         "staging", e)
                 return False
             self._pinned.append(buffer.data_ptr())
         return True
@@ -252,8 +256,8 @@ class DecodePool:
             self.shm[w].madvise(mmap.MADV_DOFORK)
         control, control_child = self.ctx.Pipe(duplex=True)
         results, results_child = self.ctx.Pipe(duplex=False)
-        process = self.ctx.Process(target=_worker_main, name=f"pipeline-decode-{w}", daemon=True,
-                                   args=(control_child, results_child, self.shm[w], self.slots, self.slot_bytes))
+        args = (control_child, results_child, self.shm[w], self.slots, self.slot_bytes)
+        process = self.ctx.Process(target=_worker_main, name=f"pipeline-decode-{w}", daemon=True, args=args)
         with opencv_single_thread():
             process.start()
         control_child.close()  # only the worker holds these ends: its death closes them, and reads see EOF
@@ -270,7 +274,8 @@ class DecodePool:
     def assign(self, w: int, job: DecodeJob) -> None:
         worker = self.workers[w]
         worker.jobs.append(job)
-        with contextlib.suppress(OSError):  # a dead worker: its sentinel reports it, the job goes to its successor
+        # a dead worker: its sentinel reports it, the job goes to its successor
+        with contextlib.suppress(OSError):
             worker.control.send(("job", job))
 
     def release(self, w: int, generation: int, slot: int) -> None:

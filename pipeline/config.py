@@ -243,7 +243,8 @@ class TrainConfig(_Settings):
     """Settings of `pipeline train-head`: the head, its clips, the split and the optimisation."""
 
     out: Path
-    """Run folder for config.json, metrics.csv, summary.json, best.pt, last.pt and plots (files are replaced)."""
+    """Run folder for config.json, metrics.csv, summary.json, best.pt, last.pt and plots (a folder holding a run is
+    refused unless --overwrite)."""
     head: str = "lstm"
     """lstm, gru, bilstm, meanpool (order-blind baseline) or attention (small transformer encoder)."""
     hidden: int = 256
@@ -474,7 +475,8 @@ class FinetuneConfig(_Settings):
     init: Path
     """The head checkpoint to start from (best.pt of `pipeline train-head`, or of an earlier fine-tune)."""
     out: Path
-    """Run folder: config.json, metrics.csv, summary.json, split.csv, best.pt, last.pt, plots (files are replaced)."""
+    """Run folder: config.json, metrics.csv, summary.json, split.csv, best.pt, last.pt, plots (a folder holding a
+    run is refused unless --overwrite)."""
     unfreeze: str | None = None
     """Backbone modules to train: comma-separated names (layer4; layer3,layer4; layer4.1; features.7), 'all' or
     'none'. Default, when --unfreeze-last is not given either: the last FINETUNE_UNFREEZE_LAST stage."""

@@ -116,7 +116,8 @@ def test_train_head_and_evaluate_take_keys_that_are_not_utf8(tmp_path):
     ]
     cache = feature_cache(tmp_path / "c.h5", videos)
     pipeline.train_head(cache, tmp_path / "run", head="meanpool", **{**TINY_HEAD, "epochs": 2})
-    assert pipeline.evaluate(tmp_path / "run" / "best.pt", cache).metrics["videos"] == 12
+    report = pipeline.evaluate(tmp_path / "run" / "best.pt", cache)
+    assert report.metrics["videos"] + report.seen["videos"] == 12  # held-out videos scored, training ones apart
 
 
 # --------------------------------------------------------------------------------- stale and orphaned entries

@@ -207,9 +207,14 @@ def train_head(
     layers: Annotated[int, typer.Option(help="Recurrent or transformer layers.")] = _t("layers"),
     dropout: Annotated[float, typer.Option(help="Dropout after the projection, between layers, before the classifier.")] = _t("dropout"),
     activation: Annotated[str, typer.Option(help="Projection activation: gelu or relu.")] = _t("activation"),
-    clip_len: Annotated[Optional[int], typer.Option(help="Frames per random training clip; 0 = whole sequences.")] = _t("clip_len"),
-    clip_stride: Annotated[int, typer.Option(help="Step between the frames of a clip.")] = _t("clip_stride"),
-    eval_clips: Annotated[int, typer.Option(help="Evaluation: 0 = whole sequence; N = mean over N evenly spaced clips.")] = _t("eval_clips"),
+    sampling: Annotated[str, typer.Option(help="Rows of a clip: segments (--clip-len rows spread over the whole video: "
+                                               "a random one per segment in training, the centres in evaluation), "
+                                               "crop (--clip-len consecutive rows) or whole.")] = _t("sampling"),
+    clip_len: Annotated[Optional[int], typer.Option(help="Rows per clip, at most (shorter videos are used whole); "
+                                                         "0 = whole sequences.")] = _t("clip_len"),
+    clip_stride: Annotated[int, typer.Option(help="Step between the rows a clip is taken from.")] = _t("clip_stride"),
+    eval_clips: Annotated[int, typer.Option(help="Evaluation: 0 = one view (segment centres, or the whole sequence); "
+                                                 "N = mean over N views.")] = _t("eval_clips"),
     epochs: Annotated[int, typer.Option(help="Most epochs to train.")] = _t("epochs"),
     batch_size: Annotated[int, typer.Option(help="Clips per step.")] = _t("batch_size"),
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate (warm-up, then cosine to 0).")] = _t("lr"),
@@ -239,7 +244,8 @@ def train_head(
     with _errors():
         config = TrainConfig(
             out=out, head=head, hidden=hidden, layers=layers, dropout=dropout, activation=activation,
-            clip_len=clip_len, clip_stride=clip_stride, eval_clips=eval_clips, epochs=epochs, batch_size=batch_size,
+            sampling=sampling, clip_len=clip_len, clip_stride=clip_stride, eval_clips=eval_clips, epochs=epochs,
+            batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs, patience=patience,
             class_weights=class_weights, label_smoothing=label_smoothing, labels=labels, split=split,
             train_list=train_list, val_list=val_list, val_fraction=val_fraction, split_seed=split_seed,

@@ -91,6 +91,7 @@ HEADS = ("lstm", "gru", "bilstm", "meanpool", "attention")
 ACTIVATIONS = ("gelu", "relu")
 MEMORY_MODES = ("auto", "ram", "lazy")
 SPLIT_MODES = ("auto", "cache", "random")
+CLIP_SAMPLINGS = ("segments", "crop", "whole")
 
 
 def _check_device(device: str) -> None:
@@ -114,12 +115,18 @@ class TrainConfig:
     """Dropout after the input projection, between temporal layers and before the classifier."""
     activation: str = "gelu"
     """Activation of the input projection (Linear -> LayerNorm -> activation -> dropout)."""
+    sampling: str = "segments"
+    """Which rows of a video a clip holds. segments: --clip-len rows spread over the whole video (it is cut into
+    --clip-len equal segments; training takes a random row of each, evaluation the centres); crop: --clip-len
+    consecutive rows at a random start (evaluation: the whole sequence, or --eval-clips crops); whole: every row.
+    Videos with fewer rows than --clip-len are used whole by every sampling."""
     clip_len: int | None = 16
-    """Frames per training clip, cropped at a random start each epoch; None or 0: whole sequences."""
+    """Rows per clip, at most (shorter videos are used whole); None or 0: whole sequences (--sampling whole)."""
     clip_stride: int = 1
-    """Step between the frames of a clip (also applied to whole sequences at evaluation)."""
+    """Step between the rows a clip is taken from (also applied to whole sequences at evaluation)."""
     eval_clips: int = 0
-    """Evaluation: 0 runs the whole sequence at once; N >= 1 averages the probabilities of N evenly spaced clips."""
+    """Evaluation: 0 scores one view (segments: their centres; crop, whole: the whole sequence); N >= 1 averages
+    the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
     epochs: int = 30
     batch_size: int = 64
     """Clips per optimisation step (and per evaluation batch)."""
@@ -164,8 +171,11 @@ class TrainConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        if self.clip_len == 0:
+        if self.sampling not in CLIP_SAMPLINGS:
+            raise ValueError(f"--sampling must be one of {', '.join(CLIP_SAMPLINGS)}, got {self.sampling!r}")
+        if self.clip_len in (None, 0) or self.sampling == "whole":  # one way to say "whole sequences" in the records
             object.__setattr__(self, "clip_len", None)
+            object.__setattr__(self, "sampling", "whole")
         if self.head not in HEADS:
             raise ValueError(f"--head must be one of {', '.join(HEADS)}, got {self.head!r}")
         if self.activation not in ACTIVATIONS:
@@ -186,7 +196,8 @@ class TrainConfig:
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         if self.eval_clips and self.clip_len is None:
-            raise ValueError("--eval-clips needs a --clip-len (clips of whole sequences are the whole sequence)")
+            raise ValueError("--eval-clips needs --sampling segments or crop and a --clip-len (a whole sequence has "
+                             "one view)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.label_smoothing < 1.0:

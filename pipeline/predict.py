@@ -149,7 +149,8 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
         device = pick_device(cfg.device)
         store = load_sequences(cache, ok, "ram", progress=False)
         probs = predict_store(ckpt.model(device), store, np.arange(len(ok)), clip_len=ckpt.clip_len,
-                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=64, device=device)
+                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=64, device=device,
+                              sampling=ckpt.sampling)
     row_of = {k: i for i, k in enumerate(ok)}
     k_top = min(cfg.top_k, len(ckpt.classes))
     predictions = []

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import EXIT_OK, EXIT_USAGE, app
+from pipeline.data.sequences import segment_frames
 from pipeline.data.splits import random_split
 from pipeline.sweep.run import SweepError
 from pipeline.sweep.space import PARAM_TYPES, SpaceError, parse_space
@@ -78,8 +79,8 @@ def test_space_file_and_inline_params(tmp_path):
     # the recorded (YAML) form reads back as the same space
     assert parse_space(space.to_dict()) == space
     # every train-head hyperparameter can be searched; the split and runtime settings cannot
-    assert {"head", "hidden", "layers", "dropout", "activation", "clip_len", "clip_stride", "eval_clips", "epochs",
-            "batch_size", "lr", "weight_decay", "warmup_epochs", "patience", "class_weights", "label_smoothing",
+    assert {"head", "hidden", "layers", "dropout", "activation", "sampling", "clip_len", "clip_stride", "eval_clips",
+            "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "patience", "class_weights", "label_smoothing",
             "seed"} == set(PARAM_TYPES)
 
 
@@ -377,8 +378,10 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     preds = pipeline.predict(out / "best.pt", paths, tmp_path / "p.csv", cache=tmp_path / "pred.h5", workers=0,
                              progress=False)
     model, c = best.model(), pipeline.open_cache(cache)
+    assert best.sampling == "segments" and best.clip_len == 2  # scored on the centres of 2 segments
     for p, key in zip(preds.predictions, ["a/0.avi", "b/3.avi"], strict=True):
-        x = torch.from_numpy(c.features(key).astype(np.float32))[None]
+        rows = segment_frames(np.array([c.num_frames(key)]), 2, 1)[0]
+        x = torch.from_numpy(c.features(key)[rows].astype(np.float32))[None]
         with torch.inference_mode():
             probs = torch.softmax(model(x, torch.tensor([x.shape[1]])), 1)[0]
         label, prob = p.top[0]

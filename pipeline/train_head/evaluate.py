@@ -76,7 +76,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
     y = np.array([index[labels[k]] for k in keys], dtype=np.int64)
     probs = predict_store(ckpt.model(device), store, np.arange(len(keys)), clip_len=ckpt.clip_len,
                           clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=cfg.batch_size, device=device,
-                          workers=0 if store.in_memory else cfg.workers)
+                          workers=0 if store.in_memory else cfg.workers, sampling=ckpt.sampling)
     metrics = classification_report(probs, y, ckpt.classes)
     report = EvalReport(Path(checkpoint), Path(cache), metrics, ckpt.describe_eval(clips), skipped)
     if cfg.out is not None:

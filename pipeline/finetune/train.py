@@ -354,10 +354,12 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         return HeadCheckpoint(dims=ckpt.dims, state_dict=model.head.state_dict(), classes=ckpt.classes,
                               feature_spec=new_spec, feature_dtype=ckpt.feature_dtype, clip_len=ckpt.clip_len,
                               clip_stride=ckpt.clip_stride, eval_clips=ckpt.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state)
+                              config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state,
+                              sampling=ckpt.sampling)
 
     def validate() -> dict:
-        plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips)
+        plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips,
+                           ckpt.sampling)
         jobs = [ClipJob(plan) for plan in plans]
         probs = evaluate(model, clip_batches(dataset, jobs, workers, pin), len(val_idx), device)
         return classification_report(probs, y[val_idx], ckpt.classes)
@@ -429,7 +431,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         "stopped_early": stopped_early, "top1": report["top1"], "top5": report["top5"], "val_loss": report["loss"],
         "videos": report["videos"], "per_class_accuracy": report["per_class_accuracy"],
         "confusion_matrix": report["confusion_matrix"], "classes": ckpt.classes, "split": run_info["split"],
-        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips), "start": start_metrics,
+        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips, ckpt.sampling),
+        "start": start_metrics,
         "head_checkpoint_metrics": ckpt.metrics, "seconds": time.perf_counter() - started,
         "train_clips": clips_total, "train_clips_per_s": clips_total / train_seconds if train_seconds else 0.0,
         "reads": reads, "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20

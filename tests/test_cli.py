@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,31 @@ def test_help_lists_commands_and_is_fast():
     # --help must not import torch (it would take seconds)
     probe = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'cv2' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+# The entry point as `python -m pipeline` runs it, then what its process (and a worker it starts) hands to OpenMP
+# when a stage imports torch.
+OMP_PROBE = """
+import os, runpy, subprocess, sys
+sys.argv = ["pipeline", "--help"]
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+except SystemExit:
+    pass
+child = "import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+print(os.environ.get("OMP_WAIT_POLICY"), subprocess.run([sys.executable, "-c", child], capture_output=True,
+      text=True).stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("given, used", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("passive", "passive")])
+def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(given, used):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    result = subprocess.run([sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == [used, used]
 
 
 def test_extract_help_shows_options_and_defaults():

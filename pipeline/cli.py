@@ -421,11 +421,13 @@ def sweep(
     cache: Annotated[Path, typer.Argument(help="Feature cache (.h5) made by `pipeline extract`.", show_default=False)],
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder: trials/NNNN run folders, leaderboard.csv/.json, "
                                                          "best.pt, search.png, study.db.", show_default=False)],
-    space: Annotated[Optional[Path], typer.Option(help="YAML search space: NAME: [choices] | {low, high, log, step} | "
-                                                       "value.")] = _w("space"),
+    space: Annotated[Optional[Path], typer.Option(help="YAML search space, one line per setting: NAME: \\[choices] | "
+                                                       "{low, high, log, step} | value (docs/sweep.md) \\[default: "
+                                                       "head, hidden, lr, dropout, clip_len].")] = _w("space"),
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Inline NAME=SPEC, repeatable: "
-                                                       "hidden=64,128,256  lr=1e-4:1e-2:log  dropout=0:0.5:0.1  "
-                                                       "epochs=10.")] = None,
+                                                       "hidden=64,128,256 (choices)  lr=1e-4:1e-2:log (range)  "
+                                                       "dropout=0:0.5:0.1 (range, step)  epochs=10 (fixed); "
+                                                       "replaces the --space entry of that name.")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Trials of the study, all workers together \\[default: the whole "
                                                        "grid, else 20].")] = _w("trials"),
     strategy: Annotated[str, typer.Option(help="tpe, random or grid.")] = _w("strategy"),
@@ -459,7 +461,10 @@ def sweep(
     plots: Annotated[bool, typer.Option(help="Write search.png (needs matplotlib).")] = _w("plots"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.")] = False,
 ) -> None:
-    """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""
+    """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study.
+
+    Without --space and --param it searches a default space of head, hidden, lr, dropout and clip_len
+    (docs/sweep.md)."""
     _setup_logging(quiet)
     with _errors():
         config = SweepConfig(
@@ -471,6 +476,12 @@ def sweep(
 
     from pipeline.sweep.run import SweepError
     from pipeline.sweep.run import sweep as run
+
+    if space is None and not param and not resume:
+        from pipeline.sweep.space import default_space
+
+        typer.echo("no --space or --param: searching the default space (docs/sweep.md)\n  "
+                   + "\n  ".join(default_space().describe()))
 
     # a study of other settings is a usage error too
     with _errors(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "

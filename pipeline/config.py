@@ -297,6 +297,16 @@ PRUNERS = ("median", "halving", "hyperband", "none")
 SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
 SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
 SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
+SWEEP_SPACE = {
+    "head": ["lstm", "gru", "bilstm", "attention", "meanpool"],
+    "hidden": [128, 256, 512],
+    "lr": [3e-4, 1e-3, 3e-3],
+    "dropout": {"low": 0.0, "high": 0.5, "step": 0.1},
+    "clip_len": [8, 16, 32, None],
+}
+"""What `pipeline sweep` searches when given neither --space nor --param (a new study): the head kind, its width,
+the learning rate, the dropout and the clip length (None: whole sequences); the rest keeps the train-head defaults.
+Every entry has a grid (--strategy grid: 1,080 combinations)."""
 
 
 @dataclass(frozen=True)
@@ -311,7 +321,8 @@ class SweepConfig:
     default the study itself (study.db)."""
     space: Path | dict | None = None
     """YAML file (or, from Python, a dict of the same form): parameter -> a list of choices, a range
-    {low, high, log, step}, or one value for every trial."""
+    {low, high, log, step}, or one value for every trial. Without it and without params: SWEEP_SPACE (or, with
+    --resume, the study's own space)."""
     params: tuple[str, ...] = ()
     """Inline parameters NAME=SPEC: hidden=64,128,256 (choices), lr=1e-4:1e-2:log, layers=1:3, dropout=0:0.5:0.1
     (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the file's entry of the same name."""
@@ -384,8 +395,6 @@ class SweepConfig:
             raise ValueError(f"--stack must be >= 1, got {self.stack}")
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
-        if self.space is None and not self.params and not self.resume:
-            raise ValueError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {self.threads}")
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.

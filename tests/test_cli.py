@@ -52,6 +52,27 @@ def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(given,
     assert result.stdout.split()[-2:] == [used, used]
 
 
+def _visible(text: str) -> str:
+    """Help text as a reader sees it, without the layout: no box drawing, no spaces or line breaks."""
+    return "".join(c for c in text if not c.isspace() and c not in "│╭╮╰╯─")
+
+
+def test_every_help_text_keeps_its_brackets():
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        result = runner.invoke(app, [name, "--help"], terminal_width=200)
+        assert result.exit_code == 0, name
+        shown = _visible(result.output)
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            for bracketed in re.findall(r"\[[^\]]*\]|\{[^}]*\}", text.replace("\\[", "[")):
+                assert _visible(bracketed) in shown, f"{name} --help lost {bracketed!r}"
+
+
 def test_extract_help_shows_options_and_defaults():
     result = runner.invoke(app, ["extract", "--help"], terminal_width=200)
     assert result.exit_code == 0

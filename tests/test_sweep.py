@@ -118,12 +118,45 @@ def test_bad_inline_params_and_flags_exit_with_usage_errors(cache, tmp_path):
              (["--param", "lr=1e-4:1e-2:log", "--strategy", "grid"], "lr: a log range has no grid"),
              (["--param", "layers=1,2", "--strategy", "bayes"], "--strategy must be one of tpe, random, grid"),
              (["--param", "layers=1,2", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
-             ([], "nothing to search")]
+             (["--param", "hidden"], "e.g. --param hidden=64,128,256 (choices)"),
+             (["--param", "size=1,2"], "unknown parameter 'size'")]
     for args, message in cases:
         result = runner.invoke(app, ["sweep", str(cache), "--out", str(tmp_path / "s"), *args], terminal_width=200)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
     assert not (tmp_path / "s" / "trials").exists()
+    assert "docs/sweep.md" in " ".join(result.output.split())
+
+
+def test_without_a_space_the_sweep_searches_the_documented_default(cache, tmp_path):
+    out = tmp_path / "default"
+    # a time budget spent while reading the cache: the space is shown and recorded, no trial runs
+    result = runner.invoke(app, ["sweep", str(cache), "--out", str(out), "--trials", "20", "--timeout", "1e-9", "-q"],
+                           terminal_width=200)
+    assert result.exit_code == EXIT_OK, result.output
+    assert "no --space or --param: searching the default space (docs/sweep.md)" in result.output
+    for line in ("head in {lstm, gru, bilstm, attention, meanpool}", "hidden in {128, 256, 512}",
+                 "lr in {0.0003, 0.001, 0.003}", "dropout in [0, 0.5], step 0.1 (float)",
+                 "clip_len in {8, 16, 32, none}"):
+        assert line in result.output
+    recorded = json.loads((out / "sweep.json").read_text())["space"]
+    assert set(recorded) == {"head", "hidden", "lr", "dropout", "clip_len"} and recorded["clip_len"][-1] is None
+
+
+@pytest.mark.parametrize("strategy", ["random", "tpe"])
+def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy):
+    out = tmp_path / strategy
+    result = pipeline.sweep(cache, out, params=["head=meanpool", "hidden=8,16", "lr=0.01,0.02", *TRIAL],
+                            strategy=strategy, trials=12, pruner="none", **QUICK)
+    trained = [r["params"] for r in result.rows]
+    assert len(trained) == 4 and len({(p["hidden"], p["lr"]) for p in trained}) == 4
+    assert len(list((out / "trials").iterdir())) == 4
+    duplicates = [t for t in study_trials(out) if "duplicate_of" in t.user_attrs]
+    assert duplicates, "the sampler never drew trained settings again: the test space is too large"
+    for t in duplicates:  # told without training: the earlier trial's value, or pruned
+        earlier = next(e for e in study_trials(out) if e.number == t.user_attrs["duplicate_of"])
+        assert t.params == earlier.params and "run" not in t.user_attrs
+        assert t.value == earlier.value or t.state.name == "PRUNED"
 
 
 # ------------------------------------------------------------------------------------------------ grid, results

@@ -139,6 +139,22 @@ def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch)
     assert "--weights /path/to/weights.pth" in out and "--weights none" in out
 
 
+def test_offline_error_names_the_weights_versions_already_in_the_cache(clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet50-0676ba61.pth").write_bytes(b"not read: only its name matters here")  # IMAGENET1K_V1
+    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5")], terminal_width=200)
+    assert result.exit_code == EXIT_ERROR
+    assert "ResNet50_Weights.IMAGENET1K_V2 for resnet50 are not in the torchvision cache" in result.output
+    assert "use the weights already in the cache: --weights IMAGENET1K_V1 (resnet50-0676ba61.pth)" in result.output
+    assert result.output.count("--weights IMAGENET1K_") == 1
+
+
 def test_weights_file_of_another_architecture(clip, tmp_path, resnet18_state_file):
     result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet50",
                                  "--weights", str(resnet18_state_file)])

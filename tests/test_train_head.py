@@ -234,6 +234,18 @@ def test_random_split_is_stratified_and_stable_when_videos_are_added():
     assert set(random_split(labels, 0.25, seed=4).val) != set(first.val)
 
 
+def test_a_tiny_dataset_keeps_every_class_in_train():
+    from pipeline.data.splits import stable_unit
+
+    # one video per class for 12 classes (some hash into val), and two larger classes so that val is not empty
+    labels = {f"solo{c}/only.mp4": f"solo{c}" for c in range(12)}
+    labels.update({f"{c}/v{k}.mp4": c for c in ("big1", "big2") for k in range(6)})
+    assert any(stable_unit(k, 0) < 0.2 for k in labels if k.startswith("solo")), "no lone video hashes into val"
+    split = make_split(labels, val_fraction=0.2, split_seed=0)
+    assert {labels[k] for k in split.train} == set(labels.values())
+    assert all(k in split.train for k in labels if k.startswith("solo")) and split.val
+
+
 def test_group_regex_keeps_each_group_on_one_side():
     labels = _ucf_like_labels()
 
@@ -325,6 +337,23 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
+def test_without_matplotlib_plots_are_skipped_with_one_warning_saying_how_to_get_them(tmp_path, monkeypatch, caplog):
+    import sys
+
+    from pipeline.train_head import metrics
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setattr(metrics, "_said_no_plots", False)
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=4))
+    with caplog.at_level("WARNING"):
+        for name in ("a", "b"):
+            pipeline.train_head(cache, tmp_path / name, **{**TINY_HEAD, "epochs": 1, "plots": True})
+    said = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
+    assert said == [("matplotlib is not installed: plots are skipped (get them with pip install 'framecache[plots]', "
+                     "or pass --no-plots)")]
+    assert (tmp_path / "a" / "summary.json").is_file() and not (tmp_path / "a" / "curves.png").exists()
+
+
 def test_classification_report_against_a_hand_computed_confusion_matrix():
     probs = np.array([[.7, .2, .1], [.3, .6, .1], [.1, .8, .1], [.2, .1, .7], [.5, .1, .4], [.1, .3, .6]])
     y = np.array([0, 0, 1, 2, 2, 2])

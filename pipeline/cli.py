@@ -311,7 +311,8 @@ def predict(
                                                  show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="CSV of path, top-k labels and probabilities.")] = _p("output"),
     top_k: Annotated[int, typer.Option(help="Classes per video.")] = _p("top_k"),
-    json_: Annotated[bool, typer.Option("--json", help="Also write OUTPUT.json.")] = _p("json"),
+    json_: Annotated[bool, typer.Option("--json", help="Also write the predictions as JSON, to OUTPUT with the "
+                                                      "suffix .json (preds.csv -> preds.json).")] = _p("json"),
     weights: Annotated[Optional[Path], typer.Option(help="The backbone weights file, when the head's features came "
                                                          "from one (checked by sha256).")] = _p("weights"),
     cache: Annotated[Optional[Path], typer.Option(help="Cache of the predicted videos' features \\[default: "

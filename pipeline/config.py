@@ -261,7 +261,7 @@ class PredictConfig:
     """CSV of path, top-k labels and probabilities (and, with --json, the same as JSON beside it)."""
     top_k: int = 5
     json: bool = False
-    """Also write the predictions as JSON (OUTPUT with the suffix .json)."""
+    """Also write the predictions as JSON, to OUTPUT with the suffix .json (preds.csv -> preds.json)."""
     weights: Path | None = None
     """The backbone's weights file, when the checkpoint's features came from a local file (checked by sha256)."""
     cache: Path | None = None
@@ -278,6 +278,9 @@ class PredictConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
+        if self.json and self.output.suffix.lower() == ".json":
+            raise ValueError(f"--json writes the JSON to OUTPUT with the suffix .json, which is -o {self.output} "
+                             f"itself; give -o a .csv name")
         if self.top_k < 1:
             raise ValueError(f"--top-k must be >= 1, got {self.top_k}")
         if self.eval_clips is not None and self.eval_clips < 0:

@@ -143,6 +143,17 @@ def test_without_a_space_the_sweep_searches_the_documented_default(cache, tmp_pa
     assert set(recorded) == {"head", "hidden", "lr", "dropout", "clip_len"} and recorded["clip_len"][-1] is None
 
 
+def test_the_command_shows_no_third_party_warnings(cache, tmp_path):
+    # two settings and three trials: the third draw repeats one (told, not trained), and Optuna's importance
+    # evaluator warns about trials that tie
+    result = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(cache), "--out", str(tmp_path / "s"),
+                             "--trials", "3", "--param", "hidden=8,16", "--param", "epochs=2", "--threads", "2", "-q"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "2 trials (2 complete)" in result.stdout
+    assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("strategy", ["random", "tpe"])
 def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy):
     out = tmp_path / strategy

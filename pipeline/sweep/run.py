@@ -212,6 +212,8 @@ def _quiet_optuna():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+            # e.g. the importance evaluator on a few trials that tie: the sweep reports no importances instead
+            warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             yield
     finally:

@@ -73,6 +73,21 @@ def test_every_help_text_keeps_its_brackets():
                 assert _visible(bracketed) in shown, f"{name} --help lost {bracketed!r}"
 
 
+def test_the_demo_says_how_long_it_took(tmp_path, monkeypatch):
+    from pipeline import demo
+
+    # the whole mission on a handful of clips: what is checked is the report, not the accuracy
+    monkeypatch.setattr(demo, "TRAIN_CLIPS_PER_CLASS", 2)
+    monkeypatch.setattr(demo, "TEST_CLIPS_PER_CLASS", 1)
+    monkeypatch.setattr(demo, "PREDICT_CLIPS_PER_CLASS", 1)
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {**demo.DEMO_TRAIN, "epochs": 1})
+    said = []
+    result = demo.run_demo(tmp_path / "demo", backbone="mobilenet_v3_small", progress=False, echo=said.append)
+    assert said[-1] == (f"The whole demo took {result['seconds']:.0f}s (sample, extraction, training, evaluation, "
+                        f"prediction).")
+    assert 0 < result["seconds"] < 600
+
+
 def test_extract_help_shows_options_and_defaults():
     result = runner.invoke(app, ["extract", "--help"], terminal_width=200)
     assert result.exit_code == 0

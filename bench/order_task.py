@@ -163,8 +163,8 @@ def main() -> None:
     pool = pipeline.open_cache(WORK / "pool.h5")
     features = pool.features(pool.keys()[0])
     videos = make_videos(groups, args.videos, args.noise, seed=1, lengths=tuple(args.lengths))
-    name = f"order_{args.lengths[0]}-{args.lengths[1]}"
-    cache = write_feature_cache(WORK / f"{name}.h5", ((k, features[rows], label, None) for k, rows, label in videos),
+    task = f"order_{args.lengths[0]}-{args.lengths[1]}"
+    cache = write_feature_cache(WORK / f"{task}.h5", ((k, features[rows], label, None) for k, rows, label in videos),
                                 pool.spec, dtype=pool.dtype)
     lengths = [len(rows) for _, rows, _ in videos]
     print(f"cache: {len(videos)} videos of {min(lengths)}-{max(lengths)} rows, {features.shape[1]}-d "
@@ -176,7 +176,7 @@ def main() -> None:
             continue
         scores, seconds = [], []
         for seed in range(args.seeds):
-            run = pipeline.train_head(cache, WORK / "runs" / name / f"{len(results)}_{seed}", seed=seed,
+            run = pipeline.train_head(cache, WORK / "runs" / task / f"{len(results)}_{seed}", seed=seed,
                                       split_seed=seed,
                                       progress=False, plots=False, **setting)
             scores.append(run.top1)
@@ -185,7 +185,7 @@ def main() -> None:
         print(f"  {name:<34} val top-1 {100 * np.mean(scores):5.1f}%  (range {100 * min(scores):.1f}-"
               f"{100 * max(scores):.1f}; seeds {', '.join(f'{100 * s:.1f}' for s in scores)}; "
               f"{np.mean(seconds):.0f}s a run, {run.summary['split']['val']} val videos)", flush=True)
-    (WORK / f"{name}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    (WORK / f"{task}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ WORK = HERE / ".cache" / "order_task"
 BUSY = "while True:\n    pass\n"
 
 
-def timed(command: list[str], env: dict) -> float:
+def timed(command: list[str], env: dict, cwd: Path) -> float:
+    """Seconds `command` ran. It runs in `cwd`, away from any checkout: `python -m` puts the working directory
+    before PYTHONPATH, and the variant's PYTHONPATH must choose the package."""
     started = time.perf_counter()
-    subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(command, env=env, cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - started
 
 
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=WORK / "pool")
     parser.add_argument("--before", type=Path, help="a checkout of the package from before it set the variable")
     args = parser.parse_args()
+    args.cache, args.images = args.cache.resolve(), args.images.resolve()
     if not args.cache.is_file() or not args.images.is_dir():
         sys.exit(f"{args.cache} or {args.images} is missing: run bench/order_task.py first")
     tmp = Path(tempfile.mkdtemp(prefix="threads-"))
@@ -63,10 +66,10 @@ def main() -> None:
                 for variant, env in variants.items():
                     times = []
                     for _ in range(args.repeats):
-                        if (tmp / "c.h5").exists():
-                            (tmp / "c.h5").unlink()
-                        shutil.rmtree(tmp / "c.h5.parts", ignore_errors=True)
-                        times.append(timed(command, env))
+                        for old in ("c.h5", "c.h5.parts", "run"):  # every run starts from nothing
+                            shutil.rmtree(tmp / old, ignore_errors=True)
+                            (tmp / old).unlink(missing_ok=True) if (tmp / old).is_file() else None
+                        times.append(timed(command, env, tmp))
                     print(f"  {condition:<6} {name:<22} {variant:<34} "
                           + ", ".join(f"{t:.1f}s" for t in times), flush=True)
         finally:

@@ -1,4 +1,4 @@
-"""The built-in demo: the whole mission on the order-only sample, offline, in a few minutes on 2 CPU cores.
+"""The built-in demo: the whole mission on the order-only sample, offline, in about 80 s on 2 CPU cores.
 
 Generate the sample, extract it, train an LSTM head and the order-blind meanpool baseline, evaluate both on freshly
 generated clips, and predict a few more. The classes differ only in frame order, so meanpool stays near chance.

@@ -47,7 +47,8 @@ def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(given,
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given is not None:
         env["OMP_WAIT_POLICY"] = given
-    result = subprocess.run([sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == [used, used]
 

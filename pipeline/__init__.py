@@ -17,6 +17,10 @@ import importlib
 import sys
 import types
 
+from pipeline.runtime import default_threading
+
+default_threading()  # before anything imports torch: OpenMP reads its settings once, when torch loads it
+
 __version__ = "0.1.0"
 
 __all__ = ["extract_videos", "open_cache", "train_head", "evaluate", "predict", "ExtractConfig", "Sampling",

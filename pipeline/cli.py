@@ -63,8 +63,11 @@ def _help(text: str, computed_default: bool) -> str:
     Where the default is computed (the field's default is None), the docstring's closing "default: ..." clause is
     shown as the default."""
     text = " ".join(text.split())
-    text = re.sub(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b",
-                  lambda m: str(getattr(settings_module, m.group(0), m.group(0))), text)
+    def value(m: re.Match) -> str:
+        found = getattr(settings_module, m.group(0), None)
+        return str(found) if isinstance(found, (int, float, str)) else m.group(0)
+
+    text = re.sub(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", value, text)
     text = text.replace("[", "\\[")
     clause = re.search(r"(?:^|[;.] )[Dd]efault(?:, [^:]+)?: ([^;]+?)\.?$", text) if computed_default else None
     if clause:
@@ -423,7 +426,10 @@ def sweep(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.", metavar="")] = False,
     **settings,
 ) -> None:
-    """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study."""
+    """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study.
+
+    Without --space and --param it searches a default space of head, hidden, lr, dropout and clip_len
+    (docs/sweep.md)."""
     _setup_logging(quiet)
     with _errors():
         config = _settings(SweepConfig, settings, quiet)
@@ -431,6 +437,12 @@ def sweep(
 
     from pipeline.sweep.run import SweepError
     from pipeline.sweep.run import sweep as run
+
+    if config.space is None and not config.params and not config.resume:
+        from pipeline.sweep.space import default_space
+
+        typer.echo("no --space or --param: searching the default space (docs/sweep.md)\n  "
+                   + "\n  ".join(default_space().describe()))
 
     # a study of other settings is a usage error too
     with _errors(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "

@@ -20,6 +20,7 @@ HEADS = ("lstm", "gru", "bilstm", "meanpool", "attention")
 ACTIVATIONS = ("gelu", "relu")
 MEMORY_MODES = ("auto", "ram", "lazy")
 SPLIT_MODES = ("auto", "cache", "random")
+CLIP_SAMPLINGS = ("segments", "crop", "whole")
 STRATEGIES = ("tpe", "random", "grid")
 PRUNERS = ("median", "halving", "hyperband", "none")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -34,6 +35,16 @@ FINETUNE_UNFREEZE_LAST = 1  # stages trained when neither --unfreeze nor --unfre
 SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
 SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
 SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
+SWEEP_SPACE = {
+    "head": ["lstm", "gru", "bilstm", "attention", "meanpool"],
+    "hidden": [128, 256, 512],
+    "lr": [3e-4, 1e-3, 3e-3],
+    "dropout": {"low": 0.0, "high": 0.5, "step": 0.1},
+    "clip_len": [8, 16, 32, None],
+}
+"""What `pipeline sweep` searches when given neither --space nor --param (a new study): the head kind, its width,
+the learning rate, the dropout and the clip length (None: whole sequences); the rest keeps the train-head defaults.
+Every entry has a grid (--strategy grid: 1,080 combinations)."""
 
 
 def default_of(cls: type, name: str):
@@ -255,12 +266,18 @@ class TrainConfig(_Settings):
     """Dropout after the input projection, between temporal layers and before the classifier."""
     activation: str = "gelu"
     """Activation of the input projection (Linear -> LayerNorm -> activation -> dropout): gelu or relu."""
+    sampling: str = "segments"
+    """Which rows of a video a clip holds. segments: --clip-len rows spread over the whole video (it is cut into
+    --clip-len equal segments; training takes a random row of each, evaluation the centres); crop: --clip-len
+    consecutive rows at a random start (evaluation: the whole sequence, or --eval-clips crops); whole: every row.
+    Videos with fewer rows than --clip-len are used whole by every sampling."""
     clip_len: int | None = 16
-    """Frames per training clip, cropped at a random start each epoch; None or 0: whole sequences."""
+    """Rows per clip, at most (shorter videos are used whole); None or 0: whole sequences (--sampling whole)."""
     clip_stride: int = 1
-    """Step between the frames of a clip (also applied to whole sequences at evaluation)."""
+    """Step between the rows a clip is taken from (also applied to whole sequences at evaluation)."""
     eval_clips: int = 0
-    """Evaluation: 0 runs the whole sequence at once; N >= 1 averages the probabilities of N evenly spaced clips."""
+    """Evaluation: 0 scores one view (segments: their centres; crop, whole: the whole sequence); N >= 1 averages
+    the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
     epochs: int = 30
     """Most epochs to train."""
     batch_size: int = 64
@@ -293,8 +310,11 @@ class TrainConfig(_Settings):
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        if self.clip_len == 0:
+        if self.sampling not in CLIP_SAMPLINGS:
+            raise ValueError(f"--sampling must be one of {', '.join(CLIP_SAMPLINGS)}, got {self.sampling!r}")
+        if self.clip_len in (None, 0) or self.sampling == "whole":  # one way to say "whole sequences" in the records
             object.__setattr__(self, "clip_len", None)
+            object.__setattr__(self, "sampling", "whole")
         _one_of("--head", self.head, HEADS)
         _one_of("--activation", self.activation, ACTIVATIONS)
         _one_of("--memory", self.memory, MEMORY_MODES)
@@ -303,7 +323,8 @@ class TrainConfig(_Settings):
                   batch_size=self.batch_size, clip_len=self.clip_len)
         _at_least(0, eval_clips=self.eval_clips, patience=self.patience, workers=self.workers)
         if self.eval_clips and self.clip_len is None:
-            raise ValueError("--eval-clips needs a --clip-len (clips of whole sequences are the whole sequence)")
+            raise ValueError("--eval-clips needs --sampling segments or crop and a --clip-len (a whole sequence has "
+                             "one view)")
         _check("--dropout", 0.0 <= self.dropout < 1.0, self.dropout, "in [0, 1)")
         _check("--label-smoothing", 0.0 <= self.label_smoothing < 1.0, self.label_smoothing, "in [0, 1)")
         _check("--lr", self.lr > 0, self.lr, "> 0")
@@ -346,7 +367,7 @@ class PredictConfig(_Settings):
     top_k: int = 5
     """Classes per video."""
     json: bool = False
-    """Also write the predictions as JSON (OUTPUT with the suffix .json)."""
+    """Also write the predictions as JSON, to OUTPUT with the suffix .json (preds.csv -> preds.json)."""
     weights: Path | None = None
     """The backbone's weights file, when the checkpoint's features came from a local file (checked by sha256)."""
     cache: Path | None = None
@@ -362,6 +383,9 @@ class PredictConfig(_Settings):
 
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
+        if self.json and self.output.suffix.lower() == ".json":
+            raise ValueError(f"--json writes the JSON to OUTPUT with the suffix .json, which is -o {self.output} "
+                             f"itself; give -o a .csv name")
         _at_least(1, top_k=self.top_k, batch_size=self.batch_size)
         _at_least(0, eval_clips=self.eval_clips, workers=self.workers)
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
@@ -379,12 +403,13 @@ class SweepConfig(_Settings):
     """Sweep folder: trials/NNNN/ run folders, leaderboard.csv/.json, best.pt, search.png, sweep.json, and by
     default the study itself (study.db)."""
     space: Path | dict | None = None
-    """YAML file (or, from Python, a dict of the same form): parameter -> a list of choices, a range
-    {low, high, log, step}, or one value for every trial."""
+    """YAML file (or, from Python, a dict of the same form), one line per setting: NAME: [choices] |
+    {low, high, log, step} | value (docs/sweep.md). Without it and without --param: a default space of head, hidden,
+    lr, dropout and clip_len, or, with --resume, the study's own space."""
     params: tuple[str, ...] = ()
     """Inline parameters NAME=SPEC, repeatable: hidden=64,128,256 (choices), lr=1e-4:1e-2:log, layers=1:3,
-    dropout=0:0.5:0.1 (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the file's entry of the
-    same name."""
+    dropout=0:0.5:0.1 (ranges: low:high[:log or :step]), epochs=10 (fixed). They replace the --space entry of the
+    same name (docs/sweep.md)."""
     trials: int | None = None
     """Trials of the whole study, all workers together; default: every combination (grid), else SWEEP_TRIALS."""
     strategy: str = "tpe"
@@ -438,8 +463,6 @@ class SweepConfig(_Settings):
                              "sweep; without --reduce-dim the trials already use them (drop --refit)")
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
-        if self.space is None and not self.params and not self.resume:
-            raise ValueError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES")
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
         self.train_config(self.out)
 

@@ -47,6 +47,8 @@ class PredictReport:
     output: Path
     extracted: int
     reused: int
+    json_output: Path | None = None
+    """The JSON copy of the predictions (with --json): OUTPUT with the suffix .json."""
 
     @property
     def failed(self) -> list[Prediction]:
@@ -54,7 +56,8 @@ class PredictReport:
 
     def summary(self) -> str:
         return (f"{len(self.predictions) - len(self.failed)} videos predicted ({self.extracted} extracted, "
-                f"{self.reused} already in the prediction cache), {len(self.failed)} failed -> {self.output}")
+                f"{self.reused} already in the prediction cache), {len(self.failed)} failed -> {self.output}"
+                + (f" and {self.json_output}" if self.json_output else ""))
 
 
 def checkpoint_backbone(ckpt: HeadCheckpoint, checkpoint: str | Path = "the checkpoint", weights: Path | None = None,
@@ -150,7 +153,8 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
         device = pick_device(cfg.runtime.device)
         store = load_sequences(cache, ok, "ram", progress=False)
         probs = predict_store(ckpt.model(device), store, np.arange(len(ok)), clip_len=ckpt.clip_len,
-                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=HEAD_BATCH, device=device)
+                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=HEAD_BATCH, device=device,
+                              sampling=ckpt.sampling)
     row_of = {k: i for i, k in enumerate(ok)}
     k_top = min(cfg.top_k, len(ckpt.classes))
     predictions = []
@@ -163,7 +167,13 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
             reason = report.failed.get(key, (None, "not in the prediction cache"))[1]
             predictions.append(Prediction(str(item.path), [], reason))
     write_predictions(predictions, cfg.output, k_top, cfg.json)
-    return PredictReport(predictions, cfg.output, len(report.extracted), len(report.skipped))
+    return PredictReport(predictions, cfg.output, len(report.extracted), len(report.skipped),
+                         json_path(cfg.output) if cfg.json else None)
+
+
+def json_path(output: Path) -> Path:
+    """Where --json writes: OUTPUT with the suffix .json (preds.csv -> preds.json)."""
+    return Path(output).with_suffix(".json")
 
 
 def write_predictions(predictions: list[Prediction], output: Path, k: int, as_json: bool = False) -> None:
@@ -177,7 +187,7 @@ def write_predictions(predictions: list[Prediction], output: Path, k: int, as_js
             cells = [c for label, prob in p.top for c in (label, f"{prob:.6f}")]
             writer.writerow([p.path] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
     if as_json:
-        output.with_suffix(".json").write_text(json.dumps(
+        json_path(output).write_text(json.dumps(
             [{"path": p.path, "predictions": [{"label": label, "prob": prob} for label, prob in p.top],
               "error": p.error} for p in predictions], indent=1) + "\n", encoding="utf-8")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,68 @@ def test_help_lists_commands_and_is_fast():
     # --help must not import torch (it would take seconds)
     probe = "import sys, pipeline.cli; assert 'torch' not in sys.modules and 'cv2' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+
+
+# The entry point as `python -m pipeline` runs it, then what its process (and a worker it starts) hands to OpenMP
+# when a stage imports torch.
+OMP_PROBE = """
+import os, runpy, subprocess, sys
+sys.argv = ["pipeline", "--help"]
+try:
+    runpy.run_module("pipeline", run_name="__main__")
+except SystemExit:
+    pass
+child = "import os; print(os.environ.get('OMP_WAIT_POLICY'))"
+print(os.environ.get("OMP_WAIT_POLICY"), subprocess.run([sys.executable, "-c", child], capture_output=True,
+      text=True).stdout.strip())
+"""
+
+
+@pytest.mark.parametrize("given, used", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE"), ("passive", "passive")])
+def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(given, used):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given is not None:
+        env["OMP_WAIT_POLICY"] = given
+    result = subprocess.run([sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-2:] == [used, used]
+
+
+def _visible(text: str) -> str:
+    """Help text as a reader sees it, without the layout: no box drawing, no spaces or line breaks."""
+    return "".join(c for c in text if not c.isspace() and c not in "│╭╮╰╯─")
+
+
+def test_every_help_text_keeps_its_brackets():
+    import re
+
+    import typer
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        result = runner.invoke(app, [name, "--help"], terminal_width=200)
+        assert result.exit_code == 0, name
+        shown = _visible(result.output)
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        for text in texts:
+            for bracketed in re.findall(r"\[[^\]]*\]|\{[^}]*\}", text.replace("\\[", "[")):
+                assert _visible(bracketed) in shown, f"{name} --help lost {bracketed!r}"
+
+
+def test_the_demo_says_how_long_it_took(tmp_path, monkeypatch):
+    from pipeline import demo
+
+    # the whole mission on a handful of clips: what is checked is the report, not the accuracy
+    monkeypatch.setattr(demo, "TRAIN_CLIPS_PER_CLASS", 2)
+    monkeypatch.setattr(demo, "TEST_CLIPS_PER_CLASS", 1)
+    monkeypatch.setattr(demo, "PREDICT_CLIPS_PER_CLASS", 1)
+    monkeypatch.setattr(demo, "DEMO_TRAIN", {**demo.DEMO_TRAIN, "epochs": 1})
+    said = []
+    result = demo.run_demo(tmp_path / "demo", backbone="mobilenet_v3_small", progress=False, echo=said.append)
+    assert said[-1] == (f"The whole demo took {result['seconds']:.0f}s (sample, extraction, training, evaluation, "
+                        f"prediction).")
+    assert 0 < result["seconds"] < 600
 
 
 def test_extract_help_shows_options_and_defaults():
@@ -90,6 +153,22 @@ def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch)
     assert "ResNet18_Weights.IMAGENET1K_V1 for resnet18 are not in the torchvision cache" in out
     assert str(tmp_path / "empty_torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in out
     assert "--weights /path/to/weights.pth" in out and "--weights none" in out
+
+
+def test_offline_error_names_the_weights_versions_already_in_the_cache(clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    checkpoints = tmp_path / "torch_home" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "resnet50-0676ba61.pth").write_bytes(b"not read: only its name matters here")  # IMAGENET1K_V1
+    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5")], terminal_width=200)
+    assert result.exit_code == EXIT_ERROR
+    assert "ResNet50_Weights.IMAGENET1K_V2 for resnet50 are not in the torchvision cache" in result.output
+    assert "use the weights already in the cache: --weights IMAGENET1K_V1 (resnet50-0676ba61.pth)" in result.output
+    assert result.output.count("--weights IMAGENET1K_") == 1
 
 
 def test_weights_file_of_another_architecture(clip, tmp_path, resnet18_state_file):

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
-from pipeline.data.sequences import eval_plans
+from pipeline.data.sequences import eval_plans, segment_frames
 from pipeline.data.splits import read_split
 from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, load_backbone, tensors_sha256
 from pipeline.extract.decode import VideoSource
@@ -314,9 +314,12 @@ def test_predict_and_reextract_with_the_finetuned_backbone(head_run, tmp_path):
     assert not report.failed
     pred = pipeline.open_cache(tmp_path / "p.h5")
     assert pred.spec == ckpt.feature_spec
+    assert ckpt.sampling == "segments"  # scored on the centres of clip_len segments, as train-head scores it
+    rows = segment_frames(np.array([len(frames)]), ckpt.clip_len, ckpt.clip_stride)[0]
+    rows = rows[rows >= 0]
     with torch.inference_mode():
-        crops = torch.stack([model.pre.crop_frame(torch.from_numpy(f).permute(2, 0, 1)) for f in frames])
-        probs = torch.softmax(model(crops, torch.tensor([len(frames)])), 1)[0]
+        crops = torch.stack([model.pre.crop_frame(torch.from_numpy(frames[r]).permute(2, 0, 1)) for r in rows])
+        probs = torch.softmax(model(crops, torch.tensor([len(rows)])), 1)[0]
     top_label, top_prob = report.predictions[0].top[0]
     assert top_prob == pytest.approx(float(probs.max()), abs=1e-4)
     assert top_label == ckpt.classes[int(probs.argmax())]

@@ -13,7 +13,7 @@ from helpers import FAST, make_video
 from typer.testing import CliRunner
 
 import pipeline
-from pipeline.cli import EXIT_ERROR, EXIT_INPUTS_FAILED, EXIT_OK, app
+from pipeline.cli import EXIT_ERROR, EXIT_INPUTS_FAILED, EXIT_OK, EXIT_USAGE, app
 from pipeline.extract.backbone import WeightsError
 from pipeline.sample import CLASSES, make_order_sample
 
@@ -59,6 +59,9 @@ def test_predict_new_videos_with_the_checkpoint_feature_spec(order_runs, tmp_pat
         assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
         assert sorted(r[f"label_{i}"] for i in range(1, 5)) == sorted(CLASSES) and r["error"] == ""
     assert sum(r["label_1"] == "right_to_left" for r in rows) >= 3
+    assert f"-> {tmp_path / 'preds.csv'} and {tmp_path / 'preds.json'}" in " ".join(result.output.split())
+    help_text = runner.invoke(app, ["predict", "--help"], terminal_width=200).output
+    assert "suffix.json(preds.csv->preds.json)" in "".join(c for c in help_text if not c.isspace() and c != "│")
     as_json = json.loads((tmp_path / "preds.json").read_text())
     assert [p["path"] for p in as_json] == [r["path"] for r in rows]
     assert as_json[0]["predictions"][0]["label"] == rows[0]["label_1"]
@@ -73,6 +76,12 @@ def test_predict_new_videos_with_the_checkpoint_feature_spec(order_runs, tmp_pat
     # predicting again extracts nothing
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == EXIT_OK and "0 extracted, 4 already in the prediction cache" in result.output
+
+
+def test_json_output_never_replaces_the_csv(tmp_path):
+    result = runner.invoke(app, ["predict", str(tmp_path / "best.pt"), str(tmp_path), "-o", str(tmp_path / "p.json"),
+                                 "--json"], terminal_width=200)
+    assert result.exit_code == EXIT_USAGE and "give -o a .csv name" in result.output
 
 
 def test_predict_reports_a_broken_video_and_goes_on(order_runs, tmp_path):

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import EXIT_OK, EXIT_USAGE, app
+from pipeline.data.sequences import segment_frames
 from pipeline.data.splits import random_split
 from pipeline.sweep.run import SweepError
 from pipeline.sweep.space import PARAM_TYPES, SpaceError, parse_space
@@ -78,8 +79,8 @@ def test_space_file_and_inline_params(tmp_path):
     # the recorded (YAML) form reads back as the same space
     assert parse_space(space.to_dict()) == space
     # every train-head hyperparameter can be searched; the split and runtime settings cannot
-    assert {"head", "hidden", "layers", "dropout", "activation", "clip_len", "clip_stride", "eval_clips", "epochs",
-            "batch_size", "lr", "weight_decay", "warmup_epochs", "patience", "class_weights", "label_smoothing",
+    assert {"head", "hidden", "layers", "dropout", "activation", "sampling", "clip_len", "clip_stride", "eval_clips",
+            "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "patience", "class_weights", "label_smoothing",
             "seed"} == set(PARAM_TYPES)
 
 
@@ -117,12 +118,57 @@ def test_bad_inline_params_and_flags_exit_with_usage_errors(cache, tmp_path):
              (["--param", "lr=1e-4:1e-2:log", "--strategy", "grid"], "lr: a log range has no grid"),
              (["--param", "layers=1,2", "--strategy", "bayes"], "--strategy must be one of tpe, random, grid"),
              (["--param", "layers=1,2", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
-             ([], "nothing to search")]
+             (["--param", "hidden"], "e.g. --param hidden=64,128,256 (choices)"),
+             (["--param", "size=1,2"], "unknown parameter 'size'")]
     for args, message in cases:
         result = runner.invoke(app, ["sweep", str(cache), "--out", str(tmp_path / "s"), *args], terminal_width=200)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
     assert not (tmp_path / "s" / "trials").exists()
+    assert "docs/sweep.md" in " ".join(result.output.split())
+
+
+def test_without_a_space_the_sweep_searches_the_documented_default(cache, tmp_path):
+    out = tmp_path / "default"
+    # a time budget spent while reading the cache: the space is shown and recorded, no trial runs
+    result = runner.invoke(app, ["sweep", str(cache), "--out", str(out), "--trials", "20", "--timeout", "1e-9", "-q"],
+                           terminal_width=200)
+    assert result.exit_code == EXIT_OK, result.output
+    assert "no --space or --param: searching the default space (docs/sweep.md)" in result.output
+    for line in ("head in {lstm, gru, bilstm, attention, meanpool}", "hidden in {128, 256, 512}",
+                 "lr in {0.0003, 0.001, 0.003}", "dropout in [0, 0.5], step 0.1 (float)",
+                 "clip_len in {8, 16, 32, none}"):
+        assert line in result.output
+    recorded = json.loads((out / "sweep.json").read_text())["space"]
+    assert set(recorded) == {"head", "hidden", "lr", "dropout", "clip_len"} and recorded["clip_len"][-1] is None
+
+
+def test_the_command_shows_no_third_party_warnings(cache, tmp_path):
+    # two settings and three trials: the third draw repeats one (told, not trained), and Optuna's importance
+    # evaluator warns about trials that tie
+    result = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(cache), "--out", str(tmp_path / "s"),
+                             "--trials", "3", "--param", "hidden=8,16", "--param", "epochs=2", "--threads", "2", "-q"],
+                            capture_output=True, text=True, timeout=300, check=False,
+                            env={**os.environ, "PYTHONWARNINGS": "default"})
+    assert result.returncode == EXIT_OK, result.stderr
+    assert "2 trials (2 complete)" in result.stdout
+    assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("strategy", ["random", "tpe"])
+def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy):
+    out = tmp_path / strategy
+    result = pipeline.sweep(cache, out, params=["head=meanpool", "hidden=8,16", "lr=0.01,0.02", *TRIAL],
+                            strategy=strategy, trials=12, pruner="none", **QUICK)
+    trained = [r["params"] for r in result.rows]
+    assert len(trained) == 4 and len({(p["hidden"], p["lr"]) for p in trained}) == 4
+    assert len(list((out / "trials").iterdir())) == 4
+    duplicates = [t for t in study_trials(out) if "duplicate_of" in t.user_attrs]
+    assert duplicates, "the sampler never drew trained settings again: the test space is too large"
+    for t in duplicates:  # told without training: the earlier trial's value, or pruned
+        earlier = next(e for e in study_trials(out) if e.number == t.user_attrs["duplicate_of"])
+        assert t.params == earlier.params and "run" not in t.user_attrs
+        assert t.value == earlier.value or t.state.name == "PRUNED"
 
 
 # ------------------------------------------------------------------------------------------------ grid, results
@@ -380,8 +426,10 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     preds = pipeline.predict(out / "best.pt", paths, tmp_path / "p.csv", cache=tmp_path / "pred.h5", workers=0,
                              progress=False)
     model, c = best.model(), pipeline.open_cache(cache)
+    assert best.sampling == "segments" and best.clip_len == 2  # scored on the centres of 2 segments
     for p, key in zip(preds.predictions, ["a/0.avi", "b/3.avi"], strict=True):
-        x = torch.from_numpy(c.features(key).astype(np.float32))[None]
+        rows = segment_frames(np.array([c.num_frames(key)]), 2, 1)[0]
+        x = torch.from_numpy(c.features(key)[rows].astype(np.float32))[None]
         with torch.inference_mode():
             probs = torch.softmax(model(x, torch.tensor([x.shape[1]])), 1)[0]
         label, prob = p.top[0]

@@ -82,7 +82,7 @@ def _lists(tmp_path, train: list[str], val: list[str]):
 
 @pytest.mark.parametrize("args, flag", [
     (["--head", "transformer"], "--head"),
-    (["--clip-len", "50"], "--clip-len"),  # the longest sequence has 12 rows
+    (["--sampling", "random"], "--sampling"),
     (["--val-fraction", "1.5"], "--val-fraction"),
     (["--memory", "gpu"], "--memory"),
     (["--dropout", "1"], "--dropout"),

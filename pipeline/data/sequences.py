@@ -244,7 +244,7 @@ def feature_stats(store: SequenceStore, videos: np.ndarray, max_rows: int = STAT
 
 # ------------------------------------------------------------------------------------------------------ plans
 def clip_frames(lengths: np.ndarray, clip_len: int | None, stride: int, starts: np.ndarray | None = None) -> np.ndarray:
-    """Row positions (B, L) of one clip per video, -1 where a video is too short (padding).
+    """Row positions (B, L) of one contiguous clip per video, -1 where a video is too short (padding).
 
     A clip is clip_len rows `stride` apart from `starts` (0 when None); a video shorter than the clip's span gives
     every stride-th row from 0. clip_len None means the whole sequence (every stride-th row).
@@ -259,39 +259,84 @@ def clip_frames(lengths: np.ndarray, clip_len: int | None, stride: int, starts: 
     return np.where(frames < lengths[:, None], frames, -1).astype(np.int64)
 
 
+def segment_frames(lengths: np.ndarray, segments: int, stride: int, offsets: np.ndarray | None = None) -> np.ndarray:
+    """Row positions (B, segments) spread over each whole video, -1 for padding.
+
+    A video's every stride-th row is cut into `segments` consecutive parts of (nearly) equal size and one row is
+    taken from each, at `offsets` (B, segments), fractions in [0, 1) of each part (None: 0.5, the centres). A video
+    with at most `segments` such rows gives all of them (the head masks the padding).
+    """
+    n = -(-lengths.astype(np.int64) // stride)  # rows on the stride grid
+    if offsets is None:
+        offsets = np.full((len(lengths), segments), 0.5)
+    bounds = n[:, None] * np.arange(segments + 1)[None, :] // segments  # integer part boundaries, (B, segments + 1)
+    width = np.diff(bounds, axis=1)
+    pos = bounds[:, :-1] + np.minimum(np.floor(offsets * width).astype(np.int64), np.maximum(width - 1, 0))
+    column = np.arange(segments)[None, :]
+    pos = np.where((n <= segments)[:, None], np.where(column < n[:, None], column, -1), pos)
+    return np.where(pos >= 0, pos * stride, -1).astype(np.int64)
+
+
 def train_plans(lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None, stride: int,
-                rng: np.random.Generator) -> list[Plan]:
-    """One epoch: the videos in a random order, each as one clip at a random start. `lengths` and `y` are indexed
-    by store index; the plans' owners are store indices too."""
+                rng: np.random.Generator, sampling: str = "crop") -> list[Plan]:
+    """One epoch: the videos in a random order, each as one clip. `lengths` and `y` are indexed by store index;
+    the plans' owners are store indices too.
+
+    sampling "segments": clip_len rows spread over the whole video, a random one of each segment; "crop": clip_len
+    consecutive rows at a random start; clip_len None (or "whole"): the whole sequence.
+    """
     order = rng.permutation(len(lengths))
     plans = []
     for first in range(0, len(order), batch_size):
         videos = order[first: first + batch_size]
-        starts = None
-        if clip_len is not None:
-            span = (clip_len - 1) * stride + 1
-            room = np.maximum(lengths[videos] - span + 1, 1)
-            starts = np.floor(rng.random(len(videos)) * room).astype(np.int64)
-        frames = clip_frames(lengths[videos], clip_len, stride, starts)
+        if clip_len is not None and sampling == "segments":
+            frames = segment_frames(lengths[videos], clip_len, stride, rng.random((len(videos), clip_len)))
+        else:
+            starts = None
+            if clip_len is not None and sampling != "whole":
+                span = (clip_len - 1) * stride + 1
+                room = np.maximum(lengths[videos] - span + 1, 1)
+                starts = np.floor(rng.random(len(videos)) * room).astype(np.int64)
+            frames = clip_frames(lengths[videos], None if sampling == "whole" else clip_len, stride, starts)
         plans.append(Plan(videos, _trim(frames), videos, y[videos]))
     return plans
 
 
 def eval_plans(videos: np.ndarray, lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None,
-               stride: int, eval_clips: int) -> list[Plan]:
-    """Every video of `videos` (store indices) as its whole sequence (eval_clips 0) or as `eval_clips` clips spread
-    evenly from its first to its last row. Owners index into `videos`. Videos are batched by length (less padding)."""
-    if eval_clips == 0 or clip_len is None:
+               stride: int, eval_clips: int, sampling: str = "crop") -> list[Plan]:
+    """Every video of `videos` (store indices) as the clips it is scored on. Owners index into `videos`. Videos are
+    batched by length (less padding).
+
+    sampling "segments": the segment centres (eval_clips 0), or eval_clips views at offsets (k + 0.5) / eval_clips
+    of every segment; "crop": the whole sequence (eval_clips 0) or eval_clips clips spread evenly from its first to
+    its last row; clip_len None (or "whole"): the whole sequence.
+    """
+    clip = None if sampling == "whole" else clip_len
+    if clip is not None and sampling == "segments":
+        views = max(eval_clips, 1)
+        n = -(-lengths[videos] // stride)
+        per_video = [np.arange(views if n[i] > clip else 1) for i in range(len(videos))]
+        owners = np.concatenate([np.full(len(s), i) for i, s in enumerate(per_video)])
+        fractions = (np.concatenate(per_video) + 0.5) / views
+        order = np.argsort(-lengths[videos[owners]], kind="stable")
+        plans = []
+        for first in range(0, len(order), batch_size):
+            sel = order[first: first + batch_size]
+            vids = videos[owners[sel]]
+            offsets = np.repeat(fractions[sel][:, None], clip, axis=1)
+            plans.append(Plan(vids, _trim(segment_frames(lengths[vids], clip, stride, offsets)), owners[sel],
+                              y[vids]))
+        return plans
+    if eval_clips == 0 or clip is None:
         owners = np.arange(len(videos))
         starts = None
         clip = None
     else:
-        span = (clip_len - 1) * stride + 1
+        span = (clip - 1) * stride + 1
         per_video = [np.unique(np.round(np.linspace(0, max(int(lengths[v]) - span, 0), eval_clips)).astype(np.int64))
                      for v in videos]
         owners = np.concatenate([np.full(len(s), i) for i, s in enumerate(per_video)])
         starts = np.concatenate(per_video)
-        clip = clip_len
     order = np.argsort(-lengths[videos[owners]], kind="stable")
     plans = []
     for first in range(0, len(order), batch_size):

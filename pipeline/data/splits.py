@@ -133,11 +133,13 @@ def group_of(key: str, pattern: re.Pattern | None) -> str:
 
 
 def random_split(labels: dict[str, str], fraction: float, seed: int, group_regex: str | None = None) -> Split:
-    """Stratified hash split: a video (or its whole group) goes to val when hash(seed, group) < fraction.
+    """Per-video hash split: a video (or its whole group) goes to val when hash(seed, group) < fraction.
 
-    Each video's side depends on its own key only, so adding videos never moves existing ones, and every class
-    keeps about `fraction` of its videos in val. A class of >= 2 groups whose hashes all fall on one side gets its
-    lowest (highest) group moved across, so that both sides see every such class.
+    Each video's side depends on its own key only, so adding videos never moves existing ones; a class keeps about
+    `fraction` of its videos in val on average (a hash split, not an exact per-class count). Small classes are
+    fixed up: a class of one group always trains (a class with no train video could never be predicted), and a
+    class of >= 2 groups whose hashes all fall on one side gets its lowest (highest) group moved across, so that
+    both sides see it.
     """
     pattern = re.compile(group_regex) if group_regex else None
     group = {k: group_of(k, pattern) for k in labels}
@@ -149,6 +151,7 @@ def random_split(labels: dict[str, str], fraction: float, seed: int, group_regex
     for c in sorted(groups_of_class):
         gs = sorted(groups_of_class[c], key=lambda g: h[g])
         if len(gs) < 2:
+            to_val[gs[0]] = False
             continue
         if not any(to_val[g] for g in gs):
             to_val[gs[0]] = True

@@ -212,15 +212,29 @@ def _weights_member(enum, name: str, backbone: str):
                                f"a state-dict file, or none") from None
 
 
+def cached_weights(member) -> list[tuple[str, Path]]:
+    """(name, file) of every other weights version of `member`'s architecture whose file is in the torchvision
+    cache ($TORCH_HOME/hub/checkpoints), so that an offline error can say which --weights would work now."""
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    found = []
+    for other in type(member):  # the enum's own members (DEFAULT is an alias of one of them)
+        path = checkpoints / os.path.basename(other.url)
+        if other is not member and path.is_file():
+            found.append((other.name, path))
+    return found
+
+
 def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict, str]:
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     target = checkpoints / os.path.basename(member.url)
     try:
         state = member.get_state_dict(progress=progress, check_hash=True)
     except Exception as e:  # offline (URLError), hub unreachable, or a corrupt file in the cache
+        present = "".join(f"  - use the weights already in the cache: --weights {name} ({path.name})\n"
+                          for name, path in cached_weights(member))
         raise WeightsError(
             f"weights {type(member).__name__}.{member.name} for {backbone} are not in the torchvision cache and could "
-            f"not be downloaded ({type(e).__name__}: {e}).\nRemedies:\n"
+            f"not be downloaded ({type(e).__name__}: {e}).\nRemedies:\n{present}"
             f"  - on a machine with internet, download {member.url}\n"
             f"    and copy it to {target} (the cache follows $TORCH_HOME), or\n"
             f"  - pass a local state-dict file: --weights /path/to/weights.pth, or\n"

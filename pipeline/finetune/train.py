@@ -55,12 +55,11 @@ from pipeline.finetune.clips import (
 from pipeline.finetune.model import FinetuneModel, resolve_unfreeze
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.spec import FeatureSpec, Sampling
-from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
+from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.metrics import classification_report
 from pipeline.train_head.recorder import METRIC_COLUMNS, RunRecorder
 from pipeline.train_head.train import (
     TrainResult,
-    eval_description,
     evaluate,
     make_optimizer,
     split_info,
@@ -309,7 +308,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
                               feature_spec=new_spec, feature_dtype=ckpt.feature_dtype, clip_len=ckpt.clip_len,
                               clip_stride=ckpt.clip_stride, eval_clips=ckpt.eval_clips, epoch=epoch, metrics=metrics,
                               config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state,
-                              train_videos=[str(path_of[k].resolve()) for k in split.train])
+                              train_videos=[str(path_of[k].resolve()) for k in split.train],
+                              sampling=ckpt.sampling)
 
     if cfg.val_clips is not None and cfg.val_clips < len(val_idx):
         # the same evenly spread videos every epoch, so that epochs stay comparable
@@ -317,7 +317,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         log.info("validating on %d of the %d val videos (--val-clips)", len(val_idx), len(split.val))
 
     def validate(what: str) -> dict:
-        plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips)
+        plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips,
+                           ckpt.sampling)
         jobs = [ClipJob(plan) for plan in plans]
         with tqdm(total=sum(len(plan.videos) for plan in plans), unit="clip", desc=what,
                   disable=not cfg.runtime.progress, leave=False) as bar:
@@ -382,7 +383,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     best_spec = load_checkpoint(out_dir / "best.pt").feature_spec
     summary = recorder.finish({
         "head": ckpt.dims.head, "backbone": spec.backbone, "unfrozen": unfrozen, "split": run_info["split"],
-        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips), "start": start_metrics,
+        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips, ckpt.sampling),
+        "start": start_metrics,
         "head_checkpoint_metrics": ckpt.metrics, "seconds": time.perf_counter() - started,
         "train_clips": clips_total, "train_clips_per_s": clips_total / train_seconds if train_seconds else 0.0,
         "reads": reads, "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20

@@ -35,7 +35,7 @@ from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with
 from pipeline.data.labelled import LabelledData, load_labelled
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.sweep.reduce import Reduction, fit_pca, fold_reduction, reduce_store
-from pipeline.sweep.space import SearchSpace, SpaceError, parse_mapping, parse_space
+from pipeline.sweep.space import SearchSpace, SpaceError, default_space, parse_mapping, parse_space
 from pipeline.sweep.stack import stack_groups, train_stack
 from pipeline.train_head.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train_head.metrics import pyplot, to_json
@@ -48,6 +48,7 @@ HEARTBEAT_S = 15  # RDB storages: a running trial records a heartbeat this often
 GRACE_S = 60  # ... and one silent for this long is taken as dead (its worker was killed): failed, then retried once
 HALVING_RATE = 3  # successive halving / hyperband: keep the best third at each rung
 MEDIAN_STARTUP = 5  # median pruner: the first trials (at most this many, a quarter of --trials) are never pruned
+DUPLICATES_IN_A_ROW = 25  # draws of already trained settings in a row after which the space counts as exhausted
 SHOWN = 10  # leaderboard rows printed
 PLOTTED_PARAMS = 3  # panels of search.png besides the value-per-trial one
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
@@ -212,6 +213,8 @@ def _quiet_optuna():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", category=FutureWarning, module="optuna")
+            # e.g. the importance evaluator on a few trials that tie: the sweep reports no importances instead
+            warnings.filterwarnings("ignore", category=UserWarning, module="optuna")
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
             yield
     finally:
@@ -245,7 +248,7 @@ def _counted(t) -> bool:
     """Whether a trial takes one of the study's --trials: finished or running ones, and failures of its own settings;
     not a trial of a killed worker (failed without an error of its own, and retried), a retry still waiting to run,
     nor a surplus one."""
-    if t.user_attrs.get("surplus") or t.state.name == "WAITING":
+    if t.user_attrs.get("surplus") or "duplicate_of" in t.user_attrs or t.state.name == "WAITING":
         return False
     if t.state.name == "FAIL":
         return "error" in t.user_attrs
@@ -278,12 +281,13 @@ class _Sweep:
 
     # ---------------------------------------------------------------------------------------------- setup
     def _space(self, recorded: dict | None) -> SearchSpace:
+        """The space of --space/--param; else the study's own (when it has one); else the default SWEEP_SPACE."""
         cfg = self.cfg
         if cfg.space is not None or cfg.params:
             return parse_space(cfg.space, cfg.params)
         if recorded is None:
-            raise SpaceError("nothing to search: give --space FILE.yaml and/or --param NAME=VALUES "
-                             "(--resume alone needs an existing study)")
+            log.info("no --space or --param: searching the default space %s", "; ".join(default_space().describe()))
+            return default_space()
         return SearchSpace(parse_mapping(recorded, "the study's space"))
 
     def run(self) -> SweepResult:
@@ -435,10 +439,13 @@ class _Sweep:
             if remaining is not None and remaining <= 0:
                 log.warning("--timeout %gs was spent before the first trial (reading the cache)", cfg.timeout)
                 return
+            self.duplicates_in_a_row = 0
             with _Heartbeats(self.storage) as self.beats:
                 while not self._past_deadline() and (left := self._left(study)) > 0:
                     asked = self._ask(study, min(left, cfg.stack_size))
                     if not asked:
+                        if self.duplicates_in_a_row and not self._exhausted(study):
+                            continue  # only settings trained before were drawn: ask again
                         break
                     self._run(study, asked, data, reduction)
         finally:
@@ -464,10 +471,13 @@ class _Sweep:
                 trial.set_user_attr("surplus", True)
                 self._tell(study, trial, state="FAIL")
                 break
+            params = self.space.suggest(trial)
+            if self._duplicate(study, trial):
+                continue
+            self.duplicates_in_a_row = 0
             run = self.cfg.out / "trials" / f"{trial.number:04d}"
             trial.set_user_attr("run", str(run.resolve()))
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-            params = self.space.suggest(trial)
             item = _Pending(trial, params, run)
             try:
                 item.cfg = self.cfg.train_config(run, **params)
@@ -476,6 +486,45 @@ class _Sweep:
                 continue
             asked.append(item)
         return asked
+
+    def _duplicate(self, study, trial) -> bool:
+        """Whether `trial` drew the settings of a trial that finished or is running; then it is told at once and
+        never trained: the earlier value for a complete one (the sampler learns the same as from a retraining),
+        pruned for a pruned or running one. Duplicates take no place of --trials and no row of the leaderboard."""
+        for t in study.get_trials(deepcopy=False):
+            if t.number == trial.number or "duplicate_of" in t.user_attrs or t.params != trial.params:
+                continue
+            if t.state.name not in ("COMPLETE", "PRUNED", "RUNNING") or t.user_attrs.get("surplus"):
+                continue
+            trial.set_user_attr("duplicate_of", t.number)
+            log.info("trial %d drew the settings of trial %d (%s): not trained again", trial.number, t.number,
+                     t.state.name.lower())
+            if t.state.name == "COMPLETE":
+                self._tell(study, trial, value=t.value)
+            else:
+                self._tell(study, trial, state="PRUNED")
+            self.duplicates_in_a_row += 1
+            return True
+        return False
+
+    def _exhausted(self, study) -> bool:
+        """True when every setting of the space has been trained (a space with a grid), or the sampler has drawn
+        only trained settings DUPLICATES_IN_A_ROW times in a row."""
+        if self.duplicates_in_a_row >= DUPLICATES_IN_A_ROW:
+            log.warning("the last %d trials drew settings that were trained already: stopping (the space looks "
+                        "exhausted; widen it to search more)", self.duplicates_in_a_row)
+            return True
+        try:
+            size = self.space.grid_size()
+        except SpaceError:  # a continuous range: no end
+            return False
+        trained = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
+                   if _counted(t) and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")}
+        if len(trained) >= size:
+            log.warning("all %d settings of the space have been trained: stopping before --trials %d", size,
+                        self.trials)
+            return True
+        return False
 
     def _run(self, study, asked: list[_Pending], data: LabelledData, reduction: Reduction | None) -> None:
         """Train the asked trials: those of one stack_key as one model, the others one by one."""
@@ -710,7 +759,7 @@ def leaderboard_rows(trials) -> list[dict]:
     rows = []
     for t in trials:
         a = t.user_attrs
-        if a.get("surplus"):
+        if a.get("surplus") or "duplicate_of" in a:
             continue
         seconds = a.get("seconds")
         if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.config import TrainConfig
+from pipeline.config import SWEEP_SPACE, TrainConfig
 
 # Settings of the whole sweep (every trial must see the same split), and settings that are no hyperparameter.
 SWEEP_WIDE = {"labels": "--labels", "split": "--split", "train_list": "--train-list", "val_list": "--val-list",
@@ -26,6 +26,8 @@ NOT_SEARCHED = {"out": "--out", "memory": "--memory", "workers": None, "threads"
                 "device": "--device", "plots": "--plots", "progress": "--quiet",
                 "overwrite": None, "splitting": None, "runtime": None}  # groups: their settings are named above
 RANGE_KEYS = ("low", "high", "step", "log")
+SYNTAX = ("e.g. --param hidden=64,128,256 (choices), --param lr=1e-4:1e-2:log (range), --param dropout=0:0.5:0.1 "
+          "(range with a step), --param epochs=10 (one value); see docs/sweep.md")
 NONE_WORDS = ("none", "null", "~")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -149,6 +151,11 @@ class SearchSpace:
         return {n: p.to_dict() for n, p in self.params.items()}
 
 
+def default_space() -> SearchSpace:
+    """The space a sweep searches when given none (config.SWEEP_SPACE)."""
+    return SearchSpace(parse_mapping(SWEEP_SPACE, "the default space"))
+
+
 # ------------------------------------------------------------------------------------------------------- parsing
 def parse_space(path: str | Path | dict | None = None, params: Sequence[str] = ()) -> SearchSpace:
     """The space of a YAML file (or a dict of the same form) and/or inline NAME=SPEC strings (which replace the
@@ -193,7 +200,8 @@ def parse_mapping(obj, source: str) -> dict[str, Param]:
     """Params of a mapping name -> list (choices), {low, high, step, log} (range) or value (fixed)."""
     if not isinstance(obj, dict) or not obj:
         raise SpaceError(f"{source}: expected a mapping of parameter names to choices, ranges or values, e.g.\n"
-                         f"  hidden: [64, 128, 256]\n  lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}")
+                         f"  hidden: [64, 128, 256]\n  lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}\n"
+                         f"(docs/sweep.md)")
     return {str(name): parse_entry(str(name), spec, source) for name, spec in obj.items()}
 
 
@@ -203,13 +211,13 @@ def parse_param(text: str) -> Param:
     name, sep, spec = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or not name or not spec.strip():
-        raise SpaceError(f"{source}: expected NAME=VALUES, e.g. hidden=64,128,256 or lr=1e-4:1e-2:log")
+        raise SpaceError(f"{source}: expected NAME=VALUES, {SYNTAX}")
     _check_name(name, source)
     spec = spec.strip()
     if ":" in spec:
         parts = [s.strip() for s in spec.split(":")]
         if len(parts) not in (2, 3):
-            raise SpaceError(f"{source}: a range is low:high, low:high:log or low:high:step")
+            raise SpaceError(f"{source}: a range is low:high, low:high:log or low:high:step; {SYNTAX}")
         rng: dict = {"low": parts[0], "high": parts[1]}
         if len(parts) == 3:
             if parts[2].lower() == "log":
@@ -231,7 +239,8 @@ def _check_name(name: str, source: str) -> None:
     if name in NOT_SEARCHED:
         flag = NOT_SEARCHED[name]
         raise SpaceError(f"{source}: {name} is not a hyperparameter" + (f" (set it with {flag})" if flag else ""))
-    raise SpaceError(f"{source}: unknown parameter {name!r}; valid parameters: {', '.join(PARAM_TYPES)}")
+    raise SpaceError(f"{source}: unknown parameter {name!r}; valid parameters: {', '.join(PARAM_TYPES)} "
+                     f"(docs/sweep.md)")
 
 
 def parse_entry(name: str, spec, source: str) -> Param:

@@ -189,7 +189,7 @@ def _validate(active: list[_Member], data: LabelledData, cfg: TrainConfig, worke
         h.eval()
     videos = data.val_idx
     plans = eval_plans(videos, data.store.lengths, np.zeros(len(data.store.keys), dtype=np.int64), cfg.batch_size,
-                       cfg.clip_len, cfg.clip_stride, cfg.eval_clips)
+                       cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling)
     sums = torch.zeros(len(heads), len(videos), heads[0].dims.num_classes, dtype=torch.float64)
     counts = torch.zeros(len(videos), dtype=torch.float64)
     for batch in batches(data.store, plans, workers):

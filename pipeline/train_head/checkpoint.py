@@ -54,6 +54,9 @@ class HeadCheckpoint:
     backbone_state: dict[str, torch.Tensor] | None = None
     """The fine-tuned backbone (classifier removed) of a `pipeline finetune` checkpoint; its feature_spec names it
     'finetuned:<run>' with the sha256 of these tensors. None for a head trained on a cache."""
+    sampling: str = "crop"
+    """How clips were drawn (TrainConfig.sampling): segments, crop or whole. Checkpoints written before the field
+    existed were trained on crops, and load as 'crop'."""
 
     def model(self, device: torch.device | str = "cpu") -> Head:
         """The head with these weights, in eval mode."""
@@ -64,24 +67,22 @@ class HeadCheckpoint:
     def eval_clips_for(self, requested: int | None) -> int:
         """The evaluation clips to use: `requested`, or what the head was trained with when None."""
         clips = self.eval_clips if requested is None else requested
-        if clips and self.clip_len is None:
+        if clips and (self.clip_len is None or self.sampling == "whole"):
             raise ValueError("--eval-clips needs a head trained on clips; this one was trained on whole sequences")
         return clips
 
     def describe_eval(self, clips: int) -> str:
-        """How a video is scored: 'whole sequences' or 'mean of N clips of L rows'."""
-        stride = f", stride {self.clip_stride}" if self.clip_stride > 1 else ""
-        if clips and self.clip_len is not None:
-            return f"mean of {clips} clips of {self.clip_len} rows{stride}"
-        return f"whole sequences{stride}"
+        """How a video is scored: 'whole sequences', 'centres of L segments' or 'mean of N clips of L rows'."""
+        return eval_description(self.clip_len, self.clip_stride, clips, self.sampling)
 
     def to_dict(self) -> dict:
         plain = {
             "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dims": self.dims.to_dict(),
             "classes": list(self.classes), "feature_spec": self.feature_spec.to_dict(),
             "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
-            "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "epoch": self.epoch,
-            "metrics": self.metrics, "config": self.config, "versions": _versions(), "train_videos": self.train_videos,
+            "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "sampling": self.sampling,
+            "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "versions": _versions(),
+            "train_videos": self.train_videos,
         }
         # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
         plain = json.loads(json.dumps(plain, default=str))
@@ -99,6 +100,17 @@ class HeadCheckpoint:
                 f"{self.feature_spec.id}), but {cache.path} holds {cache.spec.describe()} (spec {cache.spec.id}); "
                 f"checkpoint != cache:\n  " + "\n  ".join(diffs)
                 + "\nExtract the videos again with the checkpoint's backbone, weights, preprocessing and sampling.")
+
+
+def eval_description(clip_len: int | None, clip_stride: int, eval_clips: int, sampling: str = "crop") -> str:
+    """How a video is scored, in words: 'whole sequences', 'centres of 16 segments', 'mean of N clips of L rows'."""
+    stride = f", stride {clip_stride}" if clip_stride > 1 else ""
+    if clip_len is not None and sampling == "segments":
+        where = f"mean of {eval_clips} views" if eval_clips > 1 else "centres"
+        return f"{where} of {clip_len} segments{stride} (shorter videos whole)"
+    if eval_clips and clip_len is not None and sampling != "whole":
+        return f"mean of {eval_clips} clips of {clip_len} rows{stride}"
+    return f"whole sequences{stride}"
 
 
 def _versions() -> dict[str, str]:
@@ -145,6 +157,6 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
             clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
             epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
             train_videos=list(obj.get("train_videos", [])),
-            backbone_state=obj.get("backbone_state_dict"))
+            backbone_state=obj.get("backbone_state_dict"), sampling=obj.get("sampling", "crop"))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

@@ -101,7 +101,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
     y = class_indices(keys, labels, ckpt.classes)
     probs = predict_store(ckpt.model(device), store, np.arange(len(keys)), clip_len=ckpt.clip_len,
                           clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=cfg.batch_size, device=device,
-                          workers=0 if store.in_memory else cfg.workers)
+                          workers=0 if store.in_memory else cfg.workers, sampling=ckpt.sampling)
     seen = trained_on(ckpt, Path(checkpoint), c, keys)
     held = np.array([k not in seen for k in keys])
     report = EvalReport(Path(checkpoint), Path(cache), classification_report(probs, y, ckpt.classes),

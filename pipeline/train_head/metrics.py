@@ -46,14 +46,22 @@ def to_json(obj) -> str:
     return re.sub(r"\[\s+([-\d.e,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
+_said_no_plots = False  # the missing-matplotlib warning is given once per process, not once per plot or trial
+
+
 def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a warning, the first time) when it is not installed."""
+    global _said_no_plots
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("matplotlib is not installed: skipping plots (pip install 'framecache[plots]')")
+        if not _said_no_plots:
+            log.warning("matplotlib is not installed: plots are skipped (get them with "
+                        "pip install 'framecache[plots]', or pass --no-plots)")
+            _said_no_plots = True
         return None
     return plt
 

@@ -1,9 +1,10 @@
 """Stage two: train a temporal head on the cached sequences, in seconds on a CPU.
 
-The cache is read once (into RAM when it fits); every epoch crops a random clip of each training video, steps AdamW
-under a warm-up + cosine schedule, evaluates the val split, and keeps the best checkpoint.
+The cache is read once (into RAM when it fits); every epoch draws a clip of each training video (by default 16 rows
+spread over the whole video, one random row of each of 16 segments), steps AdamW under a warm-up + cosine schedule,
+evaluates the val split, and keeps the best checkpoint.
 
-    pipeline train-head cache.h5 --out runs/lstm --head lstm --clip-len 16
+    pipeline train-head cache.h5 --out runs/lstm --head lstm
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from pipeline.data.sequences import (
 )
 from pipeline.data.splits import Split
 from pipeline.runtime import cpu_count, pick_device
-from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
+from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.metrics import classification_report
 from pipeline.train_head.model import Head, HeadDims, build_head
 from pipeline.train_head.recorder import RunRecorder
@@ -58,10 +59,6 @@ class TrainResult:
                 f"-> {self.out}")
 
 
-def check_clip_len(clip_len: int | None, longest: int) -> None:
-    if clip_len is not None and clip_len > longest:
-        raise ValueError(f"--clip-len {clip_len} is longer than every sequence (the longest has {longest} rows); "
-                         f"use --clip-len {longest} or less, or 0 for whole sequences")
 
 
 # ------------------------------------------------------------------------------------------------ the loops
@@ -115,10 +112,12 @@ def evaluate(model: Head, batch_iter, num_samples: int, device: torch.device) ->
 
 
 def predict_store(model: Head, store: SequenceStore, videos: np.ndarray, *, clip_len: int | None, clip_stride: int,
-                  eval_clips: int, batch_size: int, device: torch.device, workers: int = 0) -> np.ndarray:
-    """Probabilities (len(videos), C) of the store's videos `videos` (store indices)."""
+                  eval_clips: int, batch_size: int, device: torch.device, workers: int = 0,
+                  sampling: str = "crop") -> np.ndarray:
+    """Probabilities (len(videos), C) of the store's videos `videos` (store indices), scored on the views
+    `eval_plans` gives for these clip settings."""
     y = np.zeros(len(store.keys), dtype=np.int64)
-    plans = eval_plans(videos, store.lengths, y, batch_size, clip_len, clip_stride, eval_clips)
+    plans = eval_plans(videos, store.lengths, y, batch_size, clip_len, clip_stride, eval_clips, sampling)
     return evaluate(model, batches(store, plans, workers), len(videos), device)
 
 
@@ -203,7 +202,6 @@ class HeadRun:
 
     def __init__(self, cfg: TrainConfig, data: LabelledData, device: torch.device,
                  on_epoch: Callable[[dict], None] | None = None, started: float | None = None):
-        check_clip_len(cfg.clip_len, int(data.store.lengths.max()))
         self.cfg, self.data, self.device, self.on_epoch = cfg, data, device, on_epoch
         self.started = time.perf_counter() if started is None else started
         self.workers = 0 if data.store.in_memory else cfg.workers
@@ -237,21 +235,22 @@ class HeadRun:
         cfg, data = self.cfg, self.data
         rng = np.random.default_rng([cfg.seed, epoch])
         return train_plans(data.store.lengths[data.train_idx], data.y[data.train_idx], cfg.batch_size, cfg.clip_len,
-                           cfg.clip_stride, rng)
+                           cfg.clip_stride, rng, cfg.sampling)
 
     def validate(self) -> np.ndarray:
         """(val videos, C) probabilities of the model as it is."""
         cfg = self.cfg
         return predict_store(self.model, self.data.store, self.data.val_idx, clip_len=cfg.clip_len,
                              clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, batch_size=cfg.batch_size,
-                             device=self.device, workers=self.workers)
+                             device=self.device, workers=self.workers, sampling=cfg.sampling)
 
     def checkpoint(self, epoch: int, metrics: dict) -> HeadCheckpoint:
         cfg = self.cfg
         return HeadCheckpoint(dims=self.dims, state_dict=self.model.state_dict(), classes=self.data.classes,
                               feature_spec=self.data.spec, feature_dtype=self.data.dtype, clip_len=cfg.clip_len,
                               clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"train": cfg.to_dict(), **self.run_info}, train_videos=self.data.train_sources)
+                              config={"train": cfg.to_dict(), **self.run_info}, train_videos=self.data.train_sources,
+                              sampling=cfg.sampling)
 
     def end_epoch(self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float,
                   val_seconds: float) -> bool:
@@ -282,7 +281,7 @@ class HeadRun:
         report = classification_report(self.validate(), data.y[data.val_idx], data.classes)
         summary = self.recorder.finish(
             {"head": cfg.head, "split": self.run_info["split"],
-             "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips),
+             "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling),
              "seconds": time.perf_counter() - self.started,
              "parameters": sum(p.numel() for p in self.model.parameters()), "feature_spec_id": data.spec.id},
             report, data.classes, cfg.head, cfg.plots)
@@ -293,10 +292,3 @@ def split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict
     return {"method": split.method, "train": len(split.train), "val": len(split.val),
             "excluded": len(split.excluded), "classes": len(classes),
             "val_classes": len({labels[k] for k in split.val})}
-
-
-def eval_description(clip_len: int | None, clip_stride: int, eval_clips: int) -> str:
-    stride = f", stride {clip_stride}" if clip_stride > 1 else ""
-    if eval_clips and clip_len is not None:
-        return f"mean of {eval_clips} clips of {clip_len} rows{stride}"
-    return f"whole sequences{stride}"

@@ -12,7 +12,7 @@ import torch
 from helpers import TINY_HEAD, feature_cache, order_videos, separable_videos
 
 import pipeline
-from pipeline.config import HEADS
+from pipeline.config import HEADS, SplitConfig
 from pipeline.data.sequences import (
     RamStore,
     clip_frames,
@@ -143,7 +143,7 @@ def test_segment_plans_spread_over_the_whole_video():
     seen = set()
     for epoch in range(100):
         for plan in train_plans(lengths, np.zeros(3, np.int64), 3, 4, 1, np.random.default_rng(epoch), "segments"):
-            for v, f in zip(plan.videos, plan.frames, strict=True):
+            for v, f in zip(plan.videos, plan.rows, strict=True):
                 real = f[f >= 0]
                 assert (np.diff(real) > 0).all() and real.max() < lengths[v]
                 if v == 0:
@@ -152,9 +152,9 @@ def test_segment_plans_spread_over_the_whole_video():
     assert seen == set(range(40))
     # evaluation: the centres, or N views at evenly spaced offsets of every segment; a short video has one view
     (plan,) = eval_plans(np.array([0, 1]), lengths, np.zeros(3, np.int64), 8, 4, 1, 0, "segments")
-    assert plan.frames.tolist() == [[5, 15, 25, 35], [0, 1, 2, -1]]
+    assert plan.rows.tolist() == [[5, 15, 25, 35], [0, 1, 2, -1]]
     (plan,) = eval_plans(np.array([0, 1]), lengths, np.zeros(3, np.int64), 8, 4, 1, 2, "segments")
-    assert sorted(plan.frames.tolist()) == [[0, 1, 2, -1], [2, 12, 22, 32], [7, 17, 27, 37]]
+    assert sorted(plan.rows.tolist()) == [[0, 1, 2, -1], [2, 12, 22, 32], [7, 17, 27, 37]]
     assert sorted(plan.owners.tolist()) == [0, 0, 1]
 
 
@@ -241,7 +241,7 @@ def test_a_tiny_dataset_keeps_every_class_in_train():
     labels = {f"solo{c}/only.mp4": f"solo{c}" for c in range(12)}
     labels.update({f"{c}/v{k}.mp4": c for c in ("big1", "big2") for k in range(6)})
     assert any(stable_unit(k, 0) < 0.2 for k in labels if k.startswith("solo")), "no lone video hashes into val"
-    split = make_split(labels, val_fraction=0.2, split_seed=0)
+    split = make_split(labels, SplitConfig(val_fraction=0.2, split_seed=0))
     assert {labels[k] for k in split.train} == set(labels.values())
     assert all(k in split.train for k in labels if k.startswith("solo")) and split.val
 

@@ -1,4 +1,6 @@
-"""What the benchmark scripts share: the machine they ran on, the load, a generated cache (imported from beside them)."""
+"""What the benchmark scripts share: the machine they ran on, the load, a generated cache.
+
+The scripts import it from beside them."""
 
 from __future__ import annotations
 

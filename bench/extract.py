@@ -72,7 +72,7 @@ def clip(rng: np.random.Generator, frames: int, width: int, height: int) -> list
     for j in range(frames):
         frame = background.copy()
         x = (width - side) * j // max(frames - 1, 1)
-        frame[height // 3:height // 3 + side, x:x + side] = rng.integers(0, 256, 3, dtype=np.uint8)
+        frame[height // 3 : height // 3 + side, x : x + side] = rng.integers(0, 256, 3, dtype=np.uint8)
         out.append(frame)
     return out
 
@@ -94,8 +94,11 @@ def forward_seconds(embedder: FrameEmbedder, batch_size: int, batches: int) -> f
     pre, device = embedder.pre, embedder.device
     crops = torch.randint(0, 256, (batch_size, 3, pre.crop, pre.crop), dtype=torch.uint8)  # (N, 3, C, C)
     x = pre.normalize(crops.to(device)).contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast(device_type=device.type, dtype=embedder.autocast_dtype)
-                if embedder.autocast_dtype is not None else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=embedder.autocast_dtype)
+        if embedder.autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
 
     def step() -> None:
         with torch.inference_mode(), autocast:
@@ -129,6 +132,7 @@ def setup_timer():
                 return fn(*args, **kwargs)
             finally:
                 spent[0] += time.perf_counter() - start
+
         return wrapper
 
     run.load_backbone, run.FrameEmbedder = timed(run.load_backbone), timed(run.FrameEmbedder)
@@ -147,16 +151,31 @@ def extract_seconds(videos: list[Path], cache: Path, model: str, **options) -> t
     return report.frames, report.seconds - setup[0], setup[0]
 
 
-def measure(model: str, resolution: str, videos: list[Path], cache: Path, device: torch.device, batch_size: int,
-            repeats: int = 1, **options) -> Row:
+def measure(
+    model: str,
+    resolution: str,
+    videos: list[Path],
+    cache: Path,
+    device: torch.device,
+    batch_size: int,
+    repeats: int = 1,
+    **options,
+) -> Row:
     """Forward-only and end-to-end speed of one model on one set of videos, each the best of `repeats` runs.
 
     Every run extracts into a new cache beside `cache`; `options` go to extract_videos (workers, threads, dtype...)."""
     options.update(device=str(device), batch_size=batch_size)
     # A warm run on the start of one clip keeps the process's first-use costs (oneDNN kernels, CUDA context and
     # kernels, lazy imports) out of the measured runs.
-    run.extract_videos(videos[:1], cache.with_name(f"warm_{cache.name}"), backbone=model, weights="none",
-                       progress=False, max_frames=2 * batch_size, **options)
+    run.extract_videos(
+        videos[:1],
+        cache.with_name(f"warm_{cache.name}"),
+        backbone=model,
+        weights="none",
+        progress=False,
+        max_frames=2 * batch_size,
+        **options,
+    )
     embedder = FrameEmbedder(load_backbone(model, "none", progress=False), device)
     half = max(1, round(sum(probe_frames(v) for v in videos) / batch_size / 2))
     best = None
@@ -211,34 +230,46 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
 
 
 def table(rows: list[Row]) -> str:
-    lines = [(f"{'model':<10} {'resolution':>10} {'frames':>6} {'e2e frames/s':>13} {'forward frames/s':>17} "
-              f"{'ratio':>6}")]
+    lines = [
+        (f"{'model':<10} {'resolution':>10} {'frames':>6} {'e2e frames/s':>13} {'forward frames/s':>17} {'ratio':>6}")
+    ]
     for r in rows:
-        lines.append(f"{r.model:<10} {r.resolution:>10} {r.frames:>6} {r.e2e_fps:>13.1f} {r.forward_fps:>17.1f} "
-                     f"{r.ratio:>6.2f}")
+        lines.append(
+            f"{r.model:<10} {r.resolution:>10} {r.frames:>6} {r.e2e_fps:>13.1f} {r.forward_fps:>17.1f} {r.ratio:>6.2f}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--models", default="resnet50,resnet18", help="comma-separated torchvision model names")
     p.add_argument("--resolutions", default="320x240,1280x720", help="comma-separated WxH of the generated videos")
     p.add_argument("--clips", type=int, default=4, help="clips per resolution (alternately mp4v .mp4 and MJPG .avi)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="default: extract's own (8 on CPU, 256 otherwise)")
-    p.add_argument("--preprocess", default="auto",
-                   help="where frames are resized and cropped: workers, device, auto")
+    p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (8 on CPU, 256 otherwise)")
+    p.add_argument("--preprocess", default="auto", help="where frames are resized and cropped: workers, device, auto")
     p.add_argument("--workers", type=int, default=None, help="decode workers; default: extract's own")
     p.add_argument("--threads", type=int, default=None, help="torch threads of the model; default: all cores")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="measure each figure this many times and keep the best (on a machine shared with others)")
-    p.add_argument("--profile", action="store_true",
-                   help="also time a decode worker's work per frame (decode, resize/crop) on one thread")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="keep the generated videos here for later runs (default: a temporary folder)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="measure each figure this many times and keep the best (on a machine shared with others)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time a decode worker's work per frame (decode, resize/crop) on one thread",
+    )
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the generated videos here for later runs (default: a temporary folder)",
+    )
     args = p.parse_args(argv)
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # weights 'none' is the point here: no warning
 
@@ -250,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     print(f"machine: {machine(device)}; load average {load_average()}")
-    print(f"device {device}, batch size {batch_size}, model threads {threads}, decode workers {workers}, "
-          f"preprocessing in {args.preprocess}, "
-          f"{args.clips} clips x {args.frames} frames per resolution, best of {args.repeats}, weights none, "
-          f"features stored as float16")
+    print(
+        f"device {device}, batch size {batch_size}, model threads {threads}, decode workers {workers}, "
+        f"preprocessing in {args.preprocess}, "
+        f"{args.clips} clips x {args.frames} frames per resolution, best of {args.repeats}, weights none, "
+        f"features stored as float16"
+    )
 
     with contextlib.ExitStack() as stack:
         work = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench_extract_")))
@@ -270,17 +303,33 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"generated {len(videos)} clips at {resolution} in {time.perf_counter() - start:.1f}s")
             for model in models:
                 cache = caches / f"{model}_{w}x{h}.h5"
-                row = measure(model, resolution, videos, cache, device, batch_size, args.repeats,
-                              workers=args.workers, threads=threads, preprocess=args.preprocess)
+                row = measure(
+                    model,
+                    resolution,
+                    videos,
+                    cache,
+                    device,
+                    batch_size,
+                    args.repeats,
+                    workers=args.workers,
+                    threads=threads,
+                    preprocess=args.preprocess,
+                )
                 rows.append(row)
-                print(f"  {model} {resolution}: {row.frames} frames, best e2e {row.e2e_seconds:.1f}s "
-                      f"(+{row.setup_seconds:.1f}s model setup, excluded), {row.e2e_fps:.1f} vs forward "
-                      f"{row.forward_fps:.1f} frames/s", flush=True)
+                print(
+                    f"  {model} {resolution}: {row.frames} frames, best e2e {row.e2e_seconds:.1f}s "
+                    f"(+{row.setup_seconds:.1f}s model setup, excluded), {row.e2e_fps:.1f} vs forward "
+                    f"{row.forward_fps:.1f} frames/s",
+                    flush=True,
+                )
                 if args.profile:
                     decode, whole = worker_ms(videos, model)
-                    print(f"    per frame: forward {1000 / row.forward_fps:.1f} ms with {threads} threads; "
-                          f"worker CPU {whole:.1f} ms on 1 thread = decode + RGB {decode:.1f} ms, "
-                          f"resize/crop {whole - decode:.1f} ms", flush=True)
+                    print(
+                        f"    per frame: forward {1000 / row.forward_fps:.1f} ms with {threads} threads; "
+                        f"worker CPU {whole:.1f} ms on 1 thread = decode + RGB {decode:.1f} ms, "
+                        f"resize/crop {whole - decode:.1f} ms",
+                        flush=True,
+                    )
     print()
     print(table(rows))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

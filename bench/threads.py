@@ -48,10 +48,30 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="threads-"))
     pipeline = [sys.executable, "-m", "pipeline"]
     workloads = {
-        "train-head, 3 epochs": [*pipeline, "train-head", str(args.cache), "--out", str(tmp / "run"), "--epochs", "3",
-                                 "--no-plots", "-q"],
-        "extract, MobileNetV2": [*pipeline, "extract", str(args.images), "-o", str(tmp / "c.h5"), "--backbone",
-                                 "mobilenet_v2", "--weights", "IMAGENET1K_V1", "--overwrite", "-q"],
+        "train-head, 3 epochs": [
+            *pipeline,
+            "train-head",
+            str(args.cache),
+            "--out",
+            str(tmp / "run"),
+            "--epochs",
+            "3",
+            "--no-plots",
+            "-q",
+        ],
+        "extract, MobileNetV2": [
+            *pipeline,
+            "extract",
+            str(args.images),
+            "-o",
+            str(tmp / "c.h5"),
+            "--backbone",
+            "mobilenet_v2",
+            "--weights",
+            "IMAGENET1K_V1",
+            "--overwrite",
+            "-q",
+        ],
     }
     base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     base.setdefault("TORCH_HOME", str(HERE / ".cache" / "torch"))
@@ -70,8 +90,10 @@ def main() -> None:
                             shutil.rmtree(tmp / old, ignore_errors=True)
                             (tmp / old).unlink(missing_ok=True) if (tmp / old).is_file() else None
                         times.append(timed(command, env, tmp))
-                    print(f"  {condition:<6} {name:<22} {variant:<34} "
-                          + ", ".join(f"{t:.1f}s" for t in times), flush=True)
+                    print(
+                        f"  {condition:<6} {name:<22} {variant:<34} " + ", ".join(f"{t:.1f}s" for t in times),
+                        flush=True,
+                    )
         finally:
             if busy is not None:
                 busy.kill()

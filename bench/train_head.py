@@ -48,12 +48,16 @@ def generate(path: Path, videos: int, dim: int, classes: int, seed: int = 0) -> 
             c = i % classes
             t = int(rng.integers(MEAN_ROWS - 60, MEAN_ROWS + 61))
             start = int(rng.integers(0, NOISE_BANK_ROWS - t))
-            yield f"class{c:03d}/video_{i:05d}", bank[start: start + t] + means[c], f"class{c:03d}", None
+            yield f"class{c:03d}/video_{i:05d}", bank[start : start + t] + means[c], f"class{c:03d}", None
             if (i + 1) % 500 == 0:
                 print(f"  generated {i + 1}/{videos} videos", file=sys.stderr, flush=True)
 
-    write_feature_cache(path, rows(), synthetic_spec(dim, backbone="resnet50",
-                                                     weights="ResNet50_Weights.IMAGENET1K_V2"), dtype="float16")
+    write_feature_cache(
+        path,
+        rows(),
+        synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2"),
+        dtype="float16",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- measures
@@ -85,8 +89,17 @@ def epoch_flops(frames: int, videos: int, dim: int, hidden: int, classes: int) -
 
 def new_model(dim: int, classes: int, hidden: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return build_head(HeadDims(head="lstm", in_dim=dim, num_classes=classes, hidden=hidden, layers=1,
-                               dropout=default_of(TrainConfig, "dropout"), activation="gelu"))
+    return build_head(
+        HeadDims(
+            head="lstm",
+            in_dim=dim,
+            num_classes=classes,
+            hidden=hidden,
+            layers=1,
+            dropout=default_of(TrainConfig, "dropout"),
+            activation="gelu",
+        )
+    )
 
 
 def time_epochs(store, y: np.ndarray, args, epochs: int) -> list[float]:
@@ -103,8 +116,12 @@ def time_epochs(store, y: np.ndarray, args, epochs: int) -> list[float]:
         t = time.perf_counter()
         stats = train_one_epoch(model, batches(store, plans), optimizer, scheduler, loss_fn, torch.device("cpu"))
         seconds.append(time.perf_counter() - t)
-        print(f"  epoch {epoch + 1}: {seconds[-1]:.2f} s, loss {stats['train_loss']:.3f}, clip accuracy "
-              f"{stats['train_acc']:.1%}", file=sys.stderr, flush=True)
+        print(
+            f"  epoch {epoch + 1}: {seconds[-1]:.2f} s, loss {stats['train_loss']:.3f}, clip accuracy "
+            f"{stats['train_acc']:.1%}",
+            file=sys.stderr,
+            flush=True,
+        )
     return seconds
 
 
@@ -122,7 +139,7 @@ class NaiveClips(Dataset):
         if self.file is None:
             self.file = h5py.File(self.path, "r")
         start = np.random.randint(0, self.lengths[i] - self.clip_len + 1)
-        x = self.file["videos"][self.ids[i]]["features"][start: start + self.clip_len]
+        x = self.file["videos"][self.ids[i]]["features"][start : start + self.clip_len]
         return torch.from_numpy(x.astype(np.float32)), int(self.y[i])
 
 
@@ -132,8 +149,9 @@ def time_naive(path: Path, args, y: np.ndarray, lengths: np.ndarray, max_batches
     cache = open_cache(path)
     ids = [video_id(k) for k in cache]  # the HDF5 group of each video (videos/<id>), see docs/cache-format.md
     data = NaiveClips(path, ids, lengths, y, args.clip_len)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.naive_workers,
-                        persistent_workers=False)
+    loader = DataLoader(
+        data, batch_size=args.batch_size, shuffle=True, num_workers=args.naive_workers, persistent_workers=False
+    )
     model = new_model(cache.spec.dim, args.classes, args.hidden)
     optimizer = make_optimizer(model, 1e-3, 0.01)
     loss_fn = nn.CrossEntropyLoss()
@@ -180,8 +198,9 @@ def rss(field: str = "VmHWM") -> int:
 
 # ---------------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--videos", type=int, default=UCF101_VIDEOS, help="videos in the synthetic cache")
     p.add_argument("--dim", type=int, default=2048, help="feature size (ResNet-50: 2048)")
     p.add_argument("--classes", type=int, default=UCF101_CLASSES)
@@ -243,27 +262,43 @@ def main(argv: list[str] | None = None) -> int:
 
         gib = 2**30
         print()
-        print(f"Training heads on a synthetic UCF101-sized cache: {len(keys):,} videos, {rows:,} rows of "
-              f"{cache.spec.dim} {cache.dtype} ({cache_bytes / gib:.2f} GiB); LSTM hidden {args.hidden}, clips of "
-              f"{args.clip_len}, batch {args.batch_size}; {threads} threads on {machine()}")
+        print(
+            f"Training heads on a synthetic UCF101-sized cache: {len(keys):,} videos, {rows:,} rows of "
+            f"{cache.spec.dim} {cache.dtype} ({cache_bytes / gib:.2f} GiB); LSTM hidden {args.hidden}, clips of "
+            f"{args.clip_len}, batch {args.batch_size}; {threads} threads on {machine()}"
+        )
         print()
         table = [
             ("read the cache into RAM (once)", f"{load_s:.1f} s", ""),
-            ("seconds per epoch (RAM store, library loop)", f"{epoch_s:.2f} s "
-             f"(epochs: {', '.join(f'{s:.2f}' for s in seconds)})", ""),
-            ("FLOPs per epoch, forward + backward", f"{(projection + recurrence) / 1e9:.0f} GFLOP (projection "
-             f"{projection / 1e9:.0f}, LSTM {recurrence / 1e9:.0f})", ""),
+            (
+                "seconds per epoch (RAM store, library loop)",
+                f"{epoch_s:.2f} s (epochs: {', '.join(f'{s:.2f}' for s in seconds)})",
+                "",
+            ),
+            (
+                "FLOPs per epoch, forward + backward",
+                f"{(projection + recurrence) / 1e9:.0f} GFLOP (projection "
+                f"{projection / 1e9:.0f}, LSTM {recurrence / 1e9:.0f})",
+                "",
+            ),
             ("matmul limit (2048^3 float32 GEMM)", f"{peak:.0f} GFLOP/s -> {limit_s:.2f} s per epoch", ""),
             ("share of the matmul limit", f"{limit_s / epoch_s:.0%}", ">= 60%"),
-            ("naive per-sample h5py Dataset + DataLoader", f"{naive_epoch_s:.1f} s per epoch "
-             f"({naive_batches}/{per_epoch} batches timed, {args.naive_workers} workers)",
-             ""),
+            (
+                "naive per-sample h5py Dataset + DataLoader",
+                f"{naive_epoch_s:.1f} s per epoch "
+                f"({naive_batches}/{per_epoch} batches timed, {args.naive_workers} workers)",
+                "",
+            ),
             ("  naive / RAM store", f"{naive_epoch_s / epoch_s:.1f}x slower", ""),
             ("frozen ResNet-50 forward per 224 px frame", f"{r50 * 1000:.0f} ms", ""),
             ("recipe epoch: ResNet-50 on every clip frame", f"{recipe_s:,.0f} s ({frames:,} frames)", ""),
             ("  recipe / RAM store", f"{recipe_s / epoch_s:,.0f}x", ">= 1,000x"),
-            ("peak RSS while training", f"{rss_peak / gib:.2f} GiB = {rss_peak / cache_bytes:.2f}x the float16 cache "
-             f"(before loading: {rss_before / gib:.2f} GiB)", "<= 2x"),
+            (
+                "peak RSS while training",
+                f"{rss_peak / gib:.2f} GiB = {rss_peak / cache_bytes:.2f}x the float16 cache "
+                f"(before loading: {rss_before / gib:.2f} GiB)",
+                "<= 2x",
+            ),
         ]
         width = max(len(r[0]) for r in table)
         vwidth = max(len(r[1]) for r in table)

@@ -23,8 +23,14 @@ from pipeline.train_head.model import HeadDims, build_head
 from pipeline.train_head.train import make_optimizer
 
 STORE_ROWS = 20_000  # rows of the fake RAM store batches are gathered from
-CASES = [("meanpool", 2048, 256), ("meanpool", 2048, 64), ("meanpool", 256, 256), ("meanpool", 256, 64),
-         ("attention", 256, 64), ("gru", 256, 64)]
+CASES = [
+    ("meanpool", 2048, 256),
+    ("meanpool", 2048, 64),
+    ("meanpool", 256, 256),
+    ("meanpool", 256, 64),
+    ("attention", 256, 64),
+    ("gru", 256, 64),
+]
 
 
 def gather(data: torch.Tensor, rows: torch.Tensor, b: int, t: int) -> torch.Tensor:
@@ -46,8 +52,7 @@ def timed(step, steps: int, warmup: int = 3) -> float:
 def measure(head: str, dim: int, hidden: int, n: int, batch: int, frames: int, classes: int, steps: int) -> dict:
     torch.manual_seed(0)
     data = torch.randn(STORE_ROWS, dim).half()
-    dims = HeadDims(head=head, in_dim=dim, num_classes=classes, hidden=hidden, layers=1, dropout=0.3,
-                    activation="gelu")
+    dims = HeadDims(head=head, in_dim=dim, num_classes=classes, hidden=hidden, layers=1, dropout=0.3, activation="gelu")
     models = [build_head(dims) for _ in range(n)]
     lengths = torch.full((batch,), frames)
     y = torch.randint(0, classes, (batch,))
@@ -73,8 +78,9 @@ def measure(head: str, dim: int, hidden: int, n: int, batch: int, frames: int, c
     params, buffers = stack_module_state(models)
     params = {k: v.detach().requires_grad_() for k, v in params.items()}
     base = build_head(dims).to("meta")
-    batched = vmap(lambda p, b, x: functional_call(base, (p, b), (x, lengths)), in_dims=(0, 0, None),
-                   randomness="different")
+    batched = vmap(
+        lambda p, b, x: functional_call(base, (p, b), (x, lengths)), in_dims=(0, 0, None), randomness="different"
+    )
     opt = torch.optim.AdamW(list(params.values()), lr=1e-3, fused=True)
 
     def vectorised():
@@ -108,8 +114,9 @@ def measure(head: str, dim: int, hidden: int, n: int, batch: int, frames: int, c
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--heads", type=int, default=8, help="trials trained together")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--clip-len", type=int, default=16)
@@ -118,18 +125,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads; default: all cores")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads or cpu_count())
-    print(f"{args.heads} heads, batch {args.batch_size} x {args.clip_len} rows, {args.classes} classes, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per step of all heads together")
+    print(
+        f"{args.heads} heads, batch {args.batch_size} x {args.clip_len} rows, {args.classes} classes, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; ms per step of all heads together"
+    )
     print()
     print("| head      |    D |   H | sequential | vmap              | stack.py          |")
     print("|-----------|-----:|----:|-----------:|-------------------|-------------------|")
     for head, dim, hidden in CASES:
         r = measure(head, dim, hidden, args.heads, args.batch_size, args.clip_len, args.classes, args.steps)
         seq = r["sequential"]
-        cells = [("fails" if key == "vmap" else "n/a") if r.get(key) is None else
-                 f"{r[key] * 1000:6.1f} ms ({seq / r[key]:.2f}x)" for key in ("vmap", "stack")]
-        print(f"| {head:<9} | {dim:4d} | {hidden:3d} | {seq * 1000:7.1f} ms | {cells[0]:<17} | {cells[1]:<17} |",
-              flush=True)
+        cells = [
+            ("fails" if key == "vmap" else "n/a")
+            if r.get(key) is None
+            else f"{r[key] * 1000:6.1f} ms ({seq / r[key]:.2f}x)"
+            for key in ("vmap", "stack")
+        ]
+        print(
+            f"| {head:<9} | {dim:4d} | {hidden:3d} | {seq * 1000:7.1f} ms | {cells[0]:<17} | {cells[1]:<17} |",
+            flush=True,
+        )
         if r.get("vmap_error"):
             print(f"|   vmap: {r['vmap_error']}", flush=True)
     return 0

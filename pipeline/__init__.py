@@ -1,14 +1,14 @@
 """pipeline: embed every video frame once with a frozen torchvision CNN, then train temporal heads on the cache.
 
-    import pipeline
-    report = pipeline.extract_videos(["videos/"], "cache.h5", backbone="resnet18", fps=5)
-    cache = pipeline.open_cache("cache.h5")
-    x = cache.features(cache.keys()[0])  # (T, D)
-    run = pipeline.train_head("cache.h5", "runs/lstm", head="lstm", clip_len=16)
-    pipeline.evaluate("runs/lstm/best.pt", "test.h5").metrics["top1"]
-    pipeline.predict("runs/lstm/best.pt", ["new_videos/"], "preds.csv")
-    pipeline.sweep("cache.h5", "runs/sweep", space={"head": ["lstm", "gru"], "hidden": [128, 256]}, trials=8)
-    pipeline.finetune(["videos/"], "runs/lstm/best.pt", "runs/lstm-ft", unfreeze="layer4", epochs=5)
+import pipeline
+report = pipeline.extract_videos(["videos/"], "cache.h5", backbone="resnet18", fps=5)
+cache = pipeline.open_cache("cache.h5")
+x = cache.features(cache.keys()[0])  # (T, D)
+run = pipeline.train_head("cache.h5", "runs/lstm", head="lstm", clip_len=16)
+pipeline.evaluate("runs/lstm/best.pt", "test.h5").metrics["top1"]
+pipeline.predict("runs/lstm/best.pt", ["new_videos/"], "preds.csv")
+pipeline.sweep("cache.h5", "runs/sweep", space={"head": ["lstm", "gru"], "hidden": [128, 256]}, trials=8)
+pipeline.finetune(["videos/"], "runs/lstm/best.pt", "runs/lstm-ft", unfreeze="layer4", epochs=5)
 """
 
 from __future__ import annotations
@@ -23,9 +23,24 @@ default_threading()  # before anything imports torch: OpenMP reads its settings 
 
 __version__ = "0.1.0"
 
-__all__ = ["extract_videos", "open_cache", "train_head", "evaluate", "predict", "ExtractConfig", "Sampling",
-           "TrainConfig", "EvalConfig", "PredictConfig", "FeatureSpec", "sweep", "SweepConfig", "finetune",
-           "FinetuneConfig", "__version__"]
+__all__ = [
+    "extract_videos",
+    "open_cache",
+    "train_head",
+    "evaluate",
+    "predict",
+    "ExtractConfig",
+    "Sampling",
+    "TrainConfig",
+    "EvalConfig",
+    "PredictConfig",
+    "FeatureSpec",
+    "sweep",
+    "SweepConfig",
+    "finetune",
+    "FinetuneConfig",
+    "__version__",
+]
 
 # name -> (module, attribute). Lazy, so that `pipeline --help` and `import pipeline` stay instant: torch loads on
 # first real use.
@@ -35,8 +50,10 @@ _API = {
     "FeatureSpec": ("pipeline.spec", "FeatureSpec"),
     "Sampling": ("pipeline.spec", "Sampling"),
     "evaluate": ("pipeline.train_head.evaluate", "evaluate_checkpoint"),
-    **{name: ("pipeline.config", name)
-       for name in ("ExtractConfig", "TrainConfig", "EvalConfig", "PredictConfig", "SweepConfig", "FinetuneConfig")},
+    **{
+        name: ("pipeline.config", name)
+        for name in ("ExtractConfig", "TrainConfig", "EvalConfig", "PredictConfig", "SweepConfig", "FinetuneConfig")
+    },
 }
 # The stages whose package (or module) has the name of its entry function: `pipeline.train_head(...)` calls
 # train_head.train.train_head, while `pipeline.train_head.model` stays the stage's module.

@@ -39,8 +39,10 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUTS_FAILED = 0, 1, 2, 3
 
 app = typer.Typer(
     help="Embed every video frame once with a frozen torchvision CNN into an HDF5 cache, then train temporal heads "
-         "on the cached sequences.",
-    no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    "on the cached sequences.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 
 
@@ -52,8 +54,13 @@ def _field_docs(cls: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
             docs[node.target.id] = after.value.value
     return docs
 
@@ -63,6 +70,7 @@ def _help(text: str, computed_default: bool) -> str:
     Where the default is computed (the field's default is None), the docstring's closing "default: ..." clause is
     shown as the default."""
     text = " ".join(text.split())
+
     def value(m: re.Match) -> str:
         found = getattr(settings_module, m.group(0), None)
         return str(found) if isinstance(found, (int, float, str)) else m.group(0)
@@ -71,7 +79,7 @@ def _help(text: str, computed_default: bool) -> str:
     text = text.replace("[", "\\[")
     clause = re.search(r"(?:^|[;.] )[Dd]efault(?:, [^:]+)?: ([^;]+?)\.?$", text) if computed_default else None
     if clause:
-        text = f"{text[:clause.start()].rstrip(';. ')}. \\[default: {clause.group(1)}]"
+        text = f"{text[: clause.start()].rstrip(';. ')}. \\[default: {clause.group(1)}]"
     return text
 
 
@@ -84,9 +92,14 @@ def _option_type(annotation) -> Any:
     return annotation
 
 
-def _config_options(cls: type, *, skip: tuple[str, ...] = (), flags: dict[str, tuple[str, ...]] | None = None,
-                    kinds: dict[str, Any] | None = None,
-                    metavars: dict[str, str] | None = None) -> list[inspect.Parameter]:
+def _config_options(
+    cls: type,
+    *,
+    skip: tuple[str, ...] = (),
+    flags: dict[str, tuple[str, ...]] | None = None,
+    kinds: dict[str, Any] | None = None,
+    metavars: dict[str, str] | None = None,
+) -> list[inspect.Parameter]:
     """One option per setting of `cls` (required where the field has no default), the settings of its groups
     (sampling, splitting, runtime) included; `skip` leaves some out, `flags` renames, `kinds` replaces a field's
     type, `metavars` names values."""
@@ -113,11 +126,17 @@ def _config_options(cls: type, *, skip: tuple[str, ...] = (), flags: dict[str, t
             kind = kinds.get(f.name, _option_type(hints[f.name]))
             extra = {"metavar": metavars[f.name]} if f.name in metavars else {"metavar": ""} if kind is bool else {}
             shown = default not in (None, (), inspect.Parameter.empty)
-            option = typer.Option(*flags.get(f.name, ()), help=_help(docs.get(f.name, ""), default is None),
-                                  show_default=shown, **extra)
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY,
-                                            default=None if default == () else default,
-                                            annotation=Annotated[kind, option]))
+            option = typer.Option(
+                *flags.get(f.name, ()), help=_help(docs.get(f.name, ""), default is None), show_default=shown, **extra
+            )
+            params.append(
+                inspect.Parameter(
+                    f.name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None if default == () else default,
+                    annotation=Annotated[kind, option],
+                )
+            )
 
     walk(cls, None)
     return params
@@ -128,8 +147,11 @@ def _command(cls: type, name: str | None = None, **option_args):
     settings reach `body` as keyword arguments (**settings)."""
 
     def register(body):
-        own = [p for p in inspect.signature(body, eval_str=True).parameters.values()
-               if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        own = [
+            p
+            for p in inspect.signature(body, eval_str=True).parameters.values()
+            if p.kind is not inspect.Parameter.VAR_KEYWORD
+        ]
         own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own]
         taken = {p.name for p in own}
         generated = [p for p in _config_options(cls, **option_args) if p.name not in taken]
@@ -149,8 +171,9 @@ def _command(cls: type, name: str | None = None, **option_args):
 
 def _settings(cls: type, values: dict, quiet: bool):
     """The config of a command: its options (None from a repeatable option that was not given: empty)."""
-    values = {k: (() if v is None and k == "params" else tuple(v) if isinstance(v, list) else v)
-              for k, v in values.items()}
+    values = {
+        k: (() if v is None and k == "params" else tuple(v) if isinstance(v, list) else v) for k, v in values.items()
+    }
     return config_with(cls, None, {}, {**values, "progress": not quiet}, "the command")
 
 
@@ -193,19 +216,27 @@ def _train(cls: type, settings: dict, quiet: bool, run) -> None:
     typer.echo(result.summary_line())
 
 
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors and the result only.",
-                                      metavar="")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, errors and the result only.", metavar="")]
 
 
 # ------------------------------------------------------------------------------------------------ stage one
 @_command(ExtractConfig, flags={"output": ("-o", "--output")})
 def extract(
-    inputs: Annotated[list[Path], typer.Argument(help="Folders (searched recursively for videos and image folders), "
-                                                      "video files, image folders, or CSV manifests (path,label[,split]).",
-                                                 show_default=False)],
-    backbone_checkpoint: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        help="Extract exactly the features of this checkpoint: the fine-tuned backbone of a `pipeline finetune` "
-             "run (or a head's backbone and weights). Backbone, preprocessing and sampling come from it.")] = None,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Folders (searched recursively for videos and image folders), "
+            "video files, image folders, or CSV manifests (path,label[,split]).",
+            show_default=False,
+        ),
+    ],
+    backbone_checkpoint: Annotated[
+        Optional[Path],
+        typer.Option(  # noqa: UP045
+            help="Extract exactly the features of this checkpoint: the fine-tuned backbone of a `pipeline finetune` "
+            "run (or a head's backbone and weights). Backbone, preprocessing and sampling come from it."
+        ),
+    ] = None,
     quiet: Quiet = False,
     **settings,
 ) -> None:
@@ -239,12 +270,16 @@ def extract(
 
 
 @app.command()
-def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
-         failures: Annotated[bool, typer.Option(help="List every failed input with its reason.",
-                                                metavar="")] = True,
-         check: Annotated[bool, typer.Option(
-             help="Open every video's data and check it against the index; exit 1 naming the damaged ones.",
-             metavar="")] = False) -> None:
+def info(
+    cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
+    failures: Annotated[bool, typer.Option(help="List every failed input with its reason.", metavar="")] = True,
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Open every video's data and check it against the index; exit 1 naming the damaged ones.", metavar=""
+        ),
+    ] = False,
+) -> None:
     """Summarise a feature cache: videos, frames, dim, backbone and weights, labels, failures, missing
     files."""
     from collections import Counter
@@ -257,14 +292,20 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     spec = c.spec
     frames = sum(c.num_frames(k) for k in c.keys())
     labels = Counter(c.label(k) or "(none)" for k in c.keys())
-    typer.echo(f"cache      {printable(str(c.path))}  (schema {c.schema_version}, features {c.dtype}, "
-               + ("one packed file)" if c.packed else f"parts in {printable(c.parts.name)}/)"))
+    typer.echo(
+        f"cache      {printable(str(c.path))}  (schema {c.schema_version}, features {c.dtype}, "
+        + ("one packed file)" if c.packed else f"parts in {printable(c.parts.name)}/)")
+    )
     typer.echo(f"videos     {len(c)}   frames {frames}   dim {spec.dim}")
-    typer.echo(f"backbone   {spec.backbone}   weights {spec.weights}"
-               + (f"   sha256 {spec.weights_sha256[:16]}..." if spec.weights_sha256 else ""))
+    typer.echo(
+        f"backbone   {spec.backbone}   weights {spec.weights}"
+        + (f"   sha256 {spec.weights_sha256[:16]}..." if spec.weights_sha256 else "")
+    )
     pre = spec.preprocessing
-    typer.echo(f"preprocess resize {pre.resize} crop {pre.crop} {pre.interpolation} {pre.color} "
-               f"mean {list(pre.mean)} std {list(pre.std)}")
+    typer.echo(
+        f"preprocess resize {pre.resize} crop {pre.crop} {pre.interpolation} {pre.color} "
+        f"mean {list(pre.mean)} std {list(pre.std)}"
+    )
     typer.echo(f"sampling   {spec.sampling.describe()}   spec id {spec.id}")
     typer.echo(f"labels     {len([k for k in labels if k != '(none)'])}")
     for label, n in sorted(labels.items()):
@@ -282,8 +323,10 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
         typer.echo(f"note       {pending} finished videos are not indexed yet: rerun the extract command to resume")
     gone = c.missing_sources()
     if gone:
-        typer.echo(f"missing sources  {len(gone)}  (their files are gone or not mounted; "
-                   f"`pipeline extract ... --prune` removes them)")
+        typer.echo(
+            f"missing sources  {len(gone)}  (their files are gone or not mounted; "
+            f"`pipeline extract ... --prune` removes them)"
+        )
         for key in gone[:20]:
             typer.echo(f"  {printable(key)}: {printable(c.sources()[key][0])}")
         if len(gone) > 20:
@@ -296,8 +339,11 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
     if check:
         damaged.update(c.check())
     if damaged:
-        typer.echo(f"damaged    {len(damaged)} videos cannot be read; rerun the extract command that made "
-                   f"the cache to redo them", err=True)
+        typer.echo(
+            f"damaged    {len(damaged)} videos cannot be read; rerun the extract command that made "
+            f"the cache to redo them",
+            err=True,
+        )
         for key, problem in sorted(damaged.items()):
             typer.echo(f"  {printable(key)}: {printable(problem)}", err=True)
         raise typer.Exit(EXIT_ERROR)
@@ -306,11 +352,17 @@ def info(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5).")],
 
 
 @app.command()
-def pack(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and its parts folder.",
-                                               show_default=False)],
-         output: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-             "-o", "--output", help="Where to write the one-file cache \\[default: replace CACHE in place "
-                                    "and remove its parts folder].")] = None) -> None:
+def pack(
+    cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and its parts folder.", show_default=False)],
+    output: Annotated[
+        Optional[Path],
+        typer.Option(  # noqa: UP045
+            "-o",
+            "--output",
+            help="Where to write the one-file cache \\[default: replace CACHE in place and remove its parts folder].",
+        ),
+    ] = None,
+) -> None:
     """Make one self-contained HDF5 file of a cache (index and parts), readable by h5py alone and by every
     command."""
     from pipeline.data.cache import pack as pack_cache
@@ -320,8 +372,10 @@ def pack(cache: Annotated[Path, typer.Argument(help="A feature cache (.h5) and i
     with _errors():
         result = pack_cache(cache, output)
 
-    typer.echo(f"{printable(str(result.output))}: {result.videos} videos in one file, "
-               f"{result.bytes / 2**20:.1f} MiB, {result.seconds:.1f}s")
+    typer.echo(
+        f"{printable(str(result.output))}: {result.videos} videos in one file, "
+        f"{result.bytes / 2**20:.1f} MiB, {result.seconds:.1f}s"
+    )
 
 
 @app.command()
@@ -351,8 +405,9 @@ def train_head(cache: Cache, quiet: Quiet = False, **settings) -> None:
 @_command(EvalConfig, flags={"keys_list": ("--list",), "out": ("--out", "-o")})
 def evaluate(
     checkpoint: Checkpoint,
-    cache: Annotated[Path, typer.Argument(help="A feature cache of the same features, with labels.",
-                                          show_default=False)],
+    cache: Annotated[
+        Path, typer.Argument(help="A feature cache of the same features, with labels.", show_default=False)
+    ],
     json_: Annotated[bool, typer.Option("--json", help="Print the metrics as JSON.", metavar="")] = False,
     quiet: Quiet = False,
     **settings,
@@ -370,17 +425,33 @@ def evaluate(
     if json_:
         import json
 
-        typer.echo(json.dumps({"checkpoint": str(checkpoint), "cache": str(cache), "eval": report.eval,
-                               **report.metrics, "skipped": len(report.skipped), "trained_on": report.seen,
-                               "only_trained_on": report.only_seen}, indent=1))
+        typer.echo(
+            json.dumps(
+                {
+                    "checkpoint": str(checkpoint),
+                    "cache": str(cache),
+                    "eval": report.eval,
+                    **report.metrics,
+                    "skipped": len(report.skipped),
+                    "trained_on": report.seen,
+                    "only_trained_on": report.only_seen,
+                },
+                indent=1,
+            )
+        )
         return
     typer.echo(report.summary_line())
     if report.seen is not None:
-        typer.secho(f"  + {report.seen['videos']} videos the head was trained on: top-1 {report.seen['top1']:.1%} "
-                    f"(not in the score above)", fg=typer.colors.YELLOW)
+        typer.secho(
+            f"  + {report.seen['videos']} videos the head was trained on: top-1 {report.seen['top1']:.1%} "
+            f"(not in the score above)",
+            fg=typer.colors.YELLOW,
+        )
     elif report.only_seen:
-        typer.secho("  every scored video was in the head's training split: this is not a held-out score",
-                    fg=typer.colors.YELLOW)
+        typer.secho(
+            "  every scored video was in the head's training split: this is not a held-out score",
+            fg=typer.colors.YELLOW,
+        )
     m = report.metrics
     width = max(len(c) for c in m["classes"])
     support = [sum(row) for row in m["confusion_matrix"]]
@@ -392,8 +463,9 @@ def evaluate(
 @_command(PredictConfig, flags={"output": ("--output", "-o")})
 def predict(
     checkpoint: Checkpoint,
-    inputs: Annotated[list[Path], typer.Argument(help="Videos, frame folders, folders of them, or CSV manifests.",
-                                                 show_default=False)],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Videos, frame folders, folders of them, or CSV manifests.", show_default=False)
+    ],
     quiet: Quiet = False,
     **settings,
 ) -> None:
@@ -410,8 +482,10 @@ def predict(
     if not quiet:
         shown = report.predictions[:20]
         for p in shown:
-            typer.echo(f"  {p.path}: " + (f"FAILED {p.error}" if p.error else
-                                         ", ".join(f"{label} {prob:.1%}" for label, prob in p.top[:3])))
+            typer.echo(
+                f"  {p.path}: "
+                + (f"FAILED {p.error}" if p.error else ", ".join(f"{label} {prob:.1%}" for label, prob in p.top[:3]))
+            )
         if len(report.predictions) > len(shown):
             typer.echo(f"  ... {len(report.predictions) - len(shown)} more in {report.output}")
     typer.echo(report.summary())
@@ -419,11 +493,17 @@ def predict(
         raise typer.Exit(EXIT_INPUTS_FAILED)
 
 
-@_command(SweepConfig, flags={"params": ("--param", "-p"), "out": ("--out", "-o")}, metavars={"params": "NAME=SPEC", "space": "FILE.yaml"},
-          kinds={"params": Optional[list[str]], "space": Optional[Path]})  # noqa: UP045
+@_command(
+    SweepConfig,
+    flags={"params": ("--param", "-p"), "out": ("--out", "-o")},
+    metavars={"params": "NAME=SPEC", "space": "FILE.yaml"},
+    kinds={"params": Optional[list[str]], "space": Optional[Path]},
+)  # noqa: UP045
 def sweep(
     cache: Cache,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.", metavar="")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="No progress bar; the leaderboard only.", metavar="")
+    ] = False,
     **settings,
 ) -> None:
     """Search head settings on one cache (grid, random or TPE, with pruning); several processes can share a study.
@@ -441,12 +521,17 @@ def sweep(
     if config.space is None and not config.params and not config.resume:
         from pipeline.sweep.space import default_space
 
-        typer.echo("no --space or --param: searching the default space (docs/sweep.md)\n  "
-                   + "\n  ".join(default_space().describe()))
+        typer.echo(
+            "no --space or --param: searching the default space (docs/sweep.md)\n  "
+            + "\n  ".join(default_space().describe())
+        )
 
     # a study of other settings is a usage error too
-    with _errors(f"interrupted: the study keeps its finished trials; continue with the same command and --resume "
-                 f"({out}/leaderboard.csv lists them)", usage=(SweepError,)):
+    with _errors(
+        f"interrupted: the study keeps its finished trials; continue with the same command and --resume "
+        f"({out}/leaderboard.csv lists them)",
+        usage=(SweepError,),
+    ):
         result = run(cache, config=config)
     typer.echo(result.table())
     typer.echo(result.summary_line())
@@ -455,9 +540,14 @@ def sweep(
 # ---------------------------------------------------------------------------------------------- stage three
 @_command(FinetuneConfig, flags={"out": ("--out", "-o")})
 def finetune(
-    inputs: Annotated[list[Path], typer.Argument(help="Labelled videos or frame folders: folders (class "
-                                                      "subfolders), files or CSV manifests, as for extract.",
-                                                 show_default=False)],
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Labelled videos or frame folders: folders (class "
+            "subfolders), files or CSV manifests, as for extract.",
+            show_default=False,
+        ),
+    ],
     quiet: Quiet = False,
     **settings,
 ) -> None:

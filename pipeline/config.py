@@ -84,8 +84,12 @@ class Runtime:
     """Progress bars (the CLI's --quiet turns them off)."""
 
     def __post_init__(self):
-        _check("--device", self.device in DEVICES or self.device.startswith("cuda:"), self.device,
-               f"one of {', '.join(DEVICES)} or cuda:N")
+        _check(
+            "--device",
+            self.device in DEVICES or self.device.startswith("cuda:"),
+            self.device,
+            f"one of {', '.join(DEVICES)} or cuda:N",
+        )
         _at_least(1, threads=self.threads)
 
 
@@ -113,8 +117,13 @@ class SplitConfig:
     def from_dict(cls, d: dict) -> SplitConfig:
         """The split settings recorded in a run's flat config (config.json, a checkpoint's `config`)."""
         paths = ("labels", "train_list", "val_list")
-        return cls(**{f.name: (Path(d[f.name]) if f.name in paths else d[f.name]) for f in fields(cls)
-                      if d.get(f.name) is not None})
+        return cls(
+            **{
+                f.name: (Path(d[f.name]) if f.name in paths else d[f.name])
+                for f in fields(cls)
+                if d.get(f.name) is not None
+            }
+        )
 
     def __post_init__(self):
         _one_of("--split", self.split, (*SPLIT_MODES, "head"))
@@ -239,11 +248,15 @@ class ExtractConfig(_Settings):
         if self.shard is not None:
             parse_shard(self.shard)
             if self.prune or self.pack:
-                raise ValueError("--prune and --pack cannot be combined with --shard: use them after "
-                                 "`pipeline merge` (an unsharded `extract --prune`, or `pipeline pack`)")
+                raise ValueError(
+                    "--prune and --pack cannot be combined with --shard: use them after "
+                    "`pipeline merge` (an unsharded `extract --prune`, or `pipeline pack`)"
+                )
             if self.overwrite:
-                raise ValueError("--overwrite cannot be combined with --shard (shards would delete each other's "
-                                 "work); delete the cache and its .parts folder first")
+                raise ValueError(
+                    "--overwrite cannot be combined with --shard (shards would delete each other's "
+                    "work); delete the cache and its .parts folder first"
+                )
         if self.output.suffix.lower() not in (".h5", ".hdf5"):
             raise ValueError(f"-o/--output should name an .h5 file, got {str(self.output)!r}")
 
@@ -319,12 +332,20 @@ class TrainConfig(_Settings):
         _one_of("--activation", self.activation, ACTIVATIONS)
         _one_of("--memory", self.memory, MEMORY_MODES)
         _check("--split", self.splitting.split != "head", "head", f"one of {', '.join(SPLIT_MODES)}")
-        _at_least(1, hidden=self.hidden, layers=self.layers, clip_stride=self.clip_stride, epochs=self.epochs,
-                  batch_size=self.batch_size, clip_len=self.clip_len)
+        _at_least(
+            1,
+            hidden=self.hidden,
+            layers=self.layers,
+            clip_stride=self.clip_stride,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            clip_len=self.clip_len,
+        )
         _at_least(0, eval_clips=self.eval_clips, patience=self.patience, workers=self.workers)
         if self.eval_clips and self.clip_len is None:
-            raise ValueError("--eval-clips needs --sampling segments or crop and a --clip-len (a whole sequence has "
-                             "one view)")
+            raise ValueError(
+                "--eval-clips needs --sampling segments or crop and a --clip-len (a whole sequence has one view)"
+            )
         _check("--dropout", 0.0 <= self.dropout < 1.0, self.dropout, "in [0, 1)")
         _check("--label-smoothing", 0.0 <= self.label_smoothing < 1.0, self.label_smoothing, "in [0, 1)")
         _check("--lr", self.lr > 0, self.lr, "> 0")
@@ -384,8 +405,10 @@ class PredictConfig(_Settings):
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
         if self.json and self.output.suffix.lower() == ".json":
-            raise ValueError(f"--json writes the JSON to OUTPUT with the suffix .json, which is -o {self.output} "
-                             f"itself; give -o a .csv name")
+            raise ValueError(
+                f"--json writes the JSON to OUTPUT with the suffix .json, which is -o {self.output} "
+                f"itself; give -o a .csv name"
+            )
         _at_least(1, top_k=self.top_k, batch_size=self.batch_size)
         _at_least(0, eval_clips=self.eval_clips, workers=self.workers)
         if self.cache is not None and Path(self.cache).suffix.lower() not in (".h5", ".hdf5"):
@@ -453,14 +476,15 @@ class SweepConfig(_Settings):
             object.__setattr__(self, "space", Path(self.space))
         _one_of("--strategy", self.strategy, STRATEGIES)
         _one_of("--pruner", self.pruner, PRUNERS)
-        _at_least(1, trials=self.trials, prune_warmup=self.prune_warmup, reduce_dim=self.reduce_dim,
-                  stack=self.stack)
+        _at_least(1, trials=self.trials, prune_warmup=self.prune_warmup, reduce_dim=self.reduce_dim, stack=self.stack)
         _at_least(0, refit=self.refit)
         if self.timeout is not None:
             _check("--timeout", self.timeout > 0, self.timeout, "> 0 seconds")
         if self.refit and self.reduce_dim is None:
-            raise ValueError("--refit trains the best settings again on the full features after a --reduce-dim "
-                             "sweep; without --reduce-dim the trials already use them (drop --refit)")
+            raise ValueError(
+                "--refit trains the best settings again on the full features after a --reduce-dim "
+                "sweep; without --reduce-dim the trials already use them (drop --refit)"
+            )
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
@@ -481,8 +505,15 @@ class SweepConfig(_Settings):
 
     def train_config(self, out: Path, **options) -> TrainConfig:
         """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
-        return TrainConfig(out=out, splitting=self.splitting, memory=self.memory,
-                           runtime=replace(self.runtime, progress=False), plots=False, overwrite=True, **options)
+        return TrainConfig(
+            out=out,
+            splitting=self.splitting,
+            memory=self.memory,
+            runtime=replace(self.runtime, progress=False),
+            plots=False,
+            overwrite=True,
+            **options,
+        )
 
 
 # ---------------------------------------------------------------------------------------------- stage three
@@ -572,12 +603,23 @@ class FinetuneConfig(_Settings):
         if self.unfreeze is not None and not self.unfreeze.strip():
             raise ValueError("--unfreeze needs module names (e.g. layer4), 'all' or 'none'")
         _one_of("--amp", self.amp, AMP_MODES)
-        _at_least(1, batch_size=self.batch_size, accumulate=self.accumulate, clip_stride=self.clip_stride,
-                  val_clips=self.val_clips)
+        _at_least(
+            1,
+            batch_size=self.batch_size,
+            accumulate=self.accumulate,
+            clip_stride=self.clip_stride,
+            val_clips=self.val_clips,
+        )
         if self.epochs == 0 and not self.start_eval:
             raise ValueError("--epochs 0 only evaluates the start: drop --no-start-eval")
-        _at_least(0, epochs=self.epochs, patience=self.patience, unfreeze_last=self.unfreeze_last,
-                  workers=self.workers, clip_len=self.clip_len)
+        _at_least(
+            0,
+            epochs=self.epochs,
+            patience=self.patience,
+            unfreeze_last=self.unfreeze_last,
+            workers=self.workers,
+            clip_len=self.clip_len,
+        )
         for flag, value in (("--lr", self.lr), ("--backbone-lr", self.backbone_lr)):
             if value is not None:
                 _check(flag, value > 0, value, "> 0")
@@ -638,4 +680,3 @@ def config_with(cls: type, config, required: dict, options: dict, what: str):
         base = direct.get(group, template[group])
         direct[group] = replace(base, **values)
     return cls(**direct) if config is None else replace(config, **direct)
-

@@ -30,8 +30,9 @@ def _sample(folder: Path, per_class: int, seed: int, echo) -> None:
         echo(f"      generated {len(paths)} clips in {folder} (seed {seed})")
 
 
-def run_demo(out: str | Path, backbone: str = "resnet18", weights: str = "none", progress: bool = True,
-             echo=print) -> dict:
+def run_demo(
+    out: str | Path, backbone: str = "resnet18", weights: str = "none", progress: bool = True, echo=print
+) -> dict:
     """Run every stage; returns {"test_top1": {head: accuracy}, "predictions": PredictReport, ...}."""
     from pipeline.data.cache import open_cache
     from pipeline.extract.run import extract_videos
@@ -63,8 +64,9 @@ def run_demo(out: str | Path, backbone: str = "resnet18", weights: str = "none",
 
     echo(f"[4/5] evaluate both heads on {TEST_CLIPS_PER_CLASS * len(CLASSES)} freshly generated clips")
     _sample(out / "test_videos", TEST_CLIPS_PER_CLASS, 1, echo)
-    report = extract_videos([out / "test_videos"], out / "test.h5", backbone=backbone, weights=weights,
-                            progress=progress)
+    report = extract_videos(
+        [out / "test_videos"], out / "test.h5", backbone=backbone, weights=weights, progress=progress
+    )
     echo(f"      {report.summary()}")
     test_top1 = {}
     for head in HEADS:
@@ -74,8 +76,9 @@ def run_demo(out: str | Path, backbone: str = "resnet18", weights: str = "none",
 
     echo(f"[5/5] predict {PREDICT_CLIPS_PER_CLASS * len(CLASSES)} more new clips with the LSTM head")
     _sample(out / "new_videos", PREDICT_CLIPS_PER_CLASS, 2, echo)
-    preds = predict(out / "runs" / "lstm" / "best.pt", [out / "new_videos"], out / "predictions.csv", json=True,
-                    progress=progress)
+    preds = predict(
+        out / "runs" / "lstm" / "best.pt", [out / "new_videos"], out / "predictions.csv", json=True, progress=progress
+    )
     right = 0
     for p in preds.predictions:
         truth = Path(p.path).parent.name
@@ -92,5 +95,4 @@ def run_demo(out: str | Path, backbone: str = "resnet18", weights: str = "none",
     echo(f"  predictions          {right}/{len(preds.predictions)} right -> {preds.output}")
     seconds = time.perf_counter() - started
     echo(f"The whole demo took {seconds:.0f}s (sample, extraction, training, evaluation, prediction).")
-    return {"test_top1": test_top1, "runs": results, "predictions": preds, "predict_right": right,
-            "seconds": seconds}
+    return {"test_top1": test_top1, "runs": results, "predictions": preds, "predict_right": right, "seconds": seconds}

@@ -25,7 +25,7 @@ from pipeline.extract.backbone import LoadedBackbone, WeightsError
 from pipeline.extract.reproduce import backbone_for_spec, extract_config_for
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import FeatureMismatchError, HeadCheckpoint, load_checkpoint
-from pipeline.train_head.train import predict_store
+from pipeline.train_head.train import score_store
 
 log = logging.getLogger(__name__)
 
@@ -55,26 +55,38 @@ class PredictReport:
         return [p for p in self.predictions if p.error]
 
     def summary(self) -> str:
-        return (f"{len(self.predictions) - len(self.failed)} videos predicted ({self.extracted} extracted, "
-                f"{self.reused} already in the prediction cache), {len(self.failed)} failed -> {self.output}"
-                + (f" and {self.json_output}" if self.json_output else ""))
+        return (
+            f"{len(self.predictions) - len(self.failed)} videos predicted ({self.extracted} extracted, "
+            f"{self.reused} already in the prediction cache), {len(self.failed)} failed -> {self.output}"
+            + (f" and {self.json_output}" if self.json_output else "")
+        )
 
 
-def checkpoint_backbone(ckpt: HeadCheckpoint, checkpoint: str | Path = "the checkpoint", weights: Path | None = None,
-                        progress: bool = True) -> LoadedBackbone:
+def checkpoint_backbone(
+    ckpt: HeadCheckpoint, checkpoint: str | Path = "the checkpoint", weights: Path | None = None, progress: bool = True
+) -> LoadedBackbone:
     """The frozen backbone that makes the features of `ckpt` (see backbone_for_spec), checked against the head."""
     loaded = backbone_for_spec(ckpt.feature_spec, ckpt.backbone_state, weights, str(checkpoint), progress)
     if loaded.dim != ckpt.dims.in_dim:
-        raise WeightsError(f"{checkpoint}: the head takes {ckpt.dims.in_dim}-dim features, but "
-                           f"{ckpt.feature_spec.backbone} gives {loaded.dim}: the checkpoint belongs to another backbone")
+        raise WeightsError(
+            f"{checkpoint}: the head takes {ckpt.dims.in_dim}-dim features, but "
+            f"{ckpt.feature_spec.backbone} gives {loaded.dim}: the checkpoint belongs to another backbone"
+        )
     return loaded
 
 
 SPEC_OPTIONS = ("backbone", "resize", "crop", "mean", "std")  # ExtractConfig fields a checkpoint's spec fixes
 
 
-def extract_with_checkpoint(checkpoint: str | Path, inputs: list, output, *, config: ExtractConfig | None = None,
-                            weights: Path | None = None, **options):
+def extract_with_checkpoint(
+    checkpoint: str | Path,
+    inputs: list,
+    output,
+    *,
+    config: ExtractConfig | None = None,
+    weights: Path | None = None,
+    **options,
+):
     """Extract `inputs` into the cache `output` with exactly the features of `checkpoint` (its fine-tuned backbone
     when it has one): same backbone, weights, preprocessing and sampling, so the cache's spec is the checkpoint's.
 
@@ -90,25 +102,46 @@ def extract_with_checkpoint(checkpoint: str | Path, inputs: list, output, *, con
     spec = ckpt.feature_spec
     wanted = extract_config_for(spec, cfg.output, None if ckpt.backbone_state is not None else weights)
     defaults = ExtractConfig(output=cfg.output)
-    conflicts = [name for name in SPEC_OPTIONS if getattr(cfg, name) != getattr(defaults, name)
-                 and getattr(cfg, name) != getattr(wanted, name)]
+    conflicts = [
+        name
+        for name in SPEC_OPTIONS
+        if getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != getattr(wanted, name)
+    ]
     if cfg.sampling != defaults.sampling and cfg.sampling != wanted.sampling:
         conflicts.append("sampling")
     if conflicts:
-        raise ValueError(f"--backbone-checkpoint takes the backbone, weights, preprocessing and sampling from "
-                         f"{checkpoint} ({spec.describe()}); drop the options that differ: {', '.join(conflicts)}")
+        raise ValueError(
+            f"--backbone-checkpoint takes the backbone, weights, preprocessing and sampling from "
+            f"{checkpoint} ({spec.describe()}); drop the options that differ: {', '.join(conflicts)}"
+        )
     loaded = checkpoint_backbone(ckpt, checkpoint, weights, progress=cfg.runtime.progress)
-    cfg = replace(cfg, backbone=wanted.backbone, weights=wanted.weights, resize=wanted.resize, crop=wanted.crop,
-                  mean=wanted.mean, std=wanted.std, sampling=wanted.sampling)
+    cfg = replace(
+        cfg,
+        backbone=wanted.backbone,
+        weights=wanted.weights,
+        resize=wanted.resize,
+        crop=wanted.crop,
+        mean=wanted.mean,
+        std=wanted.std,
+        sampling=wanted.sampling,
+    )
     report = extract_videos(inputs, cfg.output, config=cfg, backbone_model=loaded)
     if report.spec != spec:
-        raise FeatureMismatchError(f"extraction with {checkpoint}'s backbone gave features of another spec: "
-                                   + "; ".join(report.spec.differences(spec)))
+        raise FeatureMismatchError(
+            f"extraction with {checkpoint}'s backbone gave features of another spec: "
+            + "; ".join(report.spec.differences(spec))
+        )
     return report
 
 
-def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = None, *,
-            config: PredictConfig | None = None, **options) -> PredictReport:
+def predict(
+    checkpoint: str | Path,
+    inputs: list,
+    output: str | Path | None = None,
+    *,
+    config: PredictConfig | None = None,
+    **options,
+) -> PredictReport:
     """Classify videos or frame folders `inputs` with a head; write path, top-k classes and probabilities as CSV
     (and JSON with json=True). Videos are extracted with the checkpoint's feature spec into a resumable cache
     (config.cache, default beside the checkpoint), so predicting them again costs no extraction.
@@ -124,8 +157,15 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
     clips = ckpt.eval_clips_for(cfg.eval_clips)
     cache_path = Path(cfg.cache) if cfg.cache is not None else checkpoint.parent / PREDICT_CACHE_NAME
     items = discover(inputs)
-    extract_cfg = extract_config_for(ckpt.feature_spec, cache_path, cfg.weights, dtype=ckpt.feature_dtype,
-                                     batch_size=cfg.batch_size, workers=cfg.workers, runtime=cfg.runtime)
+    extract_cfg = extract_config_for(
+        ckpt.feature_spec,
+        cache_path,
+        cfg.weights,
+        dtype=ckpt.feature_dtype,
+        batch_size=cfg.batch_size,
+        workers=cfg.workers,
+        runtime=cfg.runtime,
+    )
     with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
         if cfg.weights is not None:
             # The same bytes under the recorded file name, so that the new features get exactly the head's spec.
@@ -152,9 +192,7 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
         torch.set_num_threads(cfg.runtime.threads or cpu_count())
         device = pick_device(cfg.runtime.device)
         store = load_sequences(cache, ok, "ram", progress=False)
-        probs = predict_store(ckpt.model(device), store, np.arange(len(ok)), clip_len=ckpt.clip_len,
-                              clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=HEAD_BATCH, device=device,
-                              sampling=ckpt.sampling)
+        probs = score_store(ckpt, store, clips, HEAD_BATCH, device)
     row_of = {k: i for i, k in enumerate(ok)}
     k_top = min(cfg.top_k, len(ckpt.classes))
     predictions = []
@@ -167,8 +205,9 @@ def predict(checkpoint: str | Path, inputs: list, output: str | Path | None = No
             reason = report.failed.get(key, (None, "not in the prediction cache"))[1]
             predictions.append(Prediction(str(item.path), [], reason))
     write_predictions(predictions, cfg.output, k_top, cfg.json)
-    return PredictReport(predictions, cfg.output, len(report.extracted), len(report.skipped),
-                         json_path(cfg.output) if cfg.json else None)
+    return PredictReport(
+        predictions, cfg.output, len(report.extracted), len(report.skipped), json_path(cfg.output) if cfg.json else None
+    )
 
 
 def json_path(output: Path) -> Path:
@@ -187,9 +226,21 @@ def write_predictions(predictions: list[Prediction], output: Path, k: int, as_js
             cells = [c for label, prob in p.top for c in (label, f"{prob:.6f}")]
             writer.writerow([p.path] + cells + [""] * (2 * k - len(cells)) + [p.error or ""])
     if as_json:
-        json_path(output).write_text(json.dumps(
-            [{"path": p.path, "predictions": [{"label": label, "prob": prob} for label, prob in p.top],
-              "error": p.error} for p in predictions], indent=1) + "\n", encoding="utf-8")
+        json_path(output).write_text(
+            json.dumps(
+                [
+                    {
+                        "path": p.path,
+                        "predictions": [{"label": label, "prob": prob} for label, prob in p.top],
+                        "error": p.error,
+                    }
+                    for p in predictions
+                ],
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
 
 
 _callable_stage(__name__)  # `pipeline.predict(...)` calls predict() above

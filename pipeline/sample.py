@@ -49,7 +49,7 @@ def clip_frames(rng: np.random.Generator, n: int, width: int, height: int) -> li
         x = round(left + (right - side - left) * j / max(n - 1, 1))
         y = min(max(y_centre - side // 2, 0), height - side)
         frame = np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
-        frame[y:y + side, x:x + side] = colour
+        frame[y : y + side, x : x + side] = colour
         frames.append(frame)
     return frames
 
@@ -67,8 +67,15 @@ def write_video(path: Path, frames_rgb: list[np.ndarray], fps: float = 10.0) -> 
     writer.release()
 
 
-def make_order_sample(out: str | Path, per_class: int = 24, frames: int = 16, width: int = 128, height: int = 96,
-                      seed: int = 0, classes: tuple[str, ...] = CLASSES) -> list[Path]:
+def make_order_sample(
+    out: str | Path,
+    per_class: int = 24,
+    frames: int = 16,
+    width: int = 128,
+    height: int = 96,
+    seed: int = 0,
+    classes: tuple[str, ...] = CLASSES,
+) -> list[Path]:
     """Write out/<class>/clip_<k>.avi for every class; returns the paths. Same seed -> same files."""
     out = Path(out)
     rng = np.random.default_rng(seed)

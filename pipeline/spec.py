@@ -39,8 +39,10 @@ class Sampling:
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"--num-frames must be >= 1, got {self.num_frames}")
         if self.num_frames is not None and (self.fps is not None or self.stride != 1 or self.max_frames):
-            raise ValueError("--num-frames picks frames uniformly over the whole video; "
-                             "it cannot be combined with --fps, --stride or --max-frames")
+            raise ValueError(
+                "--num-frames picks frames uniformly over the whole video; "
+                "it cannot be combined with --fps, --stride or --max-frames"
+            )
         if self.fps is not None and self.stride != 1:
             raise ValueError("use either --fps or --stride, not both")
         if not (math.isfinite(self.frames_fps) and self.frames_fps > 0):
@@ -93,8 +95,9 @@ class Preprocessing:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
-        frame = F.resize(frame, [self.resize], interpolation=InterpolationMode(self.interpolation),
-                         antialias=self.antialias)
+        frame = F.resize(
+            frame, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias
+        )
         return F.center_crop(frame, [self.crop])
 
     def normalize(self, batch):
@@ -119,15 +122,26 @@ class FeatureSpec:
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (the stored form)."""
-        return {"backbone": self.backbone, "weights": self.weights, "weights_sha256": self.weights_sha256,
-                "preprocessing": self.preprocessing.to_dict(), "sampling": self.sampling.to_dict(), "dim": self.dim}
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "weights_sha256": self.weights_sha256,
+            "preprocessing": self.preprocessing.to_dict(),
+            "sampling": self.sampling.to_dict(),
+            "dim": self.dim,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
         """The spec of stored data (a cache's index or parts, a checkpoint), old ones included."""
-        return cls(backbone=d["backbone"], weights=d["weights"], weights_sha256=d.get("weights_sha256"),
-                   preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-                   sampling=Sampling(**d["sampling"]), dim=int(d["dim"]))
+        return cls(
+            backbone=d["backbone"],
+            weights=d["weights"],
+            weights_sha256=d.get("weights_sha256"),
+            preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+            sampling=Sampling(**d["sampling"]),
+            dim=int(d["dim"]),
+        )
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=1)
@@ -149,5 +163,7 @@ class FeatureSpec:
 
     def describe(self) -> str:
         pre = self.preprocessing
-        return (f"{self.backbone} [{self.weights}] dim={self.dim}, resize {pre.resize} crop {pre.crop}, "
-                f"sampling {self.sampling.describe()}")
+        return (
+            f"{self.backbone} [{self.weights}] dim={self.dim}, resize {pre.resize} crop {pre.crop}, "
+            f"sampling {self.sampling.describe()}"
+        )

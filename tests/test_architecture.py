@@ -71,8 +71,10 @@ def test_the_import_check_sees_imports_inside_functions(tmp_path):
 def test_stage_one_and_the_cli_import_no_study_library():
     """Extraction runs on machines with only torch, torchvision, OpenCV, h5py, tqdm and typer (no Optuna, no YAML),
     and `pipeline --help` stays light."""
-    probe = ("import sys, pipeline.cli, pipeline.extract.run, pipeline.predict\n"
-             "bad = sorted(m for m in ('optuna', 'yaml', 'matplotlib') if m in sys.modules)\n"
-             "assert not bad, bad")
+    probe = (
+        "import sys, pipeline.cli, pipeline.extract.run, pipeline.predict\n"
+        "bad = sorted(m for m in ('optuna', 'yaml', 'matplotlib') if m in sys.modules)\n"
+        "assert not bad, bad"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -120,17 +120,13 @@ def test_pack_in_place_then_extract_again_resumes(tmp_path):
     pipeline.extract_videos([videos], out, **FAST)
     before = all_features(out)
     assert pack(out).videos == 2
-    assert (
-        not parts_dir(out).exists() and open_cache(out).packed and all_features(out).keys() == before.keys()
-    )
+    assert not parts_dir(out).exists() and open_cache(out).packed and all_features(out).keys() == before.keys()
 
     make_video(videos / "c.avi", 4)
     report = pipeline.extract_videos([videos], out, **FAST, pack=True)
     assert report.skipped == ["a.avi", "b.avi"] and report.extracted == ["c.avi"] and report.packed
     cache = open_cache(out)
-    assert (
-        cache.packed and not parts_dir(out).exists() and sorted(cache.keys()) == ["a.avi", "b.avi", "c.avi"]
-    )
+    assert cache.packed and not parts_dir(out).exists() and sorted(cache.keys()) == ["a.avi", "b.avi", "c.avi"]
     assert np.array_equal(cache.features("a.avi"), before["a.avi"]) and cache.features("c.avi").shape == (
         4,
         512,

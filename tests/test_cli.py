@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
-from helpers import make_video
+from helpers import FAST_ARGS, make_video
 from typer.testing import CliRunner
 
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
 
 runner = CliRunner()
-SMALL = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56", "--workers", "0"]
+SMALL = [*FAST_ARGS, "--workers", "0"]
 
 
 def test_help_lists_commands_and_is_fast():
@@ -47,8 +47,9 @@ def test_the_command_lets_idle_openmp_threads_sleep_unless_the_user_chose(given,
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if given is not None:
         env["OMP_WAIT_POLICY"] = given
-    result = subprocess.run([sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120,
-                            check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", OMP_PROBE], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == [used, used]
 
@@ -84,16 +85,31 @@ def test_the_demo_says_how_long_it_took(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "DEMO_TRAIN", {**demo.DEMO_TRAIN, "epochs": 1})
     said = []
     result = demo.run_demo(tmp_path / "demo", backbone="mobilenet_v3_small", progress=False, echo=said.append)
-    assert said[-1] == (f"The whole demo took {result['seconds']:.0f}s (sample, extraction, training, evaluation, "
-                        f"prediction).")
+    assert said[-1] == (
+        f"The whole demo took {result['seconds']:.0f}s (sample, extraction, training, evaluation, prediction)."
+    )
     assert 0 < result["seconds"] < 600
 
 
 def test_extract_help_shows_options_and_defaults():
     result = runner.invoke(app, ["extract", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for flag in ("--output", "--backbone", "--weights", "--fps", "--stride", "--max-frames", "--num-frames",
-                 "--dtype", "--device", "--batch-size", "--workers", "--threads", "--overwrite", "--quiet"):
+    for flag in (
+        "--output",
+        "--backbone",
+        "--weights",
+        "--fps",
+        "--stride",
+        "--max-frames",
+        "--num-frames",
+        "--dtype",
+        "--device",
+        "--batch-size",
+        "--workers",
+        "--threads",
+        "--overwrite",
+        "--quiet",
+    ):
         assert flag in result.output
     assert "resnet50" in result.output and "float16" in result.output
 
@@ -114,15 +130,18 @@ def test_extract_then_info(clip, tmp_path):
     assert "failures   0" in info.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dtype", "float64"], "--dtype must be one of float16, float32"),
-    (["--fps", "2", "--stride", "3"], "either --fps or --stride"),
-    (["--num-frames", "4", "--max-frames", "2"], "--num-frames"),
-    (["--stride", "0"], "--stride must be >= 1"),
-    (["--device", "tpu"], "--device must be one of"),
-    (["--backbone", "resnet9000"], "--backbone 'resnet9000' is not a torchvision classification model"),
-    (["--weights", "IMAGENET9K"], "is not a weights name of resnet18"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "float64"], "--dtype must be one of float16, float32"),
+        (["--fps", "2", "--stride", "3"], "either --fps or --stride"),
+        (["--num-frames", "4", "--max-frames", "2"], "--num-frames"),
+        (["--stride", "0"], "--stride must be >= 1"),
+        (["--device", "tpu"], "--device must be one of"),
+        (["--backbone", "resnet9000"], "--backbone 'resnet9000' is not a torchvision classification model"),
+        (["--weights", "IMAGENET9K"], "is not a weights name of resnet18"),
+    ],
+)
 def test_bad_options_are_usage_errors_naming_the_flag(clip, tmp_path, args, message):
     base = ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet18", "--weights", "none"]
     result = runner.invoke(app, base + args)
@@ -142,6 +161,7 @@ def test_missing_input_and_output_suffix(tmp_path, clip):
 
 def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+
     # Nothing can be downloaded in tests, online or not: make the download itself fail like an offline machine.
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
@@ -157,6 +177,7 @@ def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch)
 
 def test_offline_error_names_the_weights_versions_already_in_the_cache(clip, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
 
@@ -172,12 +193,24 @@ def test_offline_error_names_the_weights_versions_already_in_the_cache(clip, tmp
 
 
 def test_weights_file_of_another_architecture(clip, tmp_path, resnet18_state_file):
-    result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--backbone", "resnet50",
-                                 "--weights", str(resnet18_state_file)])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(clip),
+            "-o",
+            str(tmp_path / "c.h5"),
+            "--backbone",
+            "resnet50",
+            "--weights",
+            str(resnet18_state_file),
+        ],
+    )
     assert result.exit_code == EXIT_ERROR
     assert "do not fit resnet50" in result.output
-    missing = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--weights",
-                                  str(tmp_path / "nope.pth")])
+    missing = runner.invoke(
+        app, ["extract", str(clip), "-o", str(tmp_path / "c.h5"), "--weights", str(tmp_path / "nope.pth")]
+    )
     assert missing.exit_code == EXIT_ERROR and "nope.pth does not exist" in missing.output
 
 

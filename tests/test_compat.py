@@ -38,6 +38,19 @@ def test_an_old_checkpoint_evaluates_and_an_old_cache_trains(old, tmp_path):
     assert ckpt.feature_spec == pipeline.open_cache(old / "cache.h5").spec
     report = pipeline.evaluate(old / "head.pt", old / "cache.h5", progress=False)
     assert report.metrics["videos"] == 8
-    run = pipeline.train_head(old / "cache.h5", tmp_path / "run", head="meanpool", hidden=8, epochs=1,
-                              batch_size=4, clip_len=4, progress=False, plots=False, val_fraction=0.5)
-    assert run.summary["epochs_run"] == 1 and load_checkpoint(tmp_path / "run" / "best.pt").feature_spec == ckpt.feature_spec
+    run = pipeline.train_head(
+        old / "cache.h5",
+        tmp_path / "run",
+        head="meanpool",
+        hidden=8,
+        epochs=1,
+        batch_size=4,
+        clip_len=4,
+        progress=False,
+        plots=False,
+        val_fraction=0.5,
+    )
+    assert (
+        run.summary["epochs_run"] == 1
+        and load_checkpoint(tmp_path / "run" / "best.pt").feature_spec == ckpt.feature_spec
+    )

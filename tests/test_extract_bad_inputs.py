@@ -14,7 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import FAST, TINY_HEAD, feature_cache, make_frame_folder, make_video, separable_videos
+from helpers import FAST, FAST_ARGS, TINY_HEAD, feature_cache, make_frame_folder, make_video, separable_videos
 from typer.testing import CliRunner
 
 import pipeline
@@ -23,14 +23,7 @@ from pipeline.data.cache import CacheWriter, parts_dir
 from pipeline.extract.inputs import InputError, discover
 
 CLI_FAST = [
-    "--backbone",
-    "resnet18",
-    "--weights",
-    "none",
-    "--resize",
-    "64",
-    "--crop",
-    "56",
+    *FAST_ARGS,
     "--workers",
     "0",
     "-q",
@@ -104,15 +97,12 @@ def test_names_that_are_not_utf8_are_keys_that_round_trip(tmp_path):
     assert info.exit_code == EXIT_OK and "bad\\xff.mp4" in info.output and "\x1b" not in info.output
 
     again = pipeline.extract_videos([root], out, **FAST)  # the keys match again: resumed, nothing redone
-    assert sorted(again.skipped) == sorted(cache.keys()) and list(again.failed) == [
-        os.fsdecode(b"bad\xff.mp4")
-    ]
+    assert sorted(again.skipped) == sorted(cache.keys()) and list(again.failed) == [os.fsdecode(b"bad\xff.mp4")]
 
 
 def test_train_head_and_evaluate_take_keys_that_are_not_utf8(tmp_path):
     videos = [
-        (os.fsdecode(b"caf\xe9/") + key, x, label, split)
-        for key, x, label, split in separable_videos(per_class=4)
+        (os.fsdecode(b"caf\xe9/") + key, x, label, split) for key, x, label, split in separable_videos(per_class=4)
     ]
     cache = feature_cache(tmp_path / "c.h5", videos)
     pipeline.train_head(cache, tmp_path / "run", head="meanpool", **{**TINY_HEAD, "epochs": 2})
@@ -236,9 +226,7 @@ def test_leftover_temp_index_of_a_dead_run_is_removed(tmp_path):
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
     )
     dead = tmp_path / f".c.h5.{int(gone.stdout)}.tmp"
-    alive = (
-        tmp_path / f".c.h5.{os.getppid()}.tmp"
-    )  # a live process's file (e.g. a pack in progress) is left alone
+    alive = tmp_path / f".c.h5.{os.getppid()}.tmp"  # a live process's file (e.g. a pack in progress) is left alone
     dead.write_bytes(b"half an index")
     alive.write_bytes(b"being written")
     pipeline.extract_videos([tmp_path / "v"], out, **FAST)

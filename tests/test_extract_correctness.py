@@ -1,4 +1,5 @@
-"""Feature rows against an independent computation: own decode, torchvision's own transforms, a separately built model."""
+"""Feature rows against an independent computation: own decode, torchvision's own transforms, a separately built
+model."""
 
 from __future__ import annotations
 
@@ -31,8 +32,16 @@ def reference_rows(model, rgb_frames: list[np.ndarray], resize: int | None = Non
 
 def test_video_rows_equal_independent_reference_and_bgr_is_caught(tmp_path, resnet18_state_file):
     video = make_video(tmp_path / "clip.avi", 9)
-    report = pipeline.extract_videos([video], tmp_path / "c.h5", backbone="resnet18", weights=str(resnet18_state_file),
-                                     stride=3, dtype="float32", progress=False, workers=1)
+    report = pipeline.extract_videos(
+        [video],
+        tmp_path / "c.h5",
+        backbone="resnet18",
+        weights=str(resnet18_state_file),
+        stride=3,
+        dtype="float32",
+        progress=False,
+        workers=1,
+    )
     assert report.ok and report.extracted == ["clip.avi"]
     cache = pipeline.open_cache(tmp_path / "c.h5")
     idx = cache.frame_indices("clip.avi")
@@ -58,8 +67,17 @@ def test_video_rows_equal_independent_reference_and_bgr_is_caught(tmp_path, resn
 def test_frame_folder_rows_equal_pil_reference(tmp_path, resnet18_state_file):
     """Frame folders are read with PIL here (a different decoder from the package's OpenCV) in natural order."""
     folder = make_frame_folder(tmp_path / "seq", 12)
-    pipeline.extract_videos([folder], tmp_path / "c.h5", backbone="resnet18", weights=str(resnet18_state_file),
-                            max_frames=4, stride=1, dtype="float32", progress=False, workers=0)
+    pipeline.extract_videos(
+        [folder],
+        tmp_path / "c.h5",
+        backbone="resnet18",
+        weights=str(resnet18_state_file),
+        max_frames=4,
+        stride=1,
+        dtype="float32",
+        progress=False,
+        workers=0,
+    )
     cache = pipeline.open_cache(tmp_path / "c.h5")
     np.testing.assert_array_equal(cache.frame_indices("seq"), [0, 1, 2, 3])
     files = [folder / f"img_{i}.png" for i in (1, 2, 3, 4)]
@@ -112,8 +130,15 @@ def test_real_torchvision_weights_from_the_cache_are_hash_checked(tmp_path, monk
     (checkpoints / mobilenet_v2_imagenet.name).write_bytes(mobilenet_v2_imagenet.read_bytes())
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     video = make_video(tmp_path / "v" / "a.avi", 3)
-    report = pipeline.extract_videos([video], tmp_path / "c.h5", backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                                     dtype="float32", progress=False, workers=0)
+    report = pipeline.extract_videos(
+        [video],
+        tmp_path / "c.h5",
+        backbone="mobilenet_v2",
+        weights="IMAGENET1K_V1",
+        dtype="float32",
+        progress=False,
+        workers=0,
+    )
     cache = pipeline.open_cache(tmp_path / "c.h5")
     assert report.ok and cache.spec.weights == "MobileNet_V2_Weights.IMAGENET1K_V1" and cache.spec.dim == 1280
     assert cache.spec.weights_sha256.startswith("b0353104")  # torchvision names files by their sha256 prefix
@@ -128,8 +153,9 @@ def test_real_torchvision_weights_from_the_cache_are_hash_checked(tmp_path, monk
     # A corrupted file in the cache fails torchvision's hash check: a clear error, not silent garbage.
     (checkpoints / mobilenet_v2_imagenet.name).write_bytes(b"0" * 1000)
     with pytest.raises(pipeline_weights_error(), match="not in the torchvision cache"):
-        pipeline.extract_videos([video], tmp_path / "d.h5", backbone="mobilenet_v2", weights="IMAGENET1K_V1",
-                                progress=False, workers=0)
+        pipeline.extract_videos(
+            [video], tmp_path / "d.h5", backbone="mobilenet_v2", weights="IMAGENET1K_V1", progress=False, workers=0
+        )
 
 
 def pipeline_weights_error():
@@ -141,20 +167,38 @@ def pipeline_weights_error():
 def test_prefixed_state_dict_with_foreign_classifier_loads(tmp_path, resnet50_selfsup):
     """A real ResNet-50 file with 'module.pre.' keys and its own fc: the prefix is stripped, the fc dropped."""
     video = make_video(tmp_path / "v" / "a.avi", 2)
-    pipeline.extract_videos([video], tmp_path / "c.h5", backbone="resnet50", weights=str(resnet50_selfsup),
-                            dtype="float32", progress=False, workers=0, crop=112, resize=128)
+    pipeline.extract_videos(
+        [video],
+        tmp_path / "c.h5",
+        backbone="resnet50",
+        weights=str(resnet50_selfsup),
+        dtype="float32",
+        progress=False,
+        workers=0,
+        crop=112,
+        resize=128,
+    )
     cache = pipeline.open_cache(tmp_path / "c.h5")
     assert cache.spec.dim == 2048 and cache.spec.weights == "model.pth"
     state = torch.load(resnet50_selfsup, map_location="cpu", weights_only=True)
     model = torchvision.models.resnet50()
     model.fc = torch.nn.Identity()
-    model.load_state_dict({k[len("module.pre."):]: v for k, v in state.items()
-                           if k.startswith("module.pre.") and not k.startswith("module.pre.fc.")})
+    model.load_state_dict(
+        {
+            k[len("module.pre.") :]: v
+            for k, v in state.items()
+            if k.startswith("module.pre.") and not k.startswith("module.pre.fc.")
+        }
+    )
     model.eval()
-    pre = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(128, antialias=True), torchvision.transforms.CenterCrop(112),
-        torchvision.transforms.ConvertImageDtype(torch.float32),
-        torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    pre = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Resize(128, antialias=True),
+            torchvision.transforms.CenterCrop(112),
+            torchvision.transforms.ConvertImageDtype(torch.float32),
+            torchvision.transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     with torch.inference_mode():
         x = torch.stack([pre(torch.from_numpy(f).permute(2, 0, 1)) for f in decode_all_rgb(video)])
         expected = model(x).numpy()

@@ -12,15 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import FAST, make_video
+from helpers import FAST, FAST_ARGS, make_video
 from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import app
 from pipeline.data.cache import CacheError, CacheWriter, merge, open_cache, parts_dir
 
-ARGS = ["--backbone", "resnet18", "--weights", "none", "--resize", "64", "--crop", "56", "--dtype", "float32",
-        "--workers", "0", "-q"]
+ARGS = [
+    *FAST_ARGS,
+    "--dtype",
+    "float32",
+    "--workers",
+    "0",
+    "-q",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +55,20 @@ def assert_same_cache(got, ref):
 
 def torchrun(videos: Path, out: Path, nproc: int = 2) -> subprocess.Popen:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "pipeline", "extract", str(videos), "-o", str(out), *ARGS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "pipeline",
+        "extract",
+        str(videos),
+        "-o",
+        str(out),
+        *ARGS,
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -7,7 +7,7 @@ import os
 import cv2
 import numpy as np
 import pytest
-from helpers import FAST, make_frame_folder, make_video, pattern_frame
+from helpers import FAST, FAST_ARGS, make_frame_folder, make_video, pattern_frame
 from typer.testing import CliRunner
 
 import pipeline
@@ -30,8 +30,13 @@ def test_labels_from_parent_folders_and_recursive_discovery(tmp_path):
 
     pipeline.extract_videos([root], tmp_path / "c.h5", **FAST)
     cache = pipeline.open_cache(tmp_path / "c.h5")
-    assert cache.labels() == {"jump/a.MP4": "jump", "jump/b.avi": "jump", "run/c.avi": "run",
-                              "run/d_frames": "run", "loose.avi": None}
+    assert cache.labels() == {
+        "jump/a.MP4": "jump",
+        "jump/b.avi": "jump",
+        "run/c.avi": "run",
+        "run/d_frames": "run",
+        "loose.avi": None,
+    }
     assert cache.info("run/c.avi")["source_path"] == str((root / "run" / "c.avi").resolve())
 
 
@@ -121,8 +126,16 @@ def test_bad_inputs_are_reported_recorded_and_skipped(messy, tmp_path):
 def test_failed_inputs_exit_3_list_in_info_and_are_retried(messy, tmp_path):
     root, expected = messy
     out = tmp_path / "c.h5"
-    args = ["extract", str(root), "-o", str(out), "--backbone", "resnet18", "--weights", "none", "--resize", "64",
-            "--crop", "56", "--workers", "0", "-q"]
+    args = [
+        "extract",
+        str(root),
+        "-o",
+        str(out),
+        *FAST_ARGS,
+        "--workers",
+        "0",
+        "-q",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_INPUTS_FAILED, result.output
     assert "zero.mp4: empty file (0 bytes)" in result.output
@@ -152,6 +165,7 @@ def test_decode_workers_start_after_opencv_used_its_thread_pool(tmp_path):
         "cv2.cvtColor(np.zeros((720, 1280, 3), np.uint8), cv2.COLOR_RGB2BGR)\n"
         f"r = pipeline.extract_videos([{str(video)!r}], {str(tmp_path / 'c.h5')!r}, backbone='resnet18',"
         " weights='none', resize=64, crop=56, workers=1, progress=False)\n"
-        "assert r.ok and r.frames == 3\n")
+        "assert r.ok and r.frames == 3\n"
+    )
     result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

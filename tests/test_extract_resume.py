@@ -54,8 +54,9 @@ def test_changed_video_is_redone_and_new_video_added(videos, tmp_path):
     assert len(cache) == 5 and len(list(parts_dir(out).glob("*.h5"))) == 5
 
 
-@pytest.mark.parametrize("change", [{"backbone": "resnet34"}, {"stride": 2}, {"crop": 48}, {"dtype": "float32"},
-                                    {"weights": "SEEDFILE"}])
+@pytest.mark.parametrize(
+    "change", [{"backbone": "resnet34"}, {"stride": 2}, {"crop": 48}, {"dtype": "float32"}, {"weights": "SEEDFILE"}]
+)
 def test_other_spec_into_existing_cache_is_refused_or_overwritten(videos, tmp_path, change, resnet18_state_file):
     out = tmp_path / "c.h5"
     pipeline.extract_videos([videos], out, **FAST)
@@ -70,9 +71,13 @@ def test_other_spec_into_existing_cache_is_refused_or_overwritten(videos, tmp_pa
     assert len(report.extracted) == 4
     cache = pipeline.open_cache(out)
     key, value = next(iter(change.items()))
-    recorded = {"backbone": cache.spec.backbone, "stride": cache.spec.sampling.stride,
-                "crop": cache.spec.preprocessing.crop, "dtype": cache.dtype,
-                "weights": str(resnet18_state_file) if cache.spec.weights == resnet18_state_file.name else None}
+    recorded = {
+        "backbone": cache.spec.backbone,
+        "stride": cache.spec.sampling.stride,
+        "crop": cache.spec.preprocessing.crop,
+        "dtype": cache.dtype,
+        "weights": str(resnet18_state_file) if cache.spec.weights == resnet18_state_file.name else None,
+    }
     assert recorded[key] == value
 
 
@@ -102,14 +107,36 @@ def test_cache_is_plain_hdf5(videos, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- kill -9 tests
-CRASH_ARGS = ["--backbone", "resnet18", "--weights", "none", "--resize", "128", "--crop", "112", "--dtype",
-              "float32", "--batch-size", "4", "--threads", "1", "--workers", "1", "-q"]
+CRASH_ARGS = [
+    "--backbone",
+    "resnet18",
+    "--weights",
+    "none",
+    "--resize",
+    "128",
+    "--crop",
+    "112",
+    "--dtype",
+    "float32",
+    "--batch-size",
+    "4",
+    "--threads",
+    "1",
+    "--workers",
+    "1",
+    "-q",
+]
 
 
 def _launch(videos: Path, out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    return subprocess.Popen([sys.executable, "-m", "pipeline", "extract", str(videos), "-o", str(out), *CRASH_ARGS],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "extract", str(videos), "-o", str(out), *CRASH_ARGS],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _kill_when(proc: subprocess.Popen, out: Path, parts: int | None, after_s: float | None = None) -> int:

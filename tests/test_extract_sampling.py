@@ -27,17 +27,20 @@ def run(video, tmp_path, **sampling):
     return cache, key
 
 
-@pytest.mark.parametrize("options, expected", [
-    ({}, list(range(50))),
-    ({"stride": 4}, list(range(0, 50, 4))),
-    ({"fps": 5.0}, list(range(0, 50, 5))),
-    ({"fps": 10.0}, [math.ceil(k * 2.5) for k in range(20)]),  # the first frame at or after k/10 s
-    ({"fps": 100.0}, list(range(50))),  # never duplicates frames above the native rate
-    ({"max_frames": 7}, list(range(7))),
-    ({"stride": 3, "max_frames": 4}, [0, 3, 6, 9]),
-    ({"num_frames": 5}, [0, 12, 24, 37, 49]),  # round(linspace(0, 49, 5))
-    ({"num_frames": 80}, list(range(50))),  # fewer frames than asked: all of them, once
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        ({}, list(range(50))),
+        ({"stride": 4}, list(range(0, 50, 4))),
+        ({"fps": 5.0}, list(range(0, 50, 5))),
+        ({"fps": 10.0}, [math.ceil(k * 2.5) for k in range(20)]),  # the first frame at or after k/10 s
+        ({"fps": 100.0}, list(range(50))),  # never duplicates frames above the native rate
+        ({"max_frames": 7}, list(range(7))),
+        ({"stride": 3, "max_frames": 4}, [0, 3, 6, 9]),
+        ({"num_frames": 5}, [0, 12, 24, 37, 49]),  # round(linspace(0, 49, 5))
+        ({"num_frames": 80}, list(range(50))),  # fewer frames than asked: all of them, once
+    ],
+)
 def test_sampling_picks_frames_by_index_and_time(video25, tmp_path, options, expected):
     cache, key = run(video25, tmp_path, **options)
     idx = cache.frame_indices(key)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import FAST, decode_all_rgb, make_frame_folder, make_video, pattern_frame
+from helpers import FAST, FAST_ARGS, decode_all_rgb, make_frame_folder, make_video, pattern_frame
 from typer.testing import CliRunner
 
 import pipeline
@@ -106,8 +106,18 @@ def test_a_decoder_crash_fails_only_its_video_and_a_rerun_retries_it(tmp_path, m
     for k in range(4):
         make_video(videos / f"c{k}.avi", 4, offset=k)
     out = tmp_path / "c.h5"
-    args = ["extract", str(videos), "-o", str(out), "--backbone", "resnet18", "--weights", "none",
-            "--resize", "64", "--crop", "56", "--workers", "1", "--batch-size", "4", "-q"]
+    args = [
+        "extract",
+        str(videos),
+        "-o",
+        str(out),
+        *FAST_ARGS,
+        "--workers",
+        "1",
+        "--batch-size",
+        "4",
+        "-q",
+    ]
     monkeypatch.setenv(CRASH_ON_ENV, "c1.avi")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == EXIT_INPUTS_FAILED, result.output
@@ -155,8 +165,7 @@ def test_image_size_reads_headers(tmp_path, ext):
 def test_nvdec_without_a_gpu_says_why_and_decodes_on_the_cpu(tmp_path, caplog):
     make_video(tmp_path / "v" / "a.avi", 3)
     with caplog.at_level(logging.WARNING, logger="pipeline"):
-        report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "n.h5", decoder="nvdec",
-                                         dtype="float32", **FAST)
+        report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "n.h5", decoder="nvdec", dtype="float32", **FAST)
     assert report.ok and report.extracted == ["a.avi"]
     said = "--decoder nvdec is unavailable: NVDEC decodes on an NVIDIA GPU, and this run's device is cpu"
     assert said in caplog.text
@@ -181,8 +190,9 @@ def fake_torchcodec(monkeypatch):
             self.path, self.frames = path, decode_all_rgb(path)
             h, w = self.frames[0].shape[:2]
             n = len(self.frames)
-            self.metadata = types.SimpleNamespace(codec="h264", width=w, height=h, num_frames=n,
-                                                  average_fps=25.0, num_frames_from_header=n)
+            self.metadata = types.SimpleNamespace(
+                codec="h264", width=w, height=h, num_frames=n, average_fps=25.0, num_frames_from_header=n
+            )
 
         def get_frames_in_range(self, start, stop):
             if "broken" in self.path and start > 0:
@@ -200,8 +210,7 @@ def fake_torchcodec(monkeypatch):
     monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
     # As on a GPU, where torchcodec would be importable:
     monkeypatch.setattr(run, "_nvdec_usable", lambda decoder, device: decoder == "nvdec")
-    monkeypatch.setattr(run, "_nvdec_decoders",
-                        lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
+    monkeypatch.setattr(run, "_nvdec_decoders", lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
 
 
 @pytest.mark.parametrize("workers", [0, 1])
@@ -218,8 +227,9 @@ def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_torch
     assert report.ok and len(report.extracted) == 4
     pipeline.extract_videos([videos], tmp_path / "c.h5", **{**opts, "preprocess": "workers"})
     # NVDEC's frames are always cropped by the device path, whatever --preprocess says for the CPU decoder's.
-    workers_path = pipeline.extract_videos([videos], tmp_path / "w.h5", decoder="nvdec",
-                                           **{**opts, "preprocess": "workers"})
+    workers_path = pipeline.extract_videos(
+        [videos], tmp_path / "w.h5", decoder="nvdec", **{**opts, "preprocess": "workers"}
+    )
     assert workers_path.ok and len(workers_path.extracted) == 4
     a, b = pipeline.open_cache(tmp_path / "n.h5"), pipeline.open_cache(tmp_path / "c.h5")
     assert a.info("good.avi")["decoder"] == "nvdec" and "decoder" not in b.info("good.avi")
@@ -234,7 +244,9 @@ def test_stage_one_imports_no_stage_two_dependencies():
     yaml."""
     import subprocess
 
-    probe = ("import sys, pipeline.extract.run, pipeline.extract.nvdec; "
-             "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; "
-             "assert not extra, extra")
+    probe = (
+        "import sys, pipeline.extract.run, pipeline.extract.nvdec; "
+        "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; "
+        "assert not extra, extra"
+    )
     assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=120).returncode == 0

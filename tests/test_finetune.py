@@ -39,8 +39,20 @@ from pipeline.predict import checkpoint_backbone
 from pipeline.train_head.checkpoint import load_checkpoint
 
 runner = CliRunner()
-HEAD = dict(head="lstm", hidden=32, epochs=8, batch_size=4, lr=1e-2, clip_len=4, patience=0, val_fraction=0.3,
-            split_seed=3, progress=False, plots=False, threads=2)
+HEAD = dict(
+    head="lstm",
+    hidden=32,
+    epochs=8,
+    batch_size=4,
+    lr=1e-2,
+    clip_len=4,
+    patience=0,
+    val_fraction=0.3,
+    split_seed=3,
+    progress=False,
+    plots=False,
+    threads=2,
+)
 TUNE = dict(epochs=1, batch_size=4, clip_len=4, workers=0, progress=False, plots=False, threads=2)
 
 
@@ -65,8 +77,10 @@ def start_model(ckpt_path, **options) -> tuple[FinetuneModel, object]:
 
 
 def records_of(cache) -> list[VideoRecord]:
-    return [VideoRecord(k, Path(cache.info(k)["source_path"]), 0, cache.frame_indices(k), cache.timestamps(k))
-            for k in cache.keys()]
+    return [
+        VideoRecord(k, Path(cache.info(k)["source_path"]), 0, cache.frame_indices(k), cache.timestamps(k))
+        for k in cache.keys()
+    ]
 
 
 # ------------------------------------------------------------------------------------------- decoding
@@ -98,12 +112,15 @@ class MisSeeking:
         return getattr(self.cap, name)
 
 
-@pytest.mark.parametrize(("error", "shift", "mode"), [
-    (-3, 0.0, WALK),  # lands early: walk forward to the recorded timestamp
-    (2, 0.0, WALK),  # lands late: seek SEEK_BACKOFF earlier, then walk
-    (SEEK_BACKOFF + 5, 0.0, SEQUENTIAL),  # lands late even from the earlier point: decode from the start
-    (0, 0.5, SEQUENTIAL),  # timestamps that never match (made up by a container without them)
-])
+@pytest.mark.parametrize(
+    ("error", "shift", "mode"),
+    [
+        (-3, 0.0, WALK),  # lands early: walk forward to the recorded timestamp
+        (2, 0.0, WALK),  # lands late: seek SEEK_BACKOFF earlier, then walk
+        (SEEK_BACKOFF + 5, 0.0, SEQUENTIAL),  # lands late even from the earlier point: decode from the start
+        (0, 0.5, SEQUENTIAL),  # timestamps that never match (made up by a container without them)
+    ],
+)
 def test_inexact_seeks_are_caught_and_read_right(tmp_path, monkeypatch, error, shift, mode):
     video = make_video(tmp_path / "v.mp4", 120)
     reference = decode_all_rgb(video)
@@ -165,12 +182,14 @@ def test_zero_steps_give_the_logits_of_the_cached_path(head_run):
         with torch.inference_mode():
             got = model(batch.x, batch.lengths)
             x = torch.nn.utils.rnn.pad_sequence(
-                [torch.from_numpy(cache.features(keys[v])) for v in batch.owners.tolist()], batch_first=True)
+                [torch.from_numpy(cache.features(keys[v])) for v in batch.owners.tolist()], batch_first=True
+            )
             expected = head(x, batch.lengths)
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # The real entry point: the start's validation equals the head's own, on the head's split.
-    result = pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", head_run / "ft0",
-                               **{**TUNE, "epochs": 0})
+    result = pipeline.finetune(
+        [head_run / "videos"], head_run / "run" / "best.pt", head_run / "ft0", **{**TUNE, "epochs": 0}
+    )
     summary = json.loads((head_run / "run" / "summary.json").read_text())
     assert result.summary["start"]["top1"] == summary["top1"]
     assert result.summary["start"]["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
@@ -199,8 +218,9 @@ def test_gradient_checkpointing_gives_the_same_gradients(head_run):
     grads = []
     for checkpointing in (False, True):
         model, _ = start_model(head_run / "run" / "best.pt")
-        model = FinetuneModel(model.backbone, model.head, model.pre, unfreeze=["layer3", "layer4"],
-                              grad_checkpointing=checkpointing)
+        model = FinetuneModel(
+            model.backbone, model.head, model.pre, unfreeze=["layer3", "layer4"], grad_checkpointing=checkpointing
+        )
         model.train()
         model.head.eval()  # no dropout, so both passes compute the same function
         torch.nn.functional.cross_entropy(model(frames, lengths), y).backward()
@@ -213,10 +233,36 @@ def test_gradient_checkpointing_gives_the_same_gradients(head_run):
 def test_only_the_unfrozen_parts_train_and_batchnorm_statistics_stay(head_run):
     original = load_backbone("resnet18", "none").model.state_dict()
     head_before = load_checkpoint(head_run / "run" / "best.pt").state_dict
-    result = runner.invoke(app, [
-        "finetune", str(head_run / "videos"), "--init", str(head_run / "run" / "best.pt"), "-o",
-        str(head_run / "ft"), "--unfreeze", "layer4", "--epochs", "2", "--lr", "1e-2", "--backbone-lr", "1e-2",
-        "--batch-size", "2", "--accumulate", "2", "--clip-len", "4", "--workers", "1", "--threads", "2", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(head_run / "videos"),
+            "--init",
+            str(head_run / "run" / "best.pt"),
+            "-o",
+            str(head_run / "ft"),
+            "--unfreeze",
+            "layer4",
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-2",
+            "--backbone-lr",
+            "1e-2",
+            "--batch-size",
+            "2",
+            "--accumulate",
+            "2",
+            "--clip-len",
+            "4",
+            "--workers",
+            "1",
+            "--threads",
+            "2",
+            "-q",
+        ],
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "layer4 trained" in result.output
     tuned = load_checkpoint(head_run / "ft" / "last.pt")
@@ -237,8 +283,16 @@ def test_only_the_unfrozen_parts_train_and_batchnorm_statistics_stay(head_run):
     assert tuned.feature_spec.id != load_checkpoint(head_run / "run" / "best.pt").feature_spec.id
 
     # --train-bn lets the trained stage's statistics move; the frozen stages stay as they were
-    pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", head_run / "ft_bn", unfreeze_last=1,
-                      train_bn=True, grad_checkpointing=True, lr=1e-2, **TUNE)
+    pipeline.finetune(
+        [head_run / "videos"],
+        head_run / "run" / "best.pt",
+        head_run / "ft_bn",
+        unfreeze_last=1,
+        train_bn=True,
+        grad_checkpointing=True,
+        lr=1e-2,
+        **TUNE,
+    )
     state = load_checkpoint(head_run / "ft_bn" / "last.pt").backbone_state
     changed = {k for k in original if not torch.equal(original[k], state[k])}
     assert "layer4.0.bn1.running_mean" in changed and all(k.startswith("layer4.") for k in changed)
@@ -249,8 +303,9 @@ def test_the_head_split_is_reused(head_run, tmp_path):
     assert sorted(recorded.values()).count("val") >= 2
     other = pipeline.train_head(head_run / "cache.h5", tmp_path / "other", **{**HEAD, "split_seed": 0, "epochs": 1})
     assert read_split(other.out / "split.csv") != recorded  # so reusing the head's split is not a coincidence
-    result = pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "ft",
-                               **{**TUNE, "epochs": 0})
+    result = pipeline.finetune(
+        [head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "ft", **{**TUNE, "epochs": 0}
+    )
     assert read_split(tmp_path / "ft" / "split.csv") == recorded
     assert "the head's split" in result.summary["split"]["method"]
     # without split.csv, the head's recorded settings (seed 3, fraction 0.3) make the same split again
@@ -264,27 +319,56 @@ def test_the_head_split_is_reused(head_run, tmp_path):
 def test_validation_can_be_capped_and_the_start_evaluation_skipped(head_run, tmp_path):
     recorded = read_split(head_run / "run" / "split.csv")
     assert list(recorded.values()).count("val") >= 2
-    result = pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "ft",
-                               **{**TUNE, "val_clips": 1, "start_eval": False})
+    result = pipeline.finetune(
+        [head_run / "videos"],
+        head_run / "run" / "best.pt",
+        tmp_path / "ft",
+        **{**TUNE, "val_clips": 1, "start_eval": False},
+    )
     assert result.summary["videos"] == 1 and result.summary["start"] is None
     assert result.summary["best_epoch"] == 1  # no epoch 0: the start was not scored
     assert load_checkpoint(tmp_path / "ft" / "best.pt").epoch == 1
     assert "(start" not in result.summary_line()
     with pytest.raises(ValueError, match="--epochs 0 only evaluates the start"):
-        pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", tmp_path / "x",
-                          **{**TUNE, "epochs": 0, "start_eval": False})
+        pipeline.finetune(
+            [head_run / "videos"],
+            head_run / "run" / "best.pt",
+            tmp_path / "x",
+            **{**TUNE, "epochs": 0, "start_eval": False},
+        )
 
 
 # ------------------------------------------------------------------------------------- predict and extract
 def test_predict_and_reextract_with_the_finetuned_backbone(head_run, tmp_path):
     ckpt_path = head_run / "ft" / "last.pt"
     if not ckpt_path.exists():
-        pipeline.finetune([head_run / "videos"], head_run / "run" / "best.pt", head_run / "ft", unfreeze="layer4",
-                          lr=1e-2, backbone_lr=1e-2, **{**TUNE, "epochs": 2})
+        pipeline.finetune(
+            [head_run / "videos"],
+            head_run / "run" / "best.pt",
+            head_run / "ft",
+            unfreeze="layer4",
+            lr=1e-2,
+            backbone_lr=1e-2,
+            **{**TUNE, "epochs": 2},
+        )
     ckpt = load_checkpoint(ckpt_path)
     new = tmp_path / "tuned.h5"
-    result = runner.invoke(app, ["extract", str(head_run / "videos"), "-o", str(new), "--backbone-checkpoint",
-                                 str(ckpt_path), "--dtype", "float32", "--workers", "0", "-q"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(head_run / "videos"),
+            "-o",
+            str(new),
+            "--backbone-checkpoint",
+            str(ckpt_path),
+            "--dtype",
+            "float32",
+            "--workers",
+            "0",
+            "-q",
+        ],
+    )
     assert result.exit_code == EXIT_OK, result.output
     old, tuned = pipeline.open_cache(head_run / "cache.h5"), pipeline.open_cache(new)
     assert tuned.spec == ckpt.feature_spec and tuned.spec.id != old.spec.id
@@ -293,8 +377,11 @@ def test_predict_and_reextract_with_the_finetuned_backbone(head_run, tmp_path):
     key = next(k for k in old.keys() if k.endswith(".mp4"))
     frames = decode_all_rgb(head_run / "videos" / key)
     with torch.inference_mode():
-        direct = model.eval().embed(torch.stack([model.pre.crop_frame(torch.from_numpy(f).permute(2, 0, 1))
-                                                 for f in frames])).numpy()
+        direct = (
+            model.eval()
+            .embed(torch.stack([model.pre.crop_frame(torch.from_numpy(f).permute(2, 0, 1)) for f in frames]))
+            .numpy()
+        )
     np.testing.assert_allclose(tuned.features(key), direct, atol=1e-4 * np.abs(direct).max())
     assert np.abs(tuned.features(key) - old.features(key)).max() > 1e-2
 
@@ -304,13 +391,25 @@ def test_predict_and_reextract_with_the_finetuned_backbone(head_run, tmp_path):
     assert "none(seed=0)" in result.output and FINETUNED_PREFIX + "ft" in result.output
     assert runner.invoke(app, ["evaluate", str(ckpt_path), str(new)]).exit_code == EXIT_OK
     # options that would change the features are refused
-    result = runner.invoke(app, ["extract", str(head_run / "videos"), "-o", str(tmp_path / "x.h5"),
-                                 "--backbone-checkpoint", str(ckpt_path), "--crop", "64"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            str(head_run / "videos"),
+            "-o",
+            str(tmp_path / "x.h5"),
+            "--backbone-checkpoint",
+            str(ckpt_path),
+            "--crop",
+            "64",
+        ],
+    )
     assert result.exit_code == EXIT_USAGE and "crop" in result.output
 
     # predict runs the fine-tuned backbone: same features, the model's own probabilities
-    report = pipeline.predict(ckpt_path, [head_run / "videos" / key], tmp_path / "p.csv", cache=tmp_path / "p.h5",
-                              workers=0, progress=False)
+    report = pipeline.predict(
+        ckpt_path, [head_run / "videos" / key], tmp_path / "p.csv", cache=tmp_path / "p.h5", workers=0, progress=False
+    )
     assert not report.failed
     pred = pipeline.open_cache(tmp_path / "p.h5")
     assert pred.spec == ckpt.feature_spec
@@ -346,7 +445,20 @@ def test_clear_errors_for_checkpoints_of_another_backbone(tmp_path, head_run):
         pipeline.finetune([videos], tmp_path / "edited.pt", tmp_path / "x", **TUNE)
     with pytest.raises(ValueError, match="--amp bf16 needs a CUDA device"):
         pipeline.finetune([videos], head_run / "run" / "best.pt", tmp_path / "x", amp="bf16", device="cpu", **TUNE)
-    result = runner.invoke(app, ["finetune", str(videos), "--init", str(head_run / "run" / "best.pt"), "-o",
-                                 str(tmp_path / "x"), "--unfreeze", "layer9", "--workers", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(videos),
+            "--init",
+            str(head_run / "run" / "best.pt"),
+            "-o",
+            str(tmp_path / "x"),
+            "--unfreeze",
+            "layer9",
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == EXIT_USAGE and "'layer9' is not a module of resnet18" in result.output
     assert "layer4" in result.output

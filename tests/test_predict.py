@@ -19,8 +19,18 @@ from pipeline.sample import CLASSES, make_order_sample
 
 runner = CliRunner()
 SAMPLE = dict(frames=8, width=64, height=48)
-HEAD = dict(epochs=25, batch_size=8, lr=3e-3, hidden=64, clip_len=8, patience=0, group_regex=r"clip_(\d+)",
-            progress=False, plots=False, threads=2)
+HEAD = dict(
+    epochs=25,
+    batch_size=8,
+    lr=3e-3,
+    hidden=64,
+    clip_len=8,
+    patience=0,
+    group_regex=r"clip_(\d+)",
+    progress=False,
+    plots=False,
+    threads=2,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +48,10 @@ def order_runs(tmp_path_factory):
 
 
 def test_order_only_videos_lstm_high_meanpool_at_chance(order_runs):
-    top1 = {head: pipeline.evaluate(order_runs / head / "best.pt", order_runs / "test.h5", progress=False)
-            .metrics["top1"] for head in ("lstm", "meanpool")}
+    top1 = {
+        head: pipeline.evaluate(order_runs / head / "best.pt", order_runs / "test.h5", progress=False).metrics["top1"]
+        for head in ("lstm", "meanpool")
+    }
     assert top1["lstm"] >= 0.75, top1
     assert top1["meanpool"] <= 0.3, top1  # the classes share their frames: one ordering of four is right
 
@@ -47,8 +59,20 @@ def test_order_only_videos_lstm_high_meanpool_at_chance(order_runs):
 def test_predict_new_videos_with_the_checkpoint_feature_spec(order_runs, tmp_path):
     ckpt = order_runs / "lstm" / "best.pt"
     folder = order_runs / "test" / "right_to_left"
-    args = ["predict", str(ckpt), str(folder), "-o", str(tmp_path / "preds.csv"), "--json", "--cache",
-            str(tmp_path / "pred.h5"), "--workers", "0", "--top-k", "4"]
+    args = [
+        "predict",
+        str(ckpt),
+        str(folder),
+        "-o",
+        str(tmp_path / "preds.csv"),
+        "--json",
+        "--cache",
+        str(tmp_path / "pred.h5"),
+        "--workers",
+        "0",
+        "--top-k",
+        "4",
+    ]
     result = runner.invoke(app, args, terminal_width=200)
     assert result.exit_code == EXIT_OK, result.output
     assert "4 extracted, 0 already" in result.output
@@ -70,8 +94,9 @@ def test_predict_new_videos_with_the_checkpoint_feature_spec(order_runs, tmp_pat
     pred_cache, test_cache = pipeline.open_cache(tmp_path / "pred.h5"), pipeline.open_cache(order_runs / "test.h5")
     assert pred_cache.spec == test_cache.spec
     video = sorted(folder.iterdir())[0]
-    np.testing.assert_array_equal(pred_cache.features(str(video.resolve())),
-                                  test_cache.features(f"right_to_left/{video.name}"))
+    np.testing.assert_array_equal(
+        pred_cache.features(str(video.resolve())), test_cache.features(f"right_to_left/{video.name}")
+    )
 
     # predicting again extracts nothing
     result = runner.invoke(app, args, terminal_width=200)
@@ -79,8 +104,11 @@ def test_predict_new_videos_with_the_checkpoint_feature_spec(order_runs, tmp_pat
 
 
 def test_json_output_never_replaces_the_csv(tmp_path):
-    result = runner.invoke(app, ["predict", str(tmp_path / "best.pt"), str(tmp_path), "-o", str(tmp_path / "p.json"),
-                                 "--json"], terminal_width=200)
+    result = runner.invoke(
+        app,
+        ["predict", str(tmp_path / "best.pt"), str(tmp_path), "-o", str(tmp_path / "p.json"), "--json"],
+        terminal_width=200,
+    )
     assert result.exit_code == EXIT_USAGE and "give -o a .csv name" in result.output
 
 
@@ -88,8 +116,21 @@ def test_predict_reports_a_broken_video_and_goes_on(order_runs, tmp_path):
     good = order_runs / "test" / "left_to_right" / "clip_000.avi"
     bad = tmp_path / "broken.avi"
     bad.write_bytes(b"not a video at all")
-    result = runner.invoke(app, ["predict", str(order_runs / "lstm" / "best.pt"), str(good), str(bad), "-o",
-                                 str(tmp_path / "p.csv"), "--cache", str(tmp_path / "p.h5"), "--workers", "0"])
+    result = runner.invoke(
+        app,
+        [
+            "predict",
+            str(order_runs / "lstm" / "best.pt"),
+            str(good),
+            str(bad),
+            "-o",
+            str(tmp_path / "p.csv"),
+            "--cache",
+            str(tmp_path / "p.h5"),
+            "--workers",
+            "0",
+        ],
+    )
     assert result.exit_code == EXIT_INPUTS_FAILED, result.output
     rows = {r["path"]: r for r in csv.DictReader((tmp_path / "p.csv").read_text().splitlines())}
     assert rows[str(good)]["label_1"] and rows[str(good)]["error"] == ""
@@ -103,8 +144,12 @@ def test_predict_needs_the_same_weights_file(tmp_path, resnet18_state_file):
             make_video(videos / c / f"{k}.avi", 2, offset=10 * k + (0 if c == "a" else 5))
     opts = {**FAST, "weights": str(resnet18_state_file)}
     assert pipeline.extract_videos([videos], tmp_path / "c.h5", **opts).ok
-    pipeline.train_head(tmp_path / "c.h5", tmp_path / "run", head="meanpool", **{**HEAD, "epochs": 1, "clip_len": 2,
-                                                                                    "group_regex": None})
+    pipeline.train_head(
+        tmp_path / "c.h5",
+        tmp_path / "run",
+        head="meanpool",
+        **{**HEAD, "epochs": 1, "clip_len": 2, "group_regex": None},
+    )
     ckpt = tmp_path / "run" / "best.pt"
     new = make_video(tmp_path / "new.avi", 2, offset=3)
     common = dict(cache=tmp_path / "pred.h5", workers=0, progress=False)

@@ -57,14 +57,16 @@ def study_trials(out: Path, name: str | None = None):
 # ------------------------------------------------------------------------------------------------------- spaces
 def test_space_file_and_inline_params(tmp_path):
     path = tmp_path / "space.yaml"
-    path.write_text("head: [lstm, gru, meanpool]\n"
-                    "hidden: [32, 64]\n"
-                    "lr: {low: 1e-4, high: 1.0e-2, log: true}\n"  # YAML reads 1e-4 as text: still a number here
-                    "layers: {low: 1, high: 3}\n"
-                    "dropout: {low: 0.0, high: 0.4, step: 0.1}\n"
-                    "clip_len: [8, null]\n"
-                    "class_weights: [true, false]\n"
-                    "epochs: 5\n")
+    path.write_text(
+        "head: [lstm, gru, meanpool]\n"
+        "hidden: [32, 64]\n"
+        "lr: {low: 1e-4, high: 1.0e-2, log: true}\n"  # YAML reads 1e-4 as text: still a number here
+        "layers: {low: 1, high: 3}\n"
+        "dropout: {low: 0.0, high: 0.4, step: 0.1}\n"
+        "clip_len: [8, null]\n"
+        "class_weights: [true, false]\n"
+        "epochs: 5\n"
+    )
     space = parse_space(path, ["hidden=16,128", "weight-decay=0:0.1:0.05", "label_smoothing=0.1"])
     p = space.params
     assert p["head"].values == ("lstm", "gru", "meanpool") and p["hidden"].values == (16, 128)  # inline wins
@@ -79,29 +81,49 @@ def test_space_file_and_inline_params(tmp_path):
     # the recorded (YAML) form reads back as the same space
     assert parse_space(space.to_dict()) == space
     # every train-head hyperparameter can be searched; the split and runtime settings cannot
-    assert {"head", "hidden", "layers", "dropout", "activation", "sampling", "clip_len", "clip_stride", "eval_clips",
-            "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "patience", "class_weights", "label_smoothing",
-            "seed"} == set(PARAM_TYPES)
+    assert {
+        "head",
+        "hidden",
+        "layers",
+        "dropout",
+        "activation",
+        "sampling",
+        "clip_len",
+        "clip_stride",
+        "eval_clips",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "patience",
+        "class_weights",
+        "label_smoothing",
+        "seed",
+    } == set(PARAM_TYPES)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("hiden: [1, 2]", "unknown parameter 'hiden'; valid parameters: head, hidden, layers"),
-    ("val_fraction: [0.1, 0.2]", "val_fraction is the same for every trial.*--val-fraction"),
-    ("threads: [1, 2]", "threads is not a hyperparameter"),
-    ("lr: {low: 0.01, high: 0.001}", "lr: the range's low \\(0.01\\) must be below its high"),
-    ("lr: {low: 0, high: 0.1, log: true}", "lr: a log range needs low > 0"),
-    ("lr: {low: 0.001, high: 0.1, stepp: 0.01}", "unknown range key 'stepp'"),
-    ("hidden: {low: 8, high: 64, step: 0.5}", "hidden takes whole numbers, got 0.5"),
-    ("hidden: [64, big]", "hidden takes whole numbers, got 'big'"),
-    ("head: {low: 1, high: 2}", "head takes choices"),
-    ("head: [lstm, transformer]", "--head must be one of"),
-    ("dropout: [0.1, 1.5]", "--dropout must be in \\[0, 1\\), got 1.5"),
-    ("hidden: [64, 64]", "the choice 64 is listed twice"),
-    ("hidden: []", "empty list of choices"),
-    ("class_weights: [true, maybe]", "class_weights takes true or false"),
-    ("epochs: 3", "nothing varies"),
-    ("[1, 2]", "expected a mapping of parameter names"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("hiden: [1, 2]", "unknown parameter 'hiden'; valid parameters: head, hidden, layers"),
+        ("val_fraction: [0.1, 0.2]", "val_fraction is the same for every trial.*--val-fraction"),
+        ("threads: [1, 2]", "threads is not a hyperparameter"),
+        ("lr: {low: 0.01, high: 0.001}", "lr: the range's low \\(0.01\\) must be below its high"),
+        ("lr: {low: 0, high: 0.1, log: true}", "lr: a log range needs low > 0"),
+        ("lr: {low: 0.001, high: 0.1, stepp: 0.01}", "unknown range key 'stepp'"),
+        ("hidden: {low: 8, high: 64, step: 0.5}", "hidden takes whole numbers, got 0.5"),
+        ("hidden: [64, big]", "hidden takes whole numbers, got 'big'"),
+        ("head: {low: 1, high: 2}", "head takes choices"),
+        ("head: [lstm, transformer]", "--head must be one of"),
+        ("dropout: [0.1, 1.5]", "--dropout must be in \\[0, 1\\), got 1.5"),
+        ("hidden: [64, 64]", "the choice 64 is listed twice"),
+        ("hidden: []", "empty list of choices"),
+        ("class_weights: [true, maybe]", "class_weights takes true or false"),
+        ("epochs: 3", "nothing varies"),
+        ("[1, 2]", "expected a mapping of parameter names"),
+    ],
+)
 def test_bad_spaces_are_refused_naming_the_file_and_the_parameter(tmp_path, entry, message):
     path = tmp_path / "space.yaml"
     path.write_text(entry + "\n")
@@ -111,15 +133,17 @@ def test_bad_spaces_are_refused_naming_the_file_and_the_parameter(tmp_path, entr
 
 
 def test_bad_inline_params_and_flags_exit_with_usage_errors(cache, tmp_path):
-    cases = [(["--param", "hidden=64"], "nothing varies"),
-             (["--param", "lr=1e-2:1e-4:log"], "--param lr=1e-2:1e-4:log: lr: the range's low"),
-             (["--param", "hidden:64"], "--param hidden:64: expected NAME=VALUES"),
-             (["--param", "layers=1,2", "--space", str(tmp_path / "missing.yaml")], "missing.yaml: no such file"),
-             (["--param", "lr=1e-4:1e-2:log", "--strategy", "grid"], "lr: a log range has no grid"),
-             (["--param", "layers=1,2", "--strategy", "bayes"], "--strategy must be one of tpe, random, grid"),
-             (["--param", "layers=1,2", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
-             (["--param", "hidden"], "e.g. --param hidden=64,128,256 (choices)"),
-             (["--param", "size=1,2"], "unknown parameter 'size'")]
+    cases = [
+        (["--param", "hidden=64"], "nothing varies"),
+        (["--param", "lr=1e-2:1e-4:log"], "--param lr=1e-2:1e-4:log: lr: the range's low"),
+        (["--param", "hidden:64"], "--param hidden:64: expected NAME=VALUES"),
+        (["--param", "layers=1,2", "--space", str(tmp_path / "missing.yaml")], "missing.yaml: no such file"),
+        (["--param", "lr=1e-4:1e-2:log", "--strategy", "grid"], "lr: a log range has no grid"),
+        (["--param", "layers=1,2", "--strategy", "bayes"], "--strategy must be one of tpe, random, grid"),
+        (["--param", "layers=1,2", "--val-fraction", "1.5"], "--val-fraction must be between 0 and 1"),
+        (["--param", "hidden"], "e.g. --param hidden=64,128,256 (choices)"),
+        (["--param", "size=1,2"], "unknown parameter 'size'"),
+    ]
     for args, message in cases:
         result = runner.invoke(app, ["sweep", str(cache), "--out", str(tmp_path / "s"), *args], terminal_width=200)
         assert result.exit_code == EXIT_USAGE, (args, result.output)
@@ -131,13 +155,18 @@ def test_bad_inline_params_and_flags_exit_with_usage_errors(cache, tmp_path):
 def test_without_a_space_the_sweep_searches_the_documented_default(cache, tmp_path):
     out = tmp_path / "default"
     # a time budget spent while reading the cache: the space is shown and recorded, no trial runs
-    result = runner.invoke(app, ["sweep", str(cache), "--out", str(out), "--trials", "20", "--timeout", "1e-9", "-q"],
-                           terminal_width=200)
+    result = runner.invoke(
+        app, ["sweep", str(cache), "--out", str(out), "--trials", "20", "--timeout", "1e-9", "-q"], terminal_width=200
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "no --space or --param: searching the default space (docs/sweep.md)" in result.output
-    for line in ("head in {lstm, gru, bilstm, attention, meanpool}", "hidden in {128, 256, 512}",
-                 "lr in {0.0003, 0.001, 0.003}", "dropout in [0, 0.5], step 0.1 (float)",
-                 "clip_len in {8, 16, 32, none}"):
+    for line in (
+        "head in {lstm, gru, bilstm, attention, meanpool}",
+        "hidden in {128, 256, 512}",
+        "lr in {0.0003, 0.001, 0.003}",
+        "dropout in [0, 0.5], step 0.1 (float)",
+        "clip_len in {8, 16, 32, none}",
+    ):
         assert line in result.output
     recorded = json.loads((out / "sweep.json").read_text())["space"]
     assert set(recorded) == {"head", "hidden", "lr", "dropout", "clip_len"} and recorded["clip_len"][-1] is None
@@ -146,10 +175,31 @@ def test_without_a_space_the_sweep_searches_the_documented_default(cache, tmp_pa
 def test_the_command_shows_no_third_party_warnings(cache, tmp_path):
     # two settings and three trials: the third draw repeats one (told, not trained), and Optuna's importance
     # evaluator warns about trials that tie
-    result = subprocess.run([sys.executable, "-m", "pipeline", "sweep", str(cache), "--out", str(tmp_path / "s"),
-                             "--trials", "3", "--param", "hidden=8,16", "--param", "epochs=2", "--threads", "2", "-q"],
-                            capture_output=True, text=True, timeout=300, check=False,
-                            env={**os.environ, "PYTHONWARNINGS": "default"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sweep",
+            str(cache),
+            "--out",
+            str(tmp_path / "s"),
+            "--trials",
+            "3",
+            "--param",
+            "hidden=8,16",
+            "--param",
+            "epochs=2",
+            "--threads",
+            "2",
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "PYTHONWARNINGS": "default"},
+    )
     assert result.returncode == EXIT_OK, result.stderr
     assert "2 trials (2 complete)" in result.stdout
     assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
@@ -158,8 +208,15 @@ def test_the_command_shows_no_third_party_warnings(cache, tmp_path):
 @pytest.mark.parametrize("strategy", ["random", "tpe"])
 def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy):
     out = tmp_path / strategy
-    result = pipeline.sweep(cache, out, params=["head=meanpool", "hidden=8,16", "lr=0.01,0.02", *TRIAL],
-                            strategy=strategy, trials=12, pruner="none", **QUICK)
+    result = pipeline.sweep(
+        cache,
+        out,
+        params=["head=meanpool", "hidden=8,16", "lr=0.01,0.02", *TRIAL],
+        strategy=strategy,
+        trials=12,
+        pruner="none",
+        **QUICK,
+    )
     trained = [r["params"] for r in result.rows]
     assert len(trained) == 4 and len({(p["hidden"], p["lr"]) for p in trained}) == 4
     assert len(list((out / "trials").iterdir())) == 4
@@ -174,8 +231,14 @@ def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy)
 # ------------------------------------------------------------------------------------------------ grid, results
 def test_grid_runs_every_combination_once_and_writes_the_leaderboard(cache, tmp_path):
     out = tmp_path / "grid"
-    result = pipeline.sweep(cache, out, params=["hidden=8,16", "lr=0.001,0.01", "head=gru,meanpool", *TRIAL],
-                            strategy="grid", pruner="none", **{**QUICK, "plots": True})
+    result = pipeline.sweep(
+        cache,
+        out,
+        params=["hidden=8,16", "lr=0.001,0.01", "head=gru,meanpool", *TRIAL],
+        strategy="grid",
+        pruner="none",
+        **{**QUICK, "plots": True},
+    )
     combos = {(r["params"]["hidden"], r["params"]["lr"], r["params"]["head"]) for r in result.rows}
     assert len(result.rows) == 8 and combos == set(itertools.product([8, 16], [0.001, 0.01], ["gru", "meanpool"]))
     assert result.trials_here == 8 and result.counts() == {"complete": 8}
@@ -191,9 +254,14 @@ def test_grid_runs_every_combination_once_and_writes_the_leaderboard(cache, tmp_
         assert r["top1"] == summary["top1"] and r["val_loss"] == pytest.approx(summary["val_loss"])
         assert r["epochs_run"] == summary["epochs_run"] == 3 == len((run / "metrics.csv").read_text().split()) - 1
         assert {k: config[k] for k in ("hidden", "lr", "head", "epochs", "batch_size", "clip_len")} == {
-            **r["params"], "epochs": 3, "batch_size": 8, "clip_len": 5}
-        assert r["seconds"] > 0 and r["state"] == "complete" and {"best.pt", "last.pt"} <= {
-            p.name for p in run.iterdir()}
+            **r["params"],
+            "epochs": 3,
+            "batch_size": 8,
+            "clip_len": 5,
+        }
+        assert (
+            r["seconds"] > 0 and r["state"] == "complete" and {"best.pt", "last.pt"} <= {p.name for p in run.iterdir()}
+        )
     rows = list(csv.DictReader((out / "leaderboard.csv").read_text().splitlines()))
     assert [int(r["trial"]) for r in rows] == [r["trial"] for r in result.rows]
     assert {"rank", "trial", "state", "top1", "epochs_run", "seconds", "hidden", "lr", "head"} <= set(rows[0])
@@ -214,9 +282,15 @@ def test_grid_runs_every_combination_once_and_writes_the_leaderboard(cache, tmp_
 def test_pruning_stops_weak_trials_after_the_warmup(cache, tmp_path):
     out = tmp_path / "pruned"
     # lr 1e-5 barely moves a head in 8 epochs; lr 0.03 separates the classes in one or two
-    result = pipeline.sweep(cache, out, params=["lr=0.00001,0.03", "seed=0,1,2", "epochs=8", "batch_size=8",
-                                                "clip_len=5", "hidden=16"],
-                            strategy="grid", pruner="median", prune_warmup=2, **QUICK)
+    result = pipeline.sweep(
+        cache,
+        out,
+        params=["lr=0.00001,0.03", "seed=0,1,2", "epochs=8", "batch_size=8", "clip_len=5", "hidden=16"],
+        strategy="grid",
+        pruner="median",
+        prune_warmup=2,
+        **QUICK,
+    )
     pruned = [r for r in result.rows if r["state"] == "pruned"]
     assert pruned, result.table()
     for r in pruned:
@@ -228,8 +302,14 @@ def test_pruning_stops_weak_trials_after_the_warmup(cache, tmp_path):
 
 
 def test_timeout_stops_the_running_trial_at_an_epoch_end(cache, tmp_path):
-    result = pipeline.sweep(cache, tmp_path / "t", params=["hidden=8,16", "epochs=100000", "batch_size=8",
-                                                           "clip_len=5"], timeout=1.5, pruner="none", **QUICK)
+    result = pipeline.sweep(
+        cache,
+        tmp_path / "t",
+        params=["hidden=8,16", "epochs=100000", "batch_size=8", "clip_len=5"],
+        timeout=1.5,
+        pruner="none",
+        **QUICK,
+    )
     (row,) = result.rows
     assert row["state"] == "pruned" and row["stopped"] == "timeout" and row["epochs_run"] >= 1
     # stopped at the end of an epoch: every epoch it ran is in metrics.csv, and last.pt is the last of them
@@ -262,9 +342,31 @@ def test_resume_continues_the_study(cache, tmp_path):
 
 
 def _worker(cache: Path, out: Path, storage: str, *extra: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "pipeline", "sweep", str(cache), "--out", str(out), "--storage", storage,
-            "--study", "shared", "--resume", "--threads", "1", "--no-plots", "-q",
-            "--param", "hidden=8:64", "--param", "lr=1e-3:3e-2:log", "--param", "head=gru,lstm", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "sweep",
+        str(cache),
+        "--out",
+        str(out),
+        "--storage",
+        storage,
+        "--study",
+        "shared",
+        "--resume",
+        "--threads",
+        "1",
+        "--no-plots",
+        "-q",
+        "--param",
+        "hidden=8:64",
+        "--param",
+        "lr=1e-3:3e-2:log",
+        "--param",
+        "head=gru,lstm",
+        *extra,
+    ]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -272,8 +374,18 @@ def _worker(cache: Path, out: Path, storage: str, *extra: str) -> subprocess.Pop
 def test_two_worker_processes_share_one_study(cache, tmp_path):
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     # unpruned trials of about a second each: both workers are up before the work is done
-    extra = ["--trials", "4", "--pruner", "none", "--param", "epochs=30", "--param", "batch_size=4", "--param",
-             "clip_len=5"]
+    extra = [
+        "--trials",
+        "4",
+        "--pruner",
+        "none",
+        "--param",
+        "epochs=30",
+        "--param",
+        "batch_size=4",
+        "--param",
+        "clip_len=5",
+    ]
     workers = [_worker(cache, tmp_path / "out", storage, *extra) for _ in range(2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
@@ -315,8 +427,17 @@ def test_a_killed_worker_loses_only_its_running_trial(cache, tmp_path, monkeypat
     # retry runs until the time budget stops it.
     monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
     monkeypatch.setattr(sweep_module, "GRACE_S", 1)
-    result = pipeline.sweep(cache, out, storage=storage, study="shared", resume=True, trials=1, timeout=1.5,
-                            params=["hidden=8:64", "lr=1e-3:3e-2:log", "head=gru,lstm", *endless[1::2]], **QUICK)
+    result = pipeline.sweep(
+        cache,
+        out,
+        storage=storage,
+        study="shared",
+        resume=True,
+        trials=1,
+        timeout=1.5,
+        params=["hidden=8:64", "lr=1e-3:3e-2:log", "head=gru,lstm", *endless[1::2]],
+        **QUICK,
+    )
     import optuna
 
     killed, retry = optuna.load_study(study_name="shared", storage=storage).get_trials()
@@ -330,10 +451,31 @@ def test_a_killed_worker_loses_only_its_running_trial(cache, tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------ best.pt, CLI
 def test_cli_sweep_and_its_best_checkpoint_in_evaluate(cache, tmp_path):
     out = tmp_path / "cli"
-    result = runner.invoke(app, ["sweep", str(cache), "--out", str(out), "--param", "hidden=8,16", "--param",
-                                 "head=meanpool,gru", "--param", "lr=0.01", "--strategy", "grid", "--pruner", "none",
-                                 "--threads", "2", "--no-plots", "-q",
-                                 *[a for p in TRIAL for a in ("--param", p)]], terminal_width=200)
+    result = runner.invoke(
+        app,
+        [
+            "sweep",
+            str(cache),
+            "--out",
+            str(out),
+            "--param",
+            "hidden=8,16",
+            "--param",
+            "head=meanpool,gru",
+            "--param",
+            "lr=0.01",
+            "--strategy",
+            "grid",
+            "--pruner",
+            "none",
+            "--threads",
+            "2",
+            "--no-plots",
+            "-q",
+            *[a for p in TRIAL for a in ("--param", p)],
+        ],
+        terminal_width=200,
+    )
     assert result.exit_code == EXIT_OK, result.output
     assert "sweep cli: best val top-1" in result.output and "4 trials (4 complete)" in result.output
     best = json.loads((out / "best.json").read_text())
@@ -341,8 +483,7 @@ def test_cli_sweep_and_its_best_checkpoint_in_evaluate(cache, tmp_path):
     header = lines.index(["#", "trial", "state", "top-1", "epochs", "sec", "hidden", "head"])
     assert lines[header + 1][:4] == ["1", str(best["trial"]), "complete", f"{best['top1']:.1%}"]
     listed = val_list(cache, tmp_path / "val.txt")
-    result = runner.invoke(app, ["evaluate", str(out / "best.pt"), str(cache), "--list", str(listed), "--json",
-                                 "-q"])
+    result = runner.invoke(app, ["evaluate", str(out / "best.pt"), str(cache), "--list", str(listed), "--json", "-q"])
     assert result.exit_code == EXIT_OK, result.output
     metrics = json.loads(result.stdout)
     assert metrics["top1"] == best["top1"] and metrics["loss"] == pytest.approx(best["val_loss"], rel=1e-5)
@@ -350,15 +491,33 @@ def test_cli_sweep_and_its_best_checkpoint_in_evaluate(cache, tmp_path):
 
 def test_help_lists_the_sweep_flags_and_stays_light():
     result = runner.invoke(app, ["sweep", "--help"], terminal_width=200)
-    for flag in ("--space", "--param", "--trials", "--strategy", "--pruner", "--timeout", "--reduce-dim",
-                 "--refit", "--stack", "--storage", "--study", "--resume", "--val-fraction"):
+    for flag in (
+        "--space",
+        "--param",
+        "--trials",
+        "--strategy",
+        "--pruner",
+        "--timeout",
+        "--reduce-dim",
+        "--refit",
+        "--stack",
+        "--storage",
+        "--study",
+        "--resume",
+        "--val-fraction",
+    ):
         assert flag in result.output
     text = " ".join(line.strip("│ ") for line in result.output.splitlines())
-    for shown in ("[default: every combination (grid), else 20]", "[default: 3 with --reduce-dim]",
-                  "[default: all CPU cores (decode and reader workers use one each)]"):
+    for shown in (
+        "[default: every combination (grid), else 20]",
+        "[default: 3 with --reduce-dim]",
+        "[default: all CPU cores (decode and reader workers use one each)]",
+    ):
         assert shown in " ".join(text.split()), shown  # written defaults survive the help's markup
-    probe = ("import sys, pipeline, pipeline.cli; pipeline.SweepConfig; "
-             "assert not {'torch', 'optuna', 'yaml'} & set(sys.modules), 'heavy import'")
+    probe = (
+        "import sys, pipeline, pipeline.cli; pipeline.SweepConfig; "
+        "assert not {'torch', 'optuna', 'yaml'} & set(sys.modules), 'heavy import'"
+    )
     assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=60).returncode == 0
 
 
@@ -378,14 +537,20 @@ def test_folding_the_pca_gives_the_same_logits_on_the_full_features(head):
     # z = ((x - mean) / scale) P with P orthonormal: the standardised rows' top directions
     standardised = (torch.from_numpy(rows[:50].astype(np.float64)) - reduction.mean) / reduction.scale
     assert torch.allclose(reduction.components.T @ reduction.components, torch.eye(6, dtype=torch.float64), atol=1e-5)
-    torch.testing.assert_close(reduced.data[:50], (standardised @ reduction.components).float(), rtol=1e-4,
-                               atol=1e-4)
+    torch.testing.assert_close(reduced.data[:50], (standardised @ reduction.components).float(), rtol=1e-4, atol=1e-4)
     dims = HeadDims(head=head, in_dim=6, num_classes=3, hidden=32, layers=1, dropout=0.2, activation="gelu")
     small = build_head(dims)
     small.proj[0].set_stats(reduced.data.mean(0), reduced.data.std(0))
-    ckpt = HeadCheckpoint(dims=dims, state_dict=small.state_dict(), classes=["a", "b", "c"],
-                          feature_spec=synthetic_spec(48), feature_dtype="float16", clip_len=None, clip_stride=1,
-                          eval_clips=0)
+    ckpt = HeadCheckpoint(
+        dims=dims,
+        state_dict=small.state_dict(),
+        classes=["a", "b", "c"],
+        feature_spec=synthetic_spec(48),
+        feature_dtype="float16",
+        clip_len=None,
+        clip_stride=1,
+        eval_clips=0,
+    )
     folded = fold_reduction(ckpt, reduction)
     assert folded.dims.in_dim == 48 and folded.config["reduction"]["dim"] == 6
     x, lengths = torch.from_numpy(rows[:100].astype(np.float32)).view(2, 50, 48), torch.tensor([50, 37])
@@ -405,9 +570,16 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     cache = tmp_path / "c.h5"
     dim = pipeline.open_cache(cache).spec.dim
     out = tmp_path / "reduced"
-    result = pipeline.sweep(cache, out, params=["head=meanpool,gru", "hidden=8", "epochs=3", "batch_size=4",
-                                                "clip_len=2", "lr=0.01"], strategy="grid", reduce_dim=4,
-                            pruner="none", refit=0, **QUICK)
+    result = pipeline.sweep(
+        cache,
+        out,
+        params=["head=meanpool,gru", "hidden=8", "epochs=3", "batch_size=4", "clip_len=2", "lr=0.01"],
+        strategy="grid",
+        reduce_dim=4,
+        pruner="none",
+        refit=0,
+        **QUICK,
+    )
     assert result.counts() == {"complete": 2} and result.refit is None
     assert json.loads((out / "sweep.json").read_text())["data"]["reduce_dim"] == 4
     best = load_checkpoint(out / "best.pt")
@@ -416,15 +588,15 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
     run = Path(result.best["run"])
     assert json.loads((run / "config.json").read_text())["reduction"]["dim"] == 4
     # evaluate (full features, folded PCA) reproduces what the trial measured on the reduced rows
-    report = pipeline.evaluate(out / "best.pt", cache, keys_list=val_list(cache, tmp_path / "val.txt"),
-                               progress=False)
+    report = pipeline.evaluate(out / "best.pt", cache, keys_list=val_list(cache, tmp_path / "val.txt"), progress=False)
     summary = json.loads((run / "summary.json").read_text())
     assert report.metrics["top1"] == summary["top1"]
     assert report.metrics["loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
     # predict extracts new copies of the videos and classifies them with the folded head
     paths = [videos / "a" / "0.avi", videos / "b" / "3.avi"]
-    preds = pipeline.predict(out / "best.pt", paths, tmp_path / "p.csv", cache=tmp_path / "pred.h5", workers=0,
-                             progress=False)
+    preds = pipeline.predict(
+        out / "best.pt", paths, tmp_path / "p.csv", cache=tmp_path / "pred.h5", workers=0, progress=False
+    )
     model, c = best.model(), pipeline.open_cache(cache)
     assert best.sampling == "segments" and best.clip_len == 2  # scored on the centres of 2 segments
     for p, key in zip(preds.predictions, ["a/0.avi", "b/3.avi"], strict=True):
@@ -446,10 +618,22 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     from pipeline.data.labelled import load_labelled
     from pipeline.sweep.stack import stack_key, train_stack
 
-    shared = {"head": "meanpool", "hidden": 16, "epochs": 4, "batch_size": 8, "clip_len": 5, "patience": 0,
-              "plots": False, "overwrite": True, "runtime": Runtime(progress=False, threads=2)}
-    own = [{"lr": 1e-3, "dropout": 0.3}, {"lr": 1e-2, "dropout": 0.0, "label_smoothing": 0.1},
-           {"lr": 3e-2, "dropout": 0.5, "weight_decay": 0.1}]
+    shared = {
+        "head": "meanpool",
+        "hidden": 16,
+        "epochs": 4,
+        "batch_size": 8,
+        "clip_len": 5,
+        "patience": 0,
+        "plots": False,
+        "overwrite": True,
+        "runtime": Runtime(progress=False, threads=2),
+    }
+    own = [
+        {"lr": 1e-3, "dropout": 0.3},
+        {"lr": 1e-2, "dropout": 0.0, "label_smoothing": 0.1},
+        {"lr": 3e-2, "dropout": 0.5, "weight_decay": 0.1},
+    ]
     configs = [TrainConfig(out=tmp_path / f"stacked{i}", **shared, **o) for i, o in enumerate(own)]
     assert len({stack_key(c) for c in configs}) == 1
     assert stack_key(TrainConfig(out=tmp_path, **{**shared, "hidden": 32})) != stack_key(configs[0])
@@ -458,6 +642,7 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     def stop_at_2(row):
         if row["epoch"] == 2:
             raise KeyboardInterrupt  # not an Exception: the stack does not swallow it
+
     data = load_labelled(cache, configs[0])
     with pytest.raises(KeyboardInterrupt):
         train_stack(data, configs, torch.device("cpu"), [None, stop_at_2, None])
@@ -468,6 +653,7 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     def stop(row):
         if row["epoch"] == 2:
             raise Stop
+
     results = train_stack(data, configs, torch.device("cpu"), [None, stop, None])
     assert isinstance(results[1], Stop) and len(_metric_rows(configs[1].out)) == 2  # only that head stopped
     for i, o in enumerate(own):
@@ -488,10 +674,10 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
 def test_a_grid_sweep_stacks_mean_pool_trials_with_the_same_results(cache, tmp_path):
     params = ["head=meanpool,gru", "lr=0.001,0.01,0.03", "hidden=16", *TRIAL]
     stacked = pipeline.sweep(cache, tmp_path / "stacked", params=params, strategy="grid", pruner="none", **QUICK)
-    alone = pipeline.sweep(cache, tmp_path / "alone", params=params, strategy="grid", pruner="none", stack=1,
-                           **QUICK)
-    stacks = {tuple(t.user_attrs["stack"]) for t in study_trials(tmp_path / "stacked")
-              if t.params["head"] == "meanpool"}
+    alone = pipeline.sweep(cache, tmp_path / "alone", params=params, strategy="grid", pruner="none", stack=1, **QUICK)
+    stacks = {
+        tuple(t.user_attrs["stack"]) for t in study_trials(tmp_path / "stacked") if t.params["head"] == "meanpool"
+    }
     assert len(stacks) == 1 and len(next(iter(stacks))) == 3  # the three mean-pool trials: one model
     assert all("stack" not in t.user_attrs for t in study_trials(tmp_path / "stacked") if t.params["head"] == "gru")
     assert all("stack" not in t.user_attrs for t in study_trials(tmp_path / "alone"))
@@ -504,13 +690,20 @@ def test_a_grid_sweep_stacks_mean_pool_trials_with_the_same_results(cache, tmp_p
 
 def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tmp_path):
     params = ["head=meanpool", "lr=0.001,0.03", "hidden=16", *TRIAL]
-    shared = {"head": "meanpool", "hidden": 16, "epochs": 3, "batch_size": 8, "clip_len": 5, "plots": False,
-              "progress": False, "threads": 2}
+    shared = {
+        "head": "meanpool",
+        "hidden": 16,
+        "epochs": 3,
+        "batch_size": 8,
+        "clip_len": 5,
+        "plots": False,
+        "progress": False,
+        "threads": 2,
+    }
     dim = pipeline.open_cache(cache).spec.dim
     # --refit 1: the best trial's settings, trained on the full features exactly as train-head trains them
     out = tmp_path / "one"
-    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, refit=1,
-                            **QUICK)
+    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, refit=1, **QUICK)
     refit = result.refit
     assert refit["trial"] == result.best["trial"] and refit["of"] == 1
     assert Path(refit["run"]) == out / "refit" / f"{refit['trial']:04d}"
@@ -521,8 +714,9 @@ def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tm
     direct = pipeline.train_head(cache, tmp_path / "direct", lr=refit["params"]["lr"], **shared)
     assert direct.summary["top1"] == refit["top1"] and direct.summary["val_loss"] == pytest.approx(refit["val_loss"])
     timeless = [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _metric_rows(direct.out)]
-    assert timeless == [{k: v for k, v in r.items() if not k.endswith("_seconds")}
-                        for r in _metric_rows(Path(refit["run"]))]
+    assert timeless == [
+        {k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _metric_rows(Path(refit["run"]))
+    ]
 
     # the default refits the 3 best (here both trials, one stack) and keeps the better one as best.pt
     out = tmp_path / "default"
@@ -534,9 +728,11 @@ def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tm
     assert result.refit["trial"] == winner["trial"] == recorded["trial"]
     assert load_checkpoint(out / "best.pt").metrics["top1"] == winner["top1"]
     for r in refits:  # trained as one stack: each as train-head would train it, up to rounding
-        alone = json.loads((tmp_path / "direct" / "summary.json").read_text()) if r["params"]["lr"] == \
-            refit["params"]["lr"] else pipeline.train_head(cache, tmp_path / "other", lr=r["params"]["lr"],
-                                                           **shared).summary
+        alone = (
+            json.loads((tmp_path / "direct" / "summary.json").read_text())
+            if r["params"]["lr"] == refit["params"]["lr"]
+            else pipeline.train_head(cache, tmp_path / "other", lr=r["params"]["lr"], **shared).summary
+        )
         assert r["top1"] == alone["top1"] and r["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-4)
     with pytest.raises(ValueError, match="--refit trains the best settings again"):
         pipeline.sweep(cache, tmp_path / "x", params=params, refit=2, **QUICK)

@@ -15,8 +15,20 @@ from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
 from pipeline.train_head.checkpoint import FORMAT_NAME
 
 runner = CliRunner()
-TINY = ["--hidden", "16", "--epochs", "3", "--batch-size", "8", "--clip-len", "5", "--no-plots", "--threads", "2",
-        "--quiet"]
+TINY = [
+    "--hidden",
+    "16",
+    "--epochs",
+    "3",
+    "--batch-size",
+    "8",
+    "--clip-len",
+    "5",
+    "--no-plots",
+    "--threads",
+    "2",
+    "--quiet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +47,19 @@ def test_help_is_instant_and_lists_the_stage_two_commands():
     probe = "import sys, pipeline, pipeline.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
     result = invoke("train-head", "--help")
-    for flag in ("--head", "--hidden", "--clip-len", "--eval-clips", "--val-fraction", "--group-regex", "--train-list",
-                 "--memory", "--patience", "--label-smoothing", "--class-weights"):
+    for flag in (
+        "--head",
+        "--hidden",
+        "--clip-len",
+        "--eval-clips",
+        "--val-fraction",
+        "--group-regex",
+        "--train-list",
+        "--memory",
+        "--patience",
+        "--label-smoothing",
+        "--class-weights",
+    ):
         assert flag in result.output
 
 
@@ -45,7 +68,8 @@ def test_train_then_evaluate(cache, tmp_path):
     assert result.exit_code == EXIT_OK, result.output
     assert "gru: val top-1" in result.output and str(tmp_path / "run") in result.output
     assert {"best.pt", "last.pt", "metrics.csv", "summary.json", "config.json"} <= {
-        p.name for p in (tmp_path / "run").iterdir()}
+        p.name for p in (tmp_path / "run").iterdir()
+    }
     result = invoke("evaluate", tmp_path / "run" / "best.pt", cache, "--out", tmp_path / "eval", "--eval-clips", "0")
     assert result.exit_code == EXIT_OK, result.output
     assert "top-1" in result.output and "class2" in result.output
@@ -80,15 +104,18 @@ def _lists(tmp_path, train: list[str], val: list[str]):
     return ["--train-list", tmp_path / "train.txt", "--val-list", tmp_path / "val.txt"]
 
 
-@pytest.mark.parametrize("args, flag", [
-    (["--head", "transformer"], "--head"),
-    (["--sampling", "random"], "--sampling"),
-    (["--val-fraction", "1.5"], "--val-fraction"),
-    (["--memory", "gpu"], "--memory"),
-    (["--dropout", "1"], "--dropout"),
-    (["--group-regex", "(unclosed"], "--group-regex"),
-    (["--split", "cache"], "--split cache"),  # the cache records no split column
-])
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--head", "transformer"], "--head"),
+        (["--sampling", "random"], "--sampling"),
+        (["--val-fraction", "1.5"], "--val-fraction"),
+        (["--memory", "gpu"], "--memory"),
+        (["--dropout", "1"], "--dropout"),
+        (["--group-regex", "(unclosed"], "--group-regex"),
+        (["--split", "cache"], "--split cache"),  # the cache records no split column
+    ],
+)
 def test_bad_arguments_exit_2_naming_the_flag(cache, tmp_path, args, flag):
     result = invoke("train-head", cache, "--out", tmp_path / "run", *TINY, *args)
     assert result.exit_code == EXIT_USAGE, result.output
@@ -117,8 +144,23 @@ def test_a_missing_cache_is_an_error(tmp_path):
 def test_a_run_folder_is_not_replaced_without_overwrite(tmp_path):
     cache = feature_cache(tmp_path / "c.h5", separable_videos(classes=2, per_class=6))
     out = tmp_path / "run"
-    args = ["train-head", str(cache), "--out", str(out), "--epochs", "1", "--hidden", "8", "--batch-size", "4", "--clip-len", "4",
-            "--threads", "2", "--quiet"]
+    args = [
+        "train-head",
+        str(cache),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--hidden",
+        "8",
+        "--batch-size",
+        "4",
+        "--clip-len",
+        "4",
+        "--threads",
+        "2",
+        "--quiet",
+    ]
     assert runner.invoke(app, args + ["--plots"]).exit_code == 0
     first = (out / "best.pt").read_bytes()
     assert (out / "curves.png").exists() or not _has_matplotlib()
@@ -141,8 +183,28 @@ def _has_matplotlib() -> bool:
 def test_evaluate_keeps_the_heads_training_videos_apart(tmp_path):
     cache = feature_cache(tmp_path / "c.h5", separable_videos(classes=2, per_class=10))
     run = tmp_path / "run"
-    assert runner.invoke(app, ["train-head", str(cache), "--out", str(run), "--epochs", "2", "--hidden", "8",
-                               "--clip-len", "4", "--threads", "2", "--quiet", "--no-plots"]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            [
+                "train-head",
+                str(cache),
+                "--out",
+                str(run),
+                "--epochs",
+                "2",
+                "--hidden",
+                "8",
+                "--clip-len",
+                "4",
+                "--threads",
+                "2",
+                "--quiet",
+                "--no-plots",
+            ],
+        ).exit_code
+        == 0
+    )
     summary = json.loads((run / "summary.json").read_text())
     split = (run / "split.csv").read_text()
     n_train = split.count(",train")

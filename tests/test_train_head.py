@@ -49,13 +49,16 @@ def test_overfits_a_tiny_separable_cache_and_writes_the_run_folder(tiny_run):
 def test_same_seed_same_result_other_seed_other_result(tmp_path):
     cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=5))
     opts = {**TINY_HEAD, "epochs": 3}
-    runs = [pipeline.train_head(cache, tmp_path / name, head="gru", seed=seed, **opts)
-            for name, seed in (("a", 1), ("b", 1), ("c", 2))]
+    runs = [
+        pipeline.train_head(cache, tmp_path / name, head="gru", seed=seed, **opts)
+        for name, seed in (("a", 1), ("b", 1), ("c", 2))
+    ]
     a, b, c = (load_checkpoint(r.out / "last.pt").state_dict for r in runs)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
-    assert (runs[0].out / "metrics.csv").read_text().split("\n")[1].split(",")[1] == \
-        (runs[1].out / "metrics.csv").read_text().split("\n")[1].split(",")[1]
+    assert (runs[0].out / "metrics.csv").read_text().split("\n")[1].split(",")[1] == (
+        runs[1].out / "metrics.csv"
+    ).read_text().split("\n")[1].split(",")[1]
 
 
 @pytest.mark.parametrize("head", [h for h in HEADS if h != "lstm"])
@@ -99,8 +102,9 @@ def test_lazy_worker_batches_equal_ram_batches(tmp_path):
 @pytest.mark.parametrize("head", HEADS)
 def test_a_sequence_gives_the_same_logits_alone_and_padded_in_a_batch(head):
     torch.manual_seed(0)
-    model = build_head(HeadDims(head=head, in_dim=12, num_classes=5, hidden=32, layers=2, dropout=0.3,
-                                activation="gelu")).eval()
+    model = build_head(
+        HeadDims(head=head, in_dim=12, num_classes=5, hidden=32, layers=2, dropout=0.3, activation="gelu")
+    ).eval()
     short = torch.randn(1, 4, 12)
     batch = torch.randn(3, 9, 12) * 5  # padded steps hold garbage: only masking/packing can make them harmless
     batch[1, :4] = short[0]
@@ -169,8 +173,8 @@ def _far_apart_events(per_class: int = 32, length: int = 80, dim: int = 8, seed:
         for k in range(per_class):
             x = rng.normal(0, 0.5, (length, dim))
             a, b = int(rng.integers(8, 24)), int(rng.integers(length - 28, length - 12))
-            x[a:a + 6] += first
-            x[b:b + 6] += second
+            x[a : a + 6] += first
+            x[b : b + 6] += second
             videos.append((f"{label}/v{k:03d}.mp4", x, label, None))
     return videos
 
@@ -189,8 +193,9 @@ def test_default_sampling_sees_the_whole_video_where_a_crop_cannot(tmp_path):
 def test_clip_len_is_a_maximum_for_short_videos(tmp_path):
     cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=4))  # 5 to 12 rows
     for sampling in ("segments", "crop"):
-        run = pipeline.train_head(cache, tmp_path / sampling, sampling=sampling,
-                                  **{**TINY_HEAD, "clip_len": 16, "epochs": 2})
+        run = pipeline.train_head(
+            cache, tmp_path / sampling, sampling=sampling, **{**TINY_HEAD, "clip_len": 16, "epochs": 2}
+        )
         assert run.summary["epochs_run"] == 2
     assert pipeline.TrainConfig(out=tmp_path, clip_len=0).sampling == "whole"
     with pytest.raises(ValueError, match="--sampling"):
@@ -211,24 +216,32 @@ def test_checkpoints_record_their_sampling_and_old_ones_load_as_crop(tiny_run, t
     assert old.sampling == "crop"
     report = pipeline.evaluate(tmp_path / "old.pt", cache, progress=False)
     assert report.eval == "whole sequences"
-    assert pipeline.evaluate(tmp_path / "old.pt", cache, eval_clips=2, progress=False).eval == \
-        "mean of 2 clips of 5 rows"
+    assert (
+        pipeline.evaluate(tmp_path / "old.pt", cache, eval_clips=2, progress=False).eval == "mean of 2 clips of 5 rows"
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ splits
 def _ucf_like_labels(groups: int = 10, clips: int = 4, classes: int = 5) -> dict[str, str]:
-    return {f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}" for c in range(classes) for g in range(1, groups + 1)
-            for k in range(1, clips + 1)}
+    return {
+        f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}"
+        for c in range(classes)
+        for g in range(1, groups + 1)
+        for k in range(1, clips + 1)
+    }
 
 
 def test_random_split_is_stratified_and_stable_when_videos_are_added():
     labels = _ucf_like_labels(groups=20)
     first = random_split(labels, 0.25, seed=3)
-    val_share = {c: sum(labels[k] == c for k in first.val) / sum(v == c for v in labels.values())
-                 for c in set(labels.values())}
+    val_share = {
+        c: sum(labels[k] == c for k in first.val) / sum(v == c for v in labels.values()) for c in set(labels.values())
+    }
     assert all(0.1 <= s <= 0.45 for s in val_share.values()), val_share
-    more = {**labels, **{f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}" for c in range(7) for g in range(21, 31)
-                         for k in range(1, 5)}}
+    more = {
+        **labels,
+        **{f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi": f"C{c}" for c in range(7) for g in range(21, 31) for k in range(1, 5)},
+    }
     second = random_split(more, 0.25, seed=3)
     assert set(first.val) <= set(second.val) and set(first.train) <= set(second.train)
     assert set(random_split(labels, 0.25, seed=4).val) != set(first.val)
@@ -252,6 +265,7 @@ def test_group_regex_keeps_each_group_on_one_side():
     def straddling(split):
         def group(k):
             return k.split("_g")[1][:2]
+
         return {group(k) for k in split.train} & {group(k) for k in split.val}
 
     assert straddling(random_split(labels, 0.3, seed=0))  # without groups, clips of one group land on both sides
@@ -266,8 +280,9 @@ def test_official_lists_and_split_column(tmp_path):
     labels = {"UCF-101/" + k: v for k, v in labels.items()}
     train_list = tmp_path / "trainlist01.txt"
     test_list = tmp_path / "testlist01.txt"
-    train_list.write_text("".join(f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi {c + 1}\n" for c in range(2) for g in (2, 3)
-                                  for k in (1, 2)))
+    train_list.write_text(
+        "".join(f"C{c}/v_C{c}_g{g:02d}_c{k:02d}.avi {c + 1}\n" for c in range(2) for g in (2, 3) for k in (1, 2))
+    )
     test_list.write_text("".join(f"C{c}/v_C{c}_g01_c{k:02d}.avi\n" for c in range(2) for k in (1, 2)))
     split = list_split(keys, labels, train_list, test_list)
     assert len(split.train) == 8 and len(split.val) == 4
@@ -300,8 +315,9 @@ def test_checkpoint_round_trip(tiny_run, tmp_path):
     assert ckpt.metrics["top1"] == summary["top1"] and ckpt.epoch == summary["best_epoch"]
 
 
-@pytest.mark.parametrize("change", [dict(backbone="resnet50"), dict(weights="ResNet18_Weights.IMAGENET1K_V1"),
-                                    dict(crop=112)])
+@pytest.mark.parametrize(
+    "change", [dict(backbone="resnet50"), dict(weights="ResNet18_Weights.IMAGENET1K_V1"), dict(crop=112)]
+)
 def test_a_cache_of_other_features_is_refused_naming_both(tiny_run, tmp_path, change):
     _, run = tiny_run
     other = feature_cache(tmp_path / "other.h5", separable_videos(), **change)
@@ -350,20 +366,26 @@ def test_without_matplotlib_plots_are_skipped_with_one_warning_saying_how_to_get
         for name in ("a", "b"):
             pipeline.train_head(cache, tmp_path / name, **{**TINY_HEAD, "epochs": 1, "plots": True})
     said = [r.getMessage() for r in caplog.records if "matplotlib" in r.getMessage()]
-    assert said == [("matplotlib is not installed: plots are skipped (get them with pip install 'framecache[plots]', "
-                     "or pass --no-plots)")]
+    assert said == [
+        (
+            "matplotlib is not installed: plots are skipped (get them with pip install 'framecache[plots]', "
+            "or pass --no-plots)"
+        )
+    ]
     assert (tmp_path / "a" / "summary.json").is_file() and not (tmp_path / "a" / "curves.png").exists()
 
 
 def test_classification_report_against_a_hand_computed_confusion_matrix():
-    probs = np.array([[.7, .2, .1], [.3, .6, .1], [.1, .8, .1], [.2, .1, .7], [.5, .1, .4], [.1, .3, .6]])
+    probs = np.array(
+        [[0.7, 0.2, 0.1], [0.3, 0.6, 0.1], [0.1, 0.8, 0.1], [0.2, 0.1, 0.7], [0.5, 0.1, 0.4], [0.1, 0.3, 0.6]]
+    )
     y = np.array([0, 0, 1, 2, 2, 2])
     r = classification_report(probs, y, ["a", "b", "c"])
     assert r["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [1, 0, 2]]
     assert r["top1"] == pytest.approx(4 / 6)
     assert r["per_class_accuracy"] == pytest.approx({"a": 0.5, "b": 1.0, "c": 2 / 3})
     assert r["top5"] == 1.0  # 3 classes: top-5 is top-3
-    assert r["loss"] == pytest.approx(-np.mean(np.log([.7, .3, .8, .7, .4, .6])))
+    assert r["loss"] == pytest.approx(-np.mean(np.log([0.7, 0.3, 0.8, 0.7, 0.4, 0.6])))
 
 
 def test_evaluate_matches_a_confusion_matrix_computed_by_hand(tmp_path):
@@ -390,8 +412,7 @@ def test_evaluate_matches_a_confusion_matrix_computed_by_hand(tmp_path):
 def test_meanpool_is_at_chance_and_lstm_high_on_the_order_only_sample(tmp_path):
     cache = feature_cache(tmp_path / "train.h5", order_videos(seed=0))
     test = feature_cache(tmp_path / "test.h5", order_videos(seed=1, base_clips=12))
-    opts = {**TINY_HEAD, "epochs": 20, "batch_size": 8, "lr": 5e-3, "clip_len": 16,
-            "group_regex": r"clip_(\d+)"}
+    opts = {**TINY_HEAD, "epochs": 20, "batch_size": 8, "lr": 5e-3, "clip_len": 16, "group_regex": r"clip_(\d+)"}
     top1 = {}
     for head in ("lstm", "meanpool"):
         pipeline.train_head(cache, tmp_path / head, head=head, **opts)

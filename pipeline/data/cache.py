@@ -3,7 +3,8 @@
 A cache is what users name (CACHE.h5) plus a folder of parts beside it (CACHE.h5.parts/). Every finished video is one
 part file, written under a temporary name and renamed into place, so a process killed at any moment leaves only whole
 parts behind. CACHE.h5 is an index of external links to the parts, rebuilt atomically (written aside, then renamed)
-during and after each run. Plain h5py reads it: f["videos/<id>/features"]. The layout is documented in docs/cache-format.md.
+during and after each run. Plain h5py reads it: f["videos/<id>/features"]. The layout is documented in
+docs/cache-format.md.
 """
 
 from __future__ import annotations
@@ -143,10 +144,14 @@ class PartWriter:
         self._buf, self._buffered = [], 0
         if self._file is None:
             self._file = h5py.File(self.tmp, "w")
-            self._file.create_dataset("features", shape=(0, self.dim), maxshape=(None, self.dim), dtype=self.dtype,
-                                      chunks=(CHUNK_ROWS, self.dim))
-            self._file.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64,
-                                      chunks=(4096,))
+            self._file.create_dataset(
+                "features",
+                shape=(0, self.dim),
+                maxshape=(None, self.dim),
+                dtype=self.dtype,
+                chunks=(CHUNK_ROWS, self.dim),
+            )
+            self._file.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             self._file.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
         for name, arr in (("features", feats), ("frame_indices", idx), ("timestamps", ts)):
             ds = self._file[name]
@@ -156,8 +161,11 @@ class PartWriter:
 
     def commit(self, attrs: dict) -> None:
         if self._file is None:
-            feats, idx, ts = ((np.concatenate(c) for c in zip(*self._buf)) if self._buf else
-                              (np.zeros((0, self.dim), self.dtype), np.zeros(0, np.int64), np.zeros(0)))
+            feats, idx, ts = (
+                (np.concatenate(c) for c in zip(*self._buf))
+                if self._buf
+                else (np.zeros((0, self.dim), self.dtype), np.zeros(0, np.int64), np.zeros(0))
+            )
             self._file = h5py.File(self.tmp, "w")
             self._file.create_dataset("features", data=feats)
             self._file.create_dataset("frame_indices", data=idx)
@@ -181,9 +189,18 @@ class PartWriter:
 
 # Columns of the /index table, read in one go by open_cache (no part file opened to list a cache).
 _INDEX_COLUMNS = {
-    "key": str, "id": str, "label": str, "split": str, "num_frames": np.int64, "source_path": str,
-    "source_size": np.int64, "source_mtime_ns": np.int64, "shard": str, "spec_id": str,
-    "part_size": np.int64, "part_mtime_ns": np.int64,
+    "key": str,
+    "id": str,
+    "label": str,
+    "split": str,
+    "num_frames": np.int64,
+    "source_path": str,
+    "source_size": np.int64,
+    "source_mtime_ns": np.int64,
+    "shard": str,
+    "spec_id": str,
+    "part_size": np.int64,
+    "part_mtime_ns": np.int64,
 }
 
 
@@ -195,8 +212,14 @@ class CacheWriter:
     no index: `merge()` (or rank 0 after a barrier) builds it once they are all done.
     """
 
-    def __init__(self, path: str | os.PathLike, spec: FeatureSpec, dtype: str, overwrite: bool = False,
-                 shard: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        spec: FeatureSpec,
+        dtype: str,
+        overwrite: bool = False,
+        shard: tuple[int, int] | None = None,
+    ):
         self.path = Path(path)
         self.parts = parts_dir(self.path)
         self.spec, self.dtype, self.shard = spec, dtype, shard
@@ -218,8 +241,9 @@ class CacheWriter:
             remove_dead_temp_files(self.path)
             if packed and self.path.exists():
                 _unpack(self.path, self.parts, self.tag)
-            spec_text = json.dumps({"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype},
-                                   indent=1, sort_keys=True)
+            spec_text = json.dumps(
+                {"spec": json.loads(spec.to_json()), "spec_id": spec.id, "dtype": dtype}, indent=1, sort_keys=True
+            )
             if not (self.parts / SPEC_FILE).exists():
                 _write_text_atomic(self.parts / SPEC_FILE, spec_text)
             self._index = _read_index_rows(self.path)
@@ -248,8 +272,10 @@ class CacheWriter:
             self.path.unlink(missing_ok=True)
             return
         raise CacheError(
-            f"{self.path} holds features of another spec (existing != requested):\n  " + "\n  ".join(diffs)
-            + "\nWrite to a new -o path, or pass --overwrite to discard the existing features.")
+            f"{self.path} holds features of another spec (existing != requested):\n  "
+            + "\n  ".join(diffs)
+            + "\nWrite to a new -o path, or pass --overwrite to discard the existing features."
+        )
 
     # -- per video
     def part_path(self, key: str) -> Path:
@@ -281,12 +307,12 @@ class CacheWriter:
         request."""
         part = self.part_path(key)
         if part.exists() and os.path.exists(source_path):
-            log.warning("%s: dropping the features of its previous version (the file changed and now fails)",
-                        printable(key))
+            log.warning(
+                "%s: dropping the features of its previous version (the file changed and now fails)", printable(key)
+            )
             part.unlink(missing_ok=True)
             self._index.pop(video_id(key), None)
-        record = {"key": key, "source_path": source_path, "reason": reason,
-                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        record = {"key": key, "source_path": source_path, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         # ensure_ascii (the default): \u escapes carry surrogate-escaped names through JSON and back exactly
         _write_text_atomic(self.parts / (video_id(key) + FAILED_SUFFIX), json.dumps(record))
 
@@ -331,9 +357,11 @@ class CacheWriter:
             rows[vid] = row
         foreign = sorted(r["key"] for r in rows.values() if r["spec_id"] != self.spec.id)
         if foreign:
-            raise CacheError(f"{self.parts} holds {len(foreign)} videos of another feature spec than {self.spec.id} "
-                             f"(e.g. {', '.join(foreign[:3])}); shards of different specs cannot be merged: "
-                             f"remove those parts or extract them into another cache")
+            raise CacheError(
+                f"{self.parts} holds {len(foreign)} videos of another feature spec than {self.spec.id} "
+                f"(e.g. {', '.join(foreign[:3])}); shards of different specs cannot be merged: "
+                f"remove those parts or extract them into another cache"
+            )
         self._index = rows
         failures = []
         for f in sorted(self.parts.glob("*" + FAILED_SUFFIX)):
@@ -363,8 +391,9 @@ class CacheWriter:
                     index.create_dataset(col, data=np.array(values, dtype=kind))
             fail = f.create_group("failures")
             for col in ("key", "source_path", "reason", "time"):
-                fail.create_dataset(col, data=_text_column([str(x.get(col, "")) for x in failures]),
-                                    dtype=h5py.string_dtype())
+                fail.create_dataset(
+                    col, data=_text_column([str(x.get(col, "")) for x in failures]), dtype=h5py.string_dtype()
+                )
         _commit(tmp, self.path)
 
     def close(self) -> None:
@@ -422,8 +451,10 @@ def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
                 raise
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise CacheError(f"another extraction is writing to {cache} ({lock_path.name} is held); "
-                                 f"wait for it, or choose another -o path") from e
+                raise CacheError(
+                    f"another extraction is writing to {cache} ({lock_path.name} is held); "
+                    f"wait for it, or choose another -o path"
+                ) from e
             time.sleep(0.02)
 
 
@@ -474,7 +505,7 @@ def remove_dead_temp_files(cache: Path) -> list[Path]:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(".tmp")):
             continue
-        pid = name[len(prefix): -len(".tmp")]
+        pid = name[len(prefix) : -len(".tmp")]
         if pid.isdigit() and not _pid_alive(int(pid)):
             with contextlib.suppress(OSError):
                 (folder / name).unlink()
@@ -522,8 +553,9 @@ def _layout(path: Path) -> str | None:
 def _write_spec_from_index(index: Path, spec_file: Path) -> None:
     with h5py.File(index, "r") as f:
         spec, dtype = json.loads(_attr(f.attrs, "spec")), _attr(f.attrs, "dtype")
-    text = json.dumps({"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1,
-                      sort_keys=True)
+    text = json.dumps(
+        {"spec": spec, "spec_id": FeatureSpec.from_dict(spec).id, "dtype": dtype}, indent=1, sort_keys=True
+    )
     _write_text_atomic(spec_file, text)
 
 
@@ -541,9 +573,14 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
     written = 0
     with h5py.File(packed, "r") as f:
         ids = _column(f["index/id"])
-        log.warning("%s is a packed one-file cache: unpacking its %d videos into %s to add to it (run "
-                    "`pipeline pack %s` afterwards, or extract with --pack, to make one file again)", packed,
-                    len(ids), parts, packed)
+        log.warning(
+            "%s is a packed one-file cache: unpacking its %d videos into %s to add to it (run "
+            "`pipeline pack %s` afterwards, or extract with --pack, to make one file again)",
+            packed,
+            len(ids),
+            parts,
+            packed,
+        )
         for vid in ids:
             final = parts / (vid + PART_SUFFIX)
             if final.exists():
@@ -557,8 +594,9 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
                     chunks = None
                     if long:  # as PartWriter writes a long video: resizable, (256, D) chunks
                         chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096,)
-                    out.create_dataset(name, data=data, chunks=chunks,
-                                       maxshape=(None, *data.shape[1:]) if long else None)
+                    out.create_dataset(
+                        name, data=data, chunks=chunks, maxshape=(None, *data.shape[1:]) if long else None
+                    )
                 _copy_attrs(src.attrs, out.attrs)
             _commit(tmp, final)
             written += 1
@@ -596,11 +634,18 @@ def _part_row(part: Path) -> dict | None:
         with h5py.File(part, "r") as f:
             a = f.attrs
             return {
-                "key": _attr(a, "key"), "id": part.name[: -len(PART_SUFFIX)], "label": _attr(a, "label", ""),
-                "split": _attr(a, "split", ""), "num_frames": int(f["features"].shape[0]),
-                "source_path": _attr(a, "source_path", ""), "source_size": int(_attr(a, "source_size", -1)),
-                "source_mtime_ns": int(_attr(a, "source_mtime_ns", -1)), "shard": _attr(a, "shard", ""),
-                "spec_id": _attr(a, "spec_id", ""), "part_size": st.st_size, "part_mtime_ns": st.st_mtime_ns,
+                "key": _attr(a, "key"),
+                "id": part.name[: -len(PART_SUFFIX)],
+                "label": _attr(a, "label", ""),
+                "split": _attr(a, "split", ""),
+                "num_frames": int(f["features"].shape[0]),
+                "source_path": _attr(a, "source_path", ""),
+                "source_size": int(_attr(a, "source_size", -1)),
+                "source_mtime_ns": int(_attr(a, "source_mtime_ns", -1)),
+                "shard": _attr(a, "shard", ""),
+                "spec_id": _attr(a, "spec_id", ""),
+                "part_size": st.st_size,
+                "part_mtime_ns": st.st_mtime_ns,
             }
     except (OSError, KeyError):
         return None
@@ -636,9 +681,12 @@ class FeatureCache:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            hint = (f"sharded runs leave their parts in {parts_dir(self.path)}: build the index with "
-                    f"`pipeline merge {path}`" if (parts_dir(self.path) / SPEC_FILE).exists() else
-                    f"create it with `pipeline extract ... -o {path}`")
+            hint = (
+                f"sharded runs leave their parts in {parts_dir(self.path)}: build the index with "
+                f"`pipeline merge {path}`"
+                if (parts_dir(self.path) / SPEC_FILE).exists()
+                else f"create it with `pipeline extract ... -o {path}`"
+            )
             raise FileNotFoundError(f"no feature cache at {self.path}; {hint}")
         try:
             with h5py.File(self.path, "r") as f:
@@ -646,8 +694,10 @@ class FeatureCache:
                     raise CacheError(f"{self.path} is an HDF5 file but not a pipeline feature cache")
                 version = int(f.attrs["schema_version"])
                 if version > SCHEMA_VERSION:
-                    raise CacheError(f"{self.path} uses cache schema {version}; this pipeline reads up to "
-                                     f"{SCHEMA_VERSION}: upgrade the package")
+                    raise CacheError(
+                        f"{self.path} uses cache schema {version}; this pipeline reads up to "
+                        f"{SCHEMA_VERSION}: upgrade the package"
+                    )
                 self.spec = FeatureSpec.from_json(_attr(f.attrs, "spec"))
                 self.dtype = _attr(f.attrs, "dtype")
                 self.versions = json.loads(_attr(f.attrs, "versions", "{}"))
@@ -656,8 +706,9 @@ class FeatureCache:
                 index = f["index"]
                 cols = {c: _column(index[c]) for c in _INDEX_COLUMNS}
                 fail = f["failures"]
-                self._failures = [dict(zip(fail.keys(), vals)) for vals in
-                                  zip(*(_column(fail[c]) for c in fail.keys()))]
+                self._failures = [
+                    dict(zip(fail.keys(), vals)) for vals in zip(*(_column(fail[c]) for c in fail.keys()))
+                ]
         except OSError as e:
             raise CacheError(f"cannot read {self.path} as HDF5 ({e})") from e
         self._rows = {cols["key"][i]: {c: cols[c][i] for c in _INDEX_COLUMNS} for i in range(len(cols["key"]))}
@@ -668,8 +719,10 @@ class FeatureCache:
         # links), so a cache renamed or moved together with its folder reads as before.
         self.parts = None if self.packed else parts_dir(self.path)
         if self.parts is not None and self._rows and not self.parts.is_dir():
-            raise CacheError(f"{self.path} needs its parts folder {self.parts.name}/ (not found beside it): "
-                             f"copy it along, or make one self-contained file with `pipeline pack`")
+            raise CacheError(
+                f"{self.path} needs its parts folder {self.parts.name}/ (not found beside it): "
+                f"copy it along, or make one self-contained file with `pipeline pack`"
+            )
         pending = self.unindexed_parts()
         if pending:
             _warn_unindexed(self.path, pending)
@@ -751,7 +804,7 @@ class FeatureCache:
                         bad[key] = "frame_indices or timestamps do not have one entry per row"
                     elif n:
                         for c in ("features", "frame_indices", "timestamps"):
-                            group[c][:1], group[c][n - 1:]
+                            group[c][:1], group[c][n - 1 :]
             except CacheError as e:
                 bad[key] = str(e)
             except (OSError, KeyError, ValueError, RuntimeError) as e:
@@ -789,8 +842,10 @@ class FeatureCache:
             return
         part = self.parts / (vid + PART_SUFFIX)
         if not part.exists():
-            raise CacheError(f"{self.path}: the part of {printable(key)!r} ({part}) is missing; rerun the "
-                             f"`pipeline extract` command that made the cache to redo it")
+            raise CacheError(
+                f"{self.path}: the part of {printable(key)!r} ({part}) is missing; rerun the "
+                f"`pipeline extract` command that made the cache to redo it"
+            )
         with h5py.File(part, "r") as f:
             yield f
 
@@ -809,10 +864,12 @@ class FeatureCache:
         except (OSError, ValueError, RuntimeError) as e:
             problem = _short(e)
         where = self.part_path(key) or self.path
-        raise CacheError(f"{self.path}: the features of {printable(key)!r} cannot be read from {where} "
-                         f"({problem}); the file is damaged: rerun the `pipeline extract` command that made "
-                         f"the cache to redo it (`pipeline info --check {self.path}` lists every damaged "
-                         f"video)") from None
+        raise CacheError(
+            f"{self.path}: the features of {printable(key)!r} cannot be read from {where} "
+            f"({problem}); the file is damaged: rerun the `pipeline extract` command that made "
+            f"the cache to redo it (`pipeline info --check {self.path}` lists every damaged "
+            f"video)"
+        ) from None
 
     def features(self, key: str) -> np.ndarray:
         return self._read(key, lambda g: g["features"][()])
@@ -863,8 +920,12 @@ def _warn_unindexed(path: Path, pending: int) -> None:
     if name in _WARNED_UNINDEXED or writer_active(path):
         return
     _WARNED_UNINDEXED.add(name)
-    log.warning("%s: %d finished videos are not in the index yet (the run that made them was interrupted); "
-                "rerun the same `pipeline extract` command to resume and include them", path, pending)
+    log.warning(
+        "%s: %d finished videos are not in the index yet (the run that made them was interrupted); "
+        "rerun the same `pipeline extract` command to resume and include them",
+        path,
+        pending,
+    )
 
 
 def _short(e: BaseException) -> str:
@@ -907,8 +968,10 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
         missing = cache.missing_parts()
         if missing:
             example = printable(missing[0])
-            raise CacheError(f"{src}: {len(missing)} parts are missing (e.g. {example!r}); rerun the extract "
-                             f"command to redo them, then pack")
+            raise CacheError(
+                f"{src}: {len(missing)} parts are missing (e.g. {example!r}); rerun the extract "
+                f"command to redo them, then pack"
+            )
         remove_dead_temp_files(out)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
         try:

@@ -29,8 +29,10 @@ def video_labels(cache: FeatureCache, labels_csv: Path | None = None) -> dict[st
     else:
         labels = {k: v for k, v in cache.labels().items() if v}
     if not labels:
-        raise SplitError(f"no video of {cache.path} has a label; extract from class folders (videos/<class>/...), a "
-                         f"CSV manifest with labels, or pass --labels CSV")
+        raise SplitError(
+            f"no video of {cache.path} has a label; extract from class folders (videos/<class>/...), a "
+            f"CSV manifest with labels, or pass --labels CSV"
+        )
     unlabelled = len(cache) - len(labels)
     if unlabelled:
         log.warning("%d videos of %s have no label and are left out", unlabelled, cache.path)
@@ -45,11 +47,16 @@ def among_classes(labels: dict[str, str], classes: list[str], where: str) -> tup
     skipped = {k: f"label {v!r} is not a class of the head" for k, v in labels.items() if v not in known}
     if skipped:
         unknown = sorted({labels[k] for k in skipped})
-        log.warning("%d videos have labels the head was not trained on and are left out (%s)", len(skipped),
-                    ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else ""))
+        log.warning(
+            "%d videos have labels the head was not trained on and are left out (%s)",
+            len(skipped),
+            ", ".join(map(repr, unknown[:5])) + (", ..." if len(unknown) > 5 else ""),
+        )
     if not kept:
-        raise SplitError(f"no video of {where} has a label among the head's {len(classes)} classes "
-                         f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+        raise SplitError(
+            f"no video of {where} has a label among the head's {len(classes)} classes "
+            f"({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})"
+        )
     return kept, skipped
 
 
@@ -109,6 +116,14 @@ def load_labelled(cache: str | Path, cfg: TrainConfig) -> LabelledData:
     log.info("split: %s; %d classes", split.sizes(), len(classes))
     store = load_sequences(cache_obj, keys, cfg.memory, cfg.runtime.progress)
     sources = cache_obj.sources()
-    return LabelledData(cache=Path(cache).resolve(), spec=cache_obj.spec, dtype=cache_obj.dtype, labels=labels,
-                        split=split, classes=classes, store=store, y=class_indices(keys, labels, classes),
-                        train_sources=[sources[k][0] for k in split.train])
+    return LabelledData(
+        cache=Path(cache).resolve(),
+        spec=cache_obj.spec,
+        dtype=cache_obj.dtype,
+        labels=labels,
+        split=split,
+        classes=classes,
+        store=store,
+        y=class_indices(keys, labels, classes),
+        train_sources=[sources[k][0] for k in split.train],
+    )

@@ -58,8 +58,9 @@ class Batch:
     def to(self, device: torch.device) -> Batch:
         if device.type == "cpu":
             return self
-        return Batch(self.x.to(device, non_blocking=True), self.lengths, self.y.to(device, non_blocking=True),
-                     self.owners)
+        return Batch(
+            self.x.to(device, non_blocking=True), self.lengths, self.y.to(device, non_blocking=True), self.owners
+        )
 
 
 # ----------------------------------------------------------------------------------------------------- stores
@@ -76,8 +77,12 @@ class SequenceStore:
 
 
 def _batch(plan: Plan, x: torch.Tensor) -> Batch:
-    return Batch(x, torch.from_numpy(plan.lengths.astype(np.int64)), torch.from_numpy(plan.y.astype(np.int64)),
-                 torch.from_numpy(plan.owners.astype(np.int64)))
+    return Batch(
+        x,
+        torch.from_numpy(plan.lengths.astype(np.int64)),
+        torch.from_numpy(plan.y.astype(np.int64)),
+        torch.from_numpy(plan.owners.astype(np.int64)),
+    )
 
 
 class RamStore(SequenceStore):
@@ -102,7 +107,7 @@ class RamStore(SequenceStore):
             # converting to float32 as it copies (about 1.6x faster than index_select and a second copy).
             starts = self.offsets[plan.videos] + first
             for i, (start, n) in enumerate(zip(starts.tolist(), counts.tolist(), strict=True)):
-                x[i, :n].copy_(self.data[start: start + n])
+                x[i, :n].copy_(self.data[start : start + n])
                 if n < length:
                     x[i, n:] = 0.0
             return _batch(plan, x)
@@ -170,8 +175,13 @@ def choose_memory(nbytes: int, memory: str) -> bool:
     avail = available_memory()
     fits = avail is None or nbytes <= RAM_SHARE * avail
     if not fits:
-        log.warning("features need %.1f GiB, more than %d%% of the %.1f GiB available: reading them lazily per batch "
-                    "(pass --memory ram to force)", nbytes / 2**30, RAM_SHARE * 100, avail / 2**30)
+        log.warning(
+            "features need %.1f GiB, more than %d%% of the %.1f GiB available: reading them lazily per batch "
+            "(pass --memory ram to force)",
+            nbytes / 2**30,
+            RAM_SHARE * 100,
+            avail / 2**30,
+        )
     return fits
 
 
@@ -184,13 +194,15 @@ def load_sequences(cache: FeatureCache, keys: list[str], memory: str = "auto", p
         return LazyStore(cache, keys, lengths)
     data = np.empty((int(lengths.sum()), cache.spec.dim), dtype=cache.dtype)
     row = 0
-    for key, n in zip(tqdm(keys, desc="loading", unit="video", disable=not progress, leave=False), lengths,
-                      strict=True):
+    for key, n in zip(
+        tqdm(keys, desc="loading", unit="video", disable=not progress, leave=False), lengths, strict=True
+    ):
         features = cache.features(key)
         if features.shape != (n, cache.spec.dim):
-            raise ValueError(f"{cache.path}: {key!r} holds {features.shape} features, the index says ({n}, "
-                             f"{cache.spec.dim})")
-        data[row: row + n] = features
+            raise ValueError(
+                f"{cache.path}: {key!r} holds {features.shape} features, the index says ({n}, {cache.spec.dim})"
+            )
+        data[row : row + n] = features
         row += n
     cache.close()
     log.info("loaded %d videos, %d rows, %.1f MiB (%s) into memory", len(keys), row, nbytes / 2**20, cache.dtype)
@@ -207,7 +219,7 @@ def sample_rows(store: SequenceStore, videos: np.ndarray, max_rows: int) -> Iter
         rows = np.concatenate([store.offsets[v] + np.arange(store.lengths[v]) for v in videos])[::step]
         rows = torch.from_numpy(rows)
         for i in range(0, len(rows), STATS_CHUNK):
-            yield store.data.index_select(0, rows[i: i + STATS_CHUNK]).float()
+            yield store.data.index_select(0, rows[i : i + STATS_CHUNK]).float()
     else:
         count = min(len(videos), max(1, round(len(videos) / step)))
         picked = np.unique(np.linspace(0, len(videos) - 1, count).round().astype(np.int64))
@@ -215,8 +227,9 @@ def sample_rows(store: SequenceStore, videos: np.ndarray, max_rows: int) -> Iter
             yield torch.from_numpy(store.cache.features(store.keys[v]).astype(np.float32))
 
 
-def feature_stats(store: SequenceStore, videos: np.ndarray, max_rows: int = STATS_ROWS) -> tuple[torch.Tensor,
-                                                                                                   torch.Tensor]:
+def feature_stats(
+    store: SequenceStore, videos: np.ndarray, max_rows: int = STATS_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std (D,) of the rows of `videos`, from at most about `max_rows` rows spread evenly.
 
     The std is floored at 1% of the median std, so that a dimension constant in these rows cannot blow up elsewhere.
@@ -277,8 +290,15 @@ def segment_frames(lengths: np.ndarray, segments: int, stride: int, offsets: np.
     return np.where(pos >= 0, pos * stride, -1).astype(np.int64)
 
 
-def train_plans(lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None, stride: int,
-                rng: np.random.Generator, sampling: str = "crop") -> list[Plan]:
+def train_plans(
+    lengths: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    clip_len: int | None,
+    stride: int,
+    rng: np.random.Generator,
+    sampling: str = "crop",
+) -> list[Plan]:
     """One epoch: the videos in a random order, each as one clip. `lengths` and `y` are indexed by store index;
     the plans' owners are store indices too.
 
@@ -288,7 +308,7 @@ def train_plans(lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: i
     order = rng.permutation(len(lengths))
     plans = []
     for first in range(0, len(order), batch_size):
-        videos = order[first: first + batch_size]
+        videos = order[first : first + batch_size]
         if clip_len is not None and sampling == "segments":
             frames = segment_frames(lengths[videos], clip_len, stride, rng.random((len(videos), clip_len)))
         else:
@@ -302,8 +322,16 @@ def train_plans(lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: i
     return plans
 
 
-def eval_plans(videos: np.ndarray, lengths: np.ndarray, y: np.ndarray, batch_size: int, clip_len: int | None,
-               stride: int, eval_clips: int, sampling: str = "crop") -> list[Plan]:
+def eval_plans(
+    videos: np.ndarray,
+    lengths: np.ndarray,
+    y: np.ndarray,
+    batch_size: int,
+    clip_len: int | None,
+    stride: int,
+    eval_clips: int,
+    sampling: str = "crop",
+) -> list[Plan]:
     """Every video of `videos` (store indices) as the clips it is scored on. Owners index into `videos`. Videos are
     batched by length (less padding).
 
@@ -321,11 +349,10 @@ def eval_plans(videos: np.ndarray, lengths: np.ndarray, y: np.ndarray, batch_siz
         order = np.argsort(-lengths[videos[owners]], kind="stable")
         plans = []
         for first in range(0, len(order), batch_size):
-            sel = order[first: first + batch_size]
+            sel = order[first : first + batch_size]
             vids = videos[owners[sel]]
             offsets = np.repeat(fractions[sel][:, None], clip, axis=1)
-            plans.append(Plan(vids, _trim(segment_frames(lengths[vids], clip, stride, offsets)), owners[sel],
-                              y[vids]))
+            plans.append(Plan(vids, _trim(segment_frames(lengths[vids], clip, stride, offsets)), owners[sel], y[vids]))
         return plans
     if eval_clips == 0 or clip is None:
         owners = np.arange(len(videos))
@@ -333,14 +360,16 @@ def eval_plans(videos: np.ndarray, lengths: np.ndarray, y: np.ndarray, batch_siz
         clip = None
     else:
         span = (clip - 1) * stride + 1
-        per_video = [np.unique(np.round(np.linspace(0, max(int(lengths[v]) - span, 0), eval_clips)).astype(np.int64))
-                     for v in videos]
+        per_video = [
+            np.unique(np.round(np.linspace(0, max(int(lengths[v]) - span, 0), eval_clips)).astype(np.int64))
+            for v in videos
+        ]
         owners = np.concatenate([np.full(len(s), i) for i, s in enumerate(per_video)])
         starts = np.concatenate(per_video)
     order = np.argsort(-lengths[videos[owners]], kind="stable")
     plans = []
     for first in range(0, len(order), batch_size):
-        sel = order[first: first + batch_size]
+        sel = order[first : first + batch_size]
         vids = videos[owners[sel]]
         frames = clip_frames(lengths[vids], clip, stride, None if starts is None else starts[sel])
         plans.append(Plan(vids, _trim(frames), owners[sel], y[vids]))
@@ -359,8 +388,15 @@ def batches(store: SequenceStore, plans: list[Plan], workers: int = 0) -> Iterat
         for plan in plans:
             yield store.gather(plan)
         return
-    loader = DataLoader(store, sampler=plans, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
-                        prefetch_factor=4, persistent_workers=False)
+    loader = DataLoader(
+        store,
+        sampler=plans,
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=worker_init,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
     yield from loader
 
 

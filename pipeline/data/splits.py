@@ -56,8 +56,10 @@ class KeyMatcher:
             entry = entry[2:]
         if entry in self.exact:
             return entry
-        for candidate in (entry, PurePosixPath(entry).with_suffix("").as_posix() if PurePosixPath(entry).suffix
-                          else None):
+        for candidate in (
+            entry,
+            PurePosixPath(entry).with_suffix("").as_posix() if PurePosixPath(entry).suffix else None,
+        ):
             if candidate and len(self.by_suffix.get(candidate, ())) == 1:
                 return next(iter(self.by_suffix[candidate]))
         return None
@@ -94,8 +96,11 @@ def read_labels_csv(path: Path, keys: list[str]) -> dict[str, str]:
     if unmatched:
         log.warning("%s: %d rows name no video of the cache (e.g. %s)", path, len(unmatched), unmatched[0])
     if not labels:
-        raise SplitError(f"{path}: no row names a video of the cache (keys look like {keys[0]!r})" if keys else
-                         f"{path}: the cache holds no videos")
+        raise SplitError(
+            f"{path}: no row names a video of the cache (keys look like {keys[0]!r})"
+            if keys
+            else f"{path}: the cache holds no videos"
+        )
     return labels
 
 
@@ -211,8 +216,13 @@ def column_split(labels: dict[str, str], splits: dict[str, str]) -> Split:
     return Split(train, val, "split column of the cache", excluded)
 
 
-def make_split(labels: dict[str, str], settings: SplitConfig | None = None, *,
-               cache_splits: dict[str, str] | None = None, all_keys: list[str] | None = None) -> Split:
+def make_split(
+    labels: dict[str, str],
+    settings: SplitConfig | None = None,
+    *,
+    cache_splits: dict[str, str] | None = None,
+    all_keys: list[str] | None = None,
+) -> Split:
     """Split the labelled videos (`labels`: key -> class name) as `settings` say (default: SplitConfig()'s) and
     check that the result can be trained on. `cache_splits`: the split column of the cache or manifest.
 
@@ -226,15 +236,20 @@ def make_split(labels: dict[str, str], settings: SplitConfig | None = None, *,
         split = list_split(all_keys or list(labels), labels, train_list, val_list)
     elif mode == "cache" or (mode == "auto" and any(cache_splits.get(k) for k in labels)):
         if not any(cache_splits.get(k) for k in labels):
-            raise SplitError("--split cache: the cache records no split for any video (give a CSV manifest with a "
-                             "split column to `pipeline extract`, or use --split random)")
+            raise SplitError(
+                "--split cache: the cache records no split for any video (give a CSV manifest with a "
+                "split column to `pipeline extract`, or use --split random)"
+            )
         split = column_split(labels, cache_splits)
     else:
         split = random_split(labels, val_fraction, split_seed, group_regex)
     if split.excluded:
         reasons = Counter(split.excluded.values())
-        log.warning("%d labelled videos are in neither split: %s", len(split.excluded),
-                    "; ".join(f"{n} {r}" for r, n in reasons.most_common()))
+        log.warning(
+            "%d labelled videos are in neither split: %s",
+            len(split.excluded),
+            "; ".join(f"{n} {r}" for r, n in reasons.most_common()),
+        )
     check_split(split, labels)
     return split
 
@@ -242,14 +257,18 @@ def make_split(labels: dict[str, str], settings: SplitConfig | None = None, *,
 def check_split(split: Split, labels: dict[str, str]) -> None:
     for side in ("train", "val"):
         if not getattr(split, side):
-            raise SplitError(f"the {side} split is empty ({split.sizes()}); check the split lists, the cache's "
-                             f"split column or --val-fraction")
+            raise SplitError(
+                f"the {side} split is empty ({split.sizes()}); check the split lists, the cache's "
+                f"split column or --val-fraction"
+            )
     train_classes = {labels[k] for k in split.train}
     missing = sorted({labels[k] for k in split.val} - train_classes)
     if missing:
-        raise SplitError(f"classes missing from the train split: {', '.join(missing[:10])}"
-                         + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
-                         + "; their val videos could never be classified right")
+        raise SplitError(
+            f"classes missing from the train split: {', '.join(missing[:10])}"
+            + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+            + "; their val videos could never be classified right"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- recorded splits

@@ -38,14 +38,21 @@ def model_weights_enum(backbone: str):
         return torchvision.models.get_model_weights(backbone)
     except (ValueError, KeyError) as e:
         names = ", ".join(sorted(torchvision.models.list_models(module=torchvision.models))[:12])
-        raise ValueError(f"--backbone {backbone!r} is not a torchvision classification model "
-                         f"(for example: {names}, ...)") from e
+        raise ValueError(
+            f"--backbone {backbone!r} is not a torchvision classification model (for example: {names}, ...)"
+        ) from e
 
 
 def default_preprocessing(weights) -> Preprocessing:
     t = weights.transforms()
-    return Preprocessing(resize=int(t.resize_size[0]), crop=int(t.crop_size[0]), mean=tuple(t.mean),
-                         std=tuple(t.std), interpolation=t.interpolation.value, antialias=bool(t.antialias))
+    return Preprocessing(
+        resize=int(t.resize_size[0]),
+        crop=int(t.crop_size[0]),
+        mean=tuple(t.mean),
+        std=tuple(t.std),
+        interpolation=t.interpolation.value,
+        antialias=bool(t.antialias),
+    )
 
 
 def is_weights_file(weights: str) -> bool:
@@ -81,8 +88,9 @@ def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def backbone_from_state(backbone: str, state: dict[str, torch.Tensor], weights: str, weights_sha256: str,
-                        preprocessing: Preprocessing) -> LoadedBackbone:
+def backbone_from_state(
+    backbone: str, state: dict[str, torch.Tensor], weights: str, weights_sha256: str, preprocessing: Preprocessing
+) -> LoadedBackbone:
     """`backbone` without its classifier, with exactly the tensors of `state` (a fine-tuned backbone kept in a
     checkpoint), frozen. Raises WeightsError when they do not fit or do not hash to `weights_sha256`."""
     model_weights_enum(backbone)
@@ -92,16 +100,24 @@ def backbone_from_state(backbone: str, state: dict[str, torch.Tensor], weights: 
     missing, unused = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     bad = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unused or bad:
-        detail = "; ".join(text for text in (
-            missing and f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})",
-            unused and f"{len(unused)} tensors it does not have (e.g. {', '.join(unused[:3])})",
-            bad and f"shape mismatch for {', '.join(bad[:3])}") if text)
-        raise WeightsError(f"the backbone weights {weights!r} do not fit {backbone}: {detail}; they belong to "
-                           f"another architecture")
+        detail = "; ".join(
+            text
+            for text in (
+                missing and f"{len(missing)} tensors missing (e.g. {', '.join(missing[:3])})",
+                unused and f"{len(unused)} tensors it does not have (e.g. {', '.join(unused[:3])})",
+                bad and f"shape mismatch for {', '.join(bad[:3])}",
+            )
+            if text
+        )
+        raise WeightsError(
+            f"the backbone weights {weights!r} do not fit {backbone}: {detail}; they belong to another architecture"
+        )
     sha = tensors_sha256(state)
     if sha != weights_sha256:
-        raise WeightsError(f"the backbone weights {weights!r} hash to {sha[:16]}..., not to the recorded "
-                           f"{(weights_sha256 or '?')[:16]}...: the checkpoint is damaged or was edited")
+        raise WeightsError(
+            f"the backbone weights {weights!r} hash to {sha[:16]}..., not to the recorded "
+            f"{(weights_sha256 or '?')[:16]}...: the checkpoint is damaged or was edited"
+        )
     model.load_state_dict(state)
     model.eval().requires_grad_(False)
     return LoadedBackbone(model=model, weights=weights, weights_sha256=sha, preprocessing=preprocessing, dim=dim)
@@ -137,15 +153,22 @@ def match_state_dict(state: dict, model: nn.Module) -> tuple[dict, str]:
     best, best_prefix = -1, ""
     candidates = {""} | {k[: i + 1] for k in state for i, c in enumerate(k) if c == "." and k.count(".", 0, i) < 3}
     for prefix in candidates:
-        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix):] in wanted)
+        hits = sum(1 for k in state if k.startswith(prefix) and k[len(prefix) :] in wanted)
         if hits > best:
             best, best_prefix = hits, prefix
-    mapped = {k[len(best_prefix):]: v for k, v in state.items() if k.startswith(best_prefix)}
+    mapped = {k[len(best_prefix) :]: v for k, v in state.items() if k.startswith(best_prefix)}
     return mapped, best_prefix
 
 
-def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: int | None = None,
-                  mean: tuple | None = None, std: tuple | None = None, progress: bool = True) -> LoadedBackbone:
+def load_backbone(
+    backbone: str,
+    weights: str,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: tuple | None = None,
+    std: tuple | None = None,
+    progress: bool = True,
+) -> LoadedBackbone:
     """Build `backbone` with `weights`, drop its classifier, freeze it and resolve its preprocessing."""
     enum = model_weights_enum(backbone)
     source_weights = enum.DEFAULT
@@ -159,8 +182,10 @@ def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: 
     elif is_weights_file(weights):
         path = Path(weights).expanduser()
         if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist; pass an existing state-dict file, a torchvision "
-                               f"weights name (e.g. DEFAULT) or 'none'")
+            raise WeightsError(
+                f"weights file {path} does not exist; pass an existing state-dict file, a torchvision "
+                f"weights name (e.g. DEFAULT) or 'none'"
+            )
         try:
             state = _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except WeightsError as e:
@@ -180,21 +205,33 @@ def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: 
         own = model.state_dict()
         missing = [k for k in own if k not in mapped]
         if missing:
-            raise WeightsError(f"weights {weights_name} do not fit {backbone}: {len(missing)} tensors missing "
-                               f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of another architecture?")
+            raise WeightsError(
+                f"weights {weights_name} do not fit {backbone}: {len(missing)} tensors missing "
+                f"(e.g. {', '.join(missing[:3])}); is it a checkpoint of another architecture?"
+            )
         bad = [k for k in own if mapped[k].shape != own[k].shape]
         if bad:
             raise WeightsError(f"weights {weights_name} do not fit {backbone}: shape mismatch for {', '.join(bad[:3])}")
         unused = sorted(set(mapped) - set(own))
         if unused:
-            log.info("ignoring %d tensors of %s not in the embedding (classifier): %s", len(unused), weights_name,
-                     ", ".join(unused[:4]))
+            log.info(
+                "ignoring %d tensors of %s not in the embedding (classifier): %s",
+                len(unused),
+                weights_name,
+                ", ".join(unused[:4]),
+            )
         if prefix:
             log.info("stripped key prefix %r from %s", prefix, weights_name)
         model.load_state_dict({k: mapped[k] for k in own})
     pre = default_preprocessing(source_weights)
-    pre = Preprocessing(resize=resize or pre.resize, crop=crop or pre.crop, mean=tuple(mean or pre.mean),
-                        std=tuple(std or pre.std), interpolation=pre.interpolation, antialias=pre.antialias)
+    pre = Preprocessing(
+        resize=resize or pre.resize,
+        crop=crop or pre.crop,
+        mean=tuple(mean or pre.mean),
+        std=tuple(std or pre.std),
+        interpolation=pre.interpolation,
+        antialias=pre.antialias,
+    )
     model.eval().requires_grad_(False)
     return LoadedBackbone(model=model, weights=weights_name, weights_sha256=sha, preprocessing=pre, dim=dim)
 
@@ -202,14 +239,15 @@ def load_backbone(backbone: str, weights: str, resize: int | None = None, crop: 
 def _weights_member(enum, name: str, backbone: str):
     key = name.split(".", 1)[1] if name.startswith(enum.__name__ + ".") else name
     if "." in key:
-        raise WeightsNameError(f"--weights {name!r} names weights of another model; {backbone} takes "
-                               f"{enum.__name__}.*")
+        raise WeightsNameError(f"--weights {name!r} names weights of another model; {backbone} takes {enum.__name__}.*")
     try:
         return enum[key]
     except KeyError:
         options = ", ".join(["DEFAULT"] + [w.name for w in enum])
-        raise WeightsNameError(f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
-                               f"a state-dict file, or none") from None
+        raise WeightsNameError(
+            f"--weights {name!r} is not a weights name of {backbone}; choose one of: {options}, "
+            f"a state-dict file, or none"
+        ) from None
 
 
 def cached_weights(member) -> list[tuple[str, Path]]:
@@ -230,15 +268,18 @@ def _torchvision_state_dict(member, backbone: str, progress: bool) -> tuple[dict
     try:
         state = member.get_state_dict(progress=progress, check_hash=True)
     except Exception as e:  # offline (URLError), hub unreachable, or a corrupt file in the cache
-        present = "".join(f"  - use the weights already in the cache: --weights {name} ({path.name})\n"
-                          for name, path in cached_weights(member))
+        present = "".join(
+            f"  - use the weights already in the cache: --weights {name} ({path.name})\n"
+            for name, path in cached_weights(member)
+        )
         raise WeightsError(
             f"weights {type(member).__name__}.{member.name} for {backbone} are not in the torchvision cache and could "
             f"not be downloaded ({type(e).__name__}: {e}).\nRemedies:\n{present}"
             f"  - on a machine with internet, download {member.url}\n"
             f"    and copy it to {target} (the cache follows $TORCH_HOME), or\n"
             f"  - pass a local state-dict file: --weights /path/to/weights.pth, or\n"
-            f"  - pass --weights none for a random initialisation (features carry no ImageNet knowledge)") from e
+            f"  - pass --weights none for a random initialisation (features carry no ImageNet knowledge)"
+        ) from e
     return state, sha256_file(target)
 
 
@@ -258,7 +299,7 @@ class PendingFeatures:
             self._done.synchronize()
             self._embedder.busy_seconds += self._started.elapsed_time(self._done) / 1000.0
             self._done = None
-        return self._features[:self.rows]
+        return self._features[: self.rows]
 
 
 class FrameEmbedder:
@@ -313,8 +354,10 @@ class FrameEmbedder:
         if self.autocast_dtype is not None:
             # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes
             # in every run (resumed or not).
-            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True), \
-                    torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
+            with (
+                torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
+                torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype),
+            ):
                 y = self.model(x)
         else:
             y = self.model(x)

@@ -25,10 +25,28 @@ import numpy as np
 
 from pipeline.spec import Sampling
 
-VIDEO_EXTENSIONS = frozenset({
-    ".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".gif", ".wmv", ".flv", ".3gp", ".ts",
-    ".mts", ".m2ts", ".ogv", ".vob", ".y4m",
-})
+VIDEO_EXTENSIONS = frozenset(
+    {
+        ".mp4",
+        ".avi",
+        ".mkv",
+        ".mov",
+        ".webm",
+        ".m4v",
+        ".mpg",
+        ".mpeg",
+        ".gif",
+        ".wmv",
+        ".flv",
+        ".3gp",
+        ".ts",
+        ".mts",
+        ".m2ts",
+        ".ogv",
+        ".vob",
+        ".y4m",
+    }
+)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 
@@ -39,13 +57,14 @@ class DecodeError(RuntimeError):
 DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
-def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame",
-                 header: bool = True) -> None:
+def check_pixels(width: int, height: int, max_pixels: int | None, what: str = "frame", header: bool = True) -> None:
     """Refuse a frame larger than `max_pixels` (a frame bomb: a small file that decodes into gigabytes)."""
     if max_pixels is not None and width * height > max_pixels:
-        raise DecodeError(f"{what} is {width}x{height} ({width * height / 1e6:.3g} megapixels), over the "
-                          f"--max-pixels limit of {max_pixels} ({max_pixels / 1e6:.3g} megapixels)"
-                          + ("; refused before decoding" if header else ""))
+        raise DecodeError(
+            f"{what} is {width}x{height} ({width * height / 1e6:.3g} megapixels), over the "
+            f"--max-pixels limit of {max_pixels} ({max_pixels / 1e6:.3g} megapixels)"
+            + ("; refused before decoding" if header else "")
+        )
 
 
 def image_size(path: Path) -> tuple[int, int] | None:
@@ -60,8 +79,10 @@ def image_size(path: Path) -> tuple[int, int] | None:
             if head[:6] in (b"GIF87a", b"GIF89a"):
                 return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
             if head[:2] == b"BM" and len(head) >= 26:
-                return (abs(int.from_bytes(head[18:22], "little", signed=True)),
-                        abs(int.from_bytes(head[22:26], "little", signed=True)))
+                return (
+                    abs(int.from_bytes(head[18:22], "little", signed=True)),
+                    abs(int.from_bytes(head[22:26], "little", signed=True)),
+                )
             if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
                 return _webp_size(head)
             if head[:2] in (b"P5", b"P6"):
@@ -163,8 +184,7 @@ def _capture_by_descriptor(path: Path) -> cv2.VideoCapture:
     """Open a file whose name OpenCV cannot take through /proc/self/fd/N, a UTF-8 name for the same file
     (Linux). FFmpeg opens that name itself, so the descriptor is closed as soon as the capture is open."""
     if not os.path.isdir("/proc/self/fd"):
-        raise DecodeError("its file name is not valid UTF-8, which OpenCV cannot open on this system; "
-                          "rename it")
+        raise DecodeError("its file name is not valid UTF-8, which OpenCV cannot open on this system; rename it")
     fd = os.open(path, os.O_RDONLY)
     try:
         return cv2.VideoCapture(f"/proc/self/fd/{fd}", cv2.CAP_FFMPEG)
@@ -233,8 +253,10 @@ class VideoSource(Source):
             fps = cap.get(cv2.CAP_PROP_FPS)
             return SourceInfo(
                 native_fps=float(fps) if fps and math.isfinite(fps) and fps > 0 else 0.0,
-                width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
-                header_frame_count=max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), -1))
+                width=int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                height=int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                header_frame_count=max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), -1),
+            )
         finally:
             cap.release()
 
@@ -297,8 +319,7 @@ class FolderSource(Source):
         if size is None:
             first = self._read(self.images[0])
             size = first.shape[1], first.shape[0]
-        return SourceInfo(native_fps=self.fps, width=size[0], height=size[1],
-                          header_frame_count=len(self.images))
+        return SourceInfo(native_fps=self.fps, width=size[0], height=size[1], header_frame_count=len(self.images))
 
     def count(self) -> int:
         return len(self.images)

@@ -7,7 +7,7 @@ folder under the folder given.
 Folders are searched following symbolic links, but no directory is searched twice (directories are told apart
 by device and inode), so a link loop (`ln -s . loop`) is skipped with a warning, and a file or folder reached
 through two paths is one video. A file name that is not valid UTF-8 gives a key holding surrogate escapes
-(os.fsdecode); the cache stores it reversibly (docs/cache-format.md). """
+(os.fsdecode); the cache stores it reversibly (docs/cache-format.md)."""
 
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ class VideoItem:
             if self.path.is_dir():
                 images = list_images(self.path)
                 stats = [p.stat() for p in images]
-                return (sum(s.st_size for s in stats),
-                        max([self.path.stat().st_mtime_ns] + [s.st_mtime_ns for s in stats]))
+                return (
+                    sum(s.st_size for s in stats),
+                    max([self.path.stat().st_mtime_ns] + [s.st_mtime_ns for s in stats]),
+                )
             st = self.path.stat()
             return st.st_size, st.st_mtime_ns
         except OSError:
@@ -73,8 +75,7 @@ class _Search:
         ident = (st.st_dev, st.st_ino)
         if ident in table:
             what = "a symlink loop or a second path to" if table is self.dirs else "the same file as"
-            log.warning("skipping %s: %s %s, already found", printable(str(path)), what,
-                        printable(str(table[ident])))
+            log.warning("skipping %s: %s %s, already found", printable(str(path)), what, printable(str(table[ident])))
             return False
         table[ident] = path
         return True
@@ -87,8 +88,9 @@ def _entries(folder: Path, search: _Search) -> list[os.DirEntry] | None:
     except OSError as e:
         reason = f"cannot list the folder ({e.strerror or e}); its videos were not searched"
         search.unreadable[str(folder)] = reason
-        log.warning("%s: cannot list the folder (%s); its videos were not searched", printable(str(folder)),
-                    e.strerror or e)
+        log.warning(
+            "%s: cannot list the folder (%s); its videos were not searched", printable(str(folder)), e.strerror or e
+        )
         return None
 
 
@@ -170,8 +172,11 @@ def read_manifest(manifest: Path) -> list[VideoItem]:
     raw bytes of an existing file's name that is not UTF-8 (as `ls > list.csv` writes it) names that file."""
     data = manifest.read_bytes()
     text = data.decode("utf-8-sig", "surrogateescape")  # strict below, row by row, so the error names the row
-    rows = [(n, r) for n, r in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
-            if r and any(c.strip() for c in r)]
+    rows = [
+        (n, r)
+        for n, r in enumerate(csv.reader(io.StringIO(text, newline="")), start=1)
+        if r and any(c.strip() for c in r)
+    ]
     for line, row in rows:
         _check_utf8_row(manifest, line, row)
     if rows and [c.strip().lower() for c in rows[0][1][:1]] == ["path"]:
@@ -185,15 +190,20 @@ def read_manifest(manifest: Path) -> list[VideoItem]:
             raise InputError(f"{manifest}, row {line}: expected `path,label[,split]`, got {row}")
         rel = cells[0]
         path = Path(rel) if os.path.isabs(rel) else manifest.parent / rel
-        item = VideoItem(key=Path(rel).as_posix(), path=path,
-                         label=(cells[1] or None) if len(cells) > 1 else None,
-                         split=(cells[2] or None) if len(cells) > 2 else None)
+        item = VideoItem(
+            key=Path(rel).as_posix(),
+            path=path,
+            label=(cells[1] or None) if len(cells) > 1 else None,
+            split=(cells[2] or None) if len(cells) > 2 else None,
+        )
         if item.key in items:
             first, other = items[item.key]
             if (other.label, other.split) != (item.label, item.split):
-                raise InputError(f"{manifest}, rows {first} and {line}: {item.key!r} is listed twice with "
-                                 f"different labels or splits ({other.label!r}/{other.split!r} and "
-                                 f"{item.label!r}/{item.split!r}); keep one")
+                raise InputError(
+                    f"{manifest}, rows {first} and {line}: {item.key!r} is listed twice with "
+                    f"different labels or splits ({other.label!r}/{other.split!r} and "
+                    f"{item.label!r}/{item.split!r}); keep one"
+                )
             continue
         items[item.key] = (line, item)
     return [item for _, item in items.values()]
@@ -209,8 +219,7 @@ def _check_utf8_row(manifest: Path, line: int, row: list[str]) -> None:
         path = Path(cell.strip())
         if n == 0 and (path if path.is_absolute() else manifest.parent / path).exists():
             continue  # the raw name of a file that exists: a key like those found in folders
-        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{bad:02x}); save the manifest as "
-                         f"UTF-8")
+        raise InputError(f"{manifest}, row {line}: not UTF-8 text (byte 0x{bad:02x}); save the manifest as UTF-8")
 
 
 def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None = None) -> list[VideoItem]:
@@ -244,8 +253,10 @@ def discover(inputs: list[str | os.PathLike], unreadable: dict[str, str] | None 
     for item in items:
         if item.key in seen and seen[item.key] != item.path:
             first, second = printable(str(seen[item.key])), printable(str(item.path))
-            raise InputError(f"two inputs map to the same key {printable(item.key)!r}: {first} and {second}; "
-                             f"pass their common parent folder instead, or list them in a CSV manifest")
+            raise InputError(
+                f"two inputs map to the same key {printable(item.key)!r}: {first} and {second}; "
+                f"pass their common parent folder instead, or list them in a CSV manifest"
+            )
         seen[item.key] = item.path
     if unreadable is not None:
         unreadable.update(search.unreadable)

@@ -52,8 +52,7 @@ def decode_nvdec(job: DecodeJob, device: torch.device):
         from torchcodec.decoders import VideoDecoder
 
         try:
-            decoder = VideoDecoder(str(job.path), device=str(device), dimension_order="NHWC",
-                                   seek_mode="exact")
+            decoder = VideoDecoder(str(job.path), device=str(device), dimension_order="NHWC", seek_mode="exact")
         except Exception as e:  # torchcodec raises RuntimeError/ValueError of its own
             raise Fallback(f"NVDEC could not open it ({type(e).__name__}: {e})") from e
         meta = decoder.metadata
@@ -80,11 +79,19 @@ def decode_nvdec(job: DecodeJob, device: torch.device):
             raise DecodeError(f"the sampling kept none of its {total} frames")
         fps = float(meta.average_fps or 0.0)
         header = getattr(meta, "num_frames_from_header", None)
-        yield "end", i, {
-            "native_fps": fps, "width": width, "height": height,
-            "header_frame_count": int(header) if header is not None else -1, "decoded_frames": total,
-            "mixed_frame_sizes": False, "decoder": "nvdec",
-        }
+        yield (
+            "end",
+            i,
+            {
+                "native_fps": fps,
+                "width": width,
+                "height": height,
+                "header_frame_count": int(header) if header is not None else -1,
+                "decoded_frames": total,
+                "mixed_frame_sizes": False,
+                "decoder": "nvdec",
+            },
+        )
     except DecodeError as e:
         yield "error", i, str(e)
     except Fallback as e:
@@ -104,8 +111,9 @@ class NvdecDecoders:
         self.messages: queue.Queue = queue.Queue(maxsize=QUEUE_CHUNKS)
         self.pending = 0  # jobs given and not yet ended, failed or handed back
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, name=f"pipeline-nvdec-{k}", daemon=True)
-                         for k in range(threads)]
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"pipeline-nvdec-{k}", daemon=True) for k in range(threads)
+        ]
         for t in self._threads:
             t.start()
 

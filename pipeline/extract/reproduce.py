@@ -35,15 +35,26 @@ def extract_config_for(spec: FeatureSpec, output: Path, weights: Path | None = N
     """
     pre = spec.preprocessing
     chosen = _weights_for(spec, weights)
-    return ExtractConfig(output=output, backbone=spec.backbone, weights=chosen, resize=pre.resize, crop=pre.crop,
-                         mean=pre.mean, std=pre.std, sampling=spec.sampling, **options)
+    return ExtractConfig(
+        output=output,
+        backbone=spec.backbone,
+        weights=chosen,
+        resize=pre.resize,
+        crop=pre.crop,
+        mean=pre.mean,
+        std=pre.std,
+        sampling=spec.sampling,
+        **options,
+    )
 
 
 def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
     if spec.weights.startswith(FINETUNED_PREFIX):
         if weights is not None:
-            raise WeightsError(f"the head's features come from the fine-tuned backbone {spec.weights!r} stored in the "
-                               f"checkpoint itself: drop --weights")
+            raise WeightsError(
+                f"the head's features come from the fine-tuned backbone {spec.weights!r} stored in the "
+                f"checkpoint itself: drop --weights"
+            )
         return spec.weights  # not loadable by name: extract_videos gets checkpoint_backbone(...) instead
     random = RANDOM_WEIGHTS.match(spec.weights)
     if random or TORCHVISION_WEIGHTS.match(spec.weights):
@@ -51,26 +62,36 @@ def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
             raise WeightsError(f"the head's features come from {spec.weights}, not from a weights file: drop --weights")
         if random:
             if int(random.group(1)) != RANDOM_INIT_SEED:
-                raise WeightsError(f"the head's features come from random weights with seed {random.group(1)}; this "
-                                   f"pipeline initialises with seed {RANDOM_INIT_SEED}")
+                raise WeightsError(
+                    f"the head's features come from random weights with seed {random.group(1)}; this "
+                    f"pipeline initialises with seed {RANDOM_INIT_SEED}"
+                )
             return "none"
         return spec.weights
     if weights is None:
-        raise WeightsError(f"the head's features come from the weights file {spec.weights!r} (sha256 "
-                           f"{(spec.weights_sha256 or '?')[:16]}...): pass it with --weights PATH")
+        raise WeightsError(
+            f"the head's features come from the weights file {spec.weights!r} (sha256 "
+            f"{(spec.weights_sha256 or '?')[:16]}...): pass it with --weights PATH"
+        )
     weights = Path(weights).expanduser()
     if not weights.is_file():
         raise WeightsError(f"--weights {weights}: no such file")
     sha = sha256_file(weights)
     if sha != spec.weights_sha256:
-        raise WeightsError(f"--weights {weights} has sha256 {sha[:16]}..., but the head was trained on features of "
-                           f"{spec.weights!r} with sha256 {(spec.weights_sha256 or '?')[:16]}...: another file")
+        raise WeightsError(
+            f"--weights {weights} has sha256 {sha[:16]}..., but the head was trained on features of "
+            f"{spec.weights!r} with sha256 {(spec.weights_sha256 or '?')[:16]}...: another file"
+        )
     return str(weights)
 
 
-def backbone_for_spec(spec: FeatureSpec, backbone_state: dict[str, torch.Tensor] | None = None,
-                      weights: Path | None = None, source: str = "the checkpoint",
-                      progress: bool = True) -> LoadedBackbone:
+def backbone_for_spec(
+    spec: FeatureSpec,
+    backbone_state: dict[str, torch.Tensor] | None = None,
+    weights: Path | None = None,
+    source: str = "the checkpoint",
+    progress: bool = True,
+) -> LoadedBackbone:
     """The frozen backbone that makes the features of `spec`: the fine-tuned tensors `backbone_state` when given, else
     the spec's backbone with the spec's weights (a weights file must be passed and match the recorded sha256). The
     result's weights name and sha256 are the spec's, so extract_videos(backbone_model=...) writes features of exactly
@@ -82,25 +103,39 @@ def backbone_for_spec(spec: FeatureSpec, backbone_state: dict[str, torch.Tensor]
     try:
         model_weights_enum(spec.backbone)
     except ValueError:
-        raise WeightsError(f"{source} was trained on features of {spec.backbone!r}, which is not a torchvision "
-                           f"classification model, so no backbone can make them again") from None
+        raise WeightsError(
+            f"{source} was trained on features of {spec.backbone!r}, which is not a torchvision "
+            f"classification model, so no backbone can make them again"
+        ) from None
     if backbone_state is not None:
         if weights is not None:
             raise WeightsError(f"{source} carries its own fine-tuned backbone: drop --weights")
-        loaded = backbone_from_state(spec.backbone, backbone_state, spec.weights, spec.weights_sha256,
-                                     spec.preprocessing)
+        loaded = backbone_from_state(
+            spec.backbone, backbone_state, spec.weights, spec.weights_sha256, spec.preprocessing
+        )
     else:
         cfg = extract_config_for(spec, Path("unused.h5"), weights)
         loaded = load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=progress)
         if spec.weights_sha256 and loaded.weights_sha256 != spec.weights_sha256:
-            raise WeightsError(f"weights {loaded.weights} of {spec.backbone} hash to "
-                               f"{(loaded.weights_sha256 or '?')[:16]}..., but the head was trained on features of "
-                               f"{spec.weights!r} with sha256 {spec.weights_sha256[:16]}...")
+            raise WeightsError(
+                f"weights {loaded.weights} of {spec.backbone} hash to "
+                f"{(loaded.weights_sha256 or '?')[:16]}..., but the head was trained on features of "
+                f"{spec.weights!r} with sha256 {spec.weights_sha256[:16]}..."
+            )
     if loaded.dim != spec.dim:
-        raise WeightsError(f"{source}: the head takes {spec.dim}-dim features (its feature spec), but {spec.backbone} "
-                           f"gives {loaded.dim}: the checkpoint belongs to another backbone")
+        raise WeightsError(
+            f"{source}: the head takes {spec.dim}-dim features (its feature spec), but {spec.backbone} "
+            f"gives {loaded.dim}: the checkpoint belongs to another backbone"
+        )
     if loaded.preprocessing != spec.preprocessing:
-        raise WeightsError(f"{source}: {spec.backbone}'s preprocessing {loaded.preprocessing.to_dict()} differs "
-                           f"from the recorded {spec.preprocessing.to_dict()}")
-    return LoadedBackbone(model=loaded.model, weights=spec.weights, weights_sha256=spec.weights_sha256,
-                          preprocessing=loaded.preprocessing, dim=loaded.dim)
+        raise WeightsError(
+            f"{source}: {spec.backbone}'s preprocessing {loaded.preprocessing.to_dict()} differs "
+            f"from the recorded {spec.preprocessing.to_dict()}"
+        )
+    return LoadedBackbone(
+        model=loaded.model,
+        weights=spec.weights,
+        weights_sha256=spec.weights_sha256,
+        preprocessing=loaded.preprocessing,
+        dim=loaded.dim,
+    )

@@ -69,9 +69,11 @@ class ExtractReport:
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
-        text = (f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-                f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
-                f"{printable(str(self.cache))}")
+        text = (
+            f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
+            f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+            f"{printable(str(self.cache))}"
+        )
         if self.pruned:
             text += f"; {len(self.pruned)} pruned (source gone)"
         if self.packed:
@@ -97,12 +99,19 @@ def balance(weights: list[int], n: int) -> list[list[int]]:
 # ---------------------------------------------------------------------------------------------------- the run
 def build_config(output, config: ExtractConfig | None = None, **options) -> ExtractConfig:
     """An ExtractConfig from keyword options; sampling and runtime options (fps, stride, device, ...) may be flat."""
-    return config_with(ExtractConfig, config, {"output": Path(output) if output is not None else None}, options,
-                       "extract_videos")
+    return config_with(
+        ExtractConfig, config, {"output": Path(output) if output is not None else None}, options, "extract_videos"
+    )
 
 
-def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
-                   backbone_model: LoadedBackbone | None = None, **options) -> ExtractReport:
+def extract_videos(
+    inputs: list,
+    output,
+    *,
+    config: ExtractConfig | None = None,
+    backbone_model: LoadedBackbone | None = None,
+    **options,
+) -> ExtractReport:
     """Extract per-frame features of `inputs` (folders, files, CSV manifests) into the cache `output`.
 
     Options are ExtractConfig fields (backbone="resnet18", weights="none", dtype="float32", ...) or Sampling fields
@@ -127,13 +136,21 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
     torch.set_num_threads(threads)
     batch_size = cfg.batch_size or default_batch_size(device)
 
-    loaded = backbone_model or load_backbone(cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std,
-                                             progress=cfg.runtime.progress)
-    spec = FeatureSpec(backbone=cfg.backbone, weights=loaded.weights, weights_sha256=loaded.weights_sha256,
-                       preprocessing=loaded.preprocessing, sampling=cfg.sampling, dim=loaded.dim)
+    loaded = backbone_model or load_backbone(
+        cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.runtime.progress
+    )
+    spec = FeatureSpec(
+        backbone=cfg.backbone,
+        weights=loaded.weights,
+        weights_sha256=loaded.weights_sha256,
+        preprocessing=loaded.preprocessing,
+        sampling=cfg.sampling,
+        dim=loaded.dim,
+    )
     if dist.shard and cfg.overwrite:
-        raise ValueError("--overwrite cannot be used by several ranks at once; delete the cache and its .parts "
-                         "folder first")
+        raise ValueError(
+            "--overwrite cannot be used by several ranks at once; delete the cache and its .parts folder first"
+        )
     writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
     report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
     report.failed.update({folder: (folder, reason) for folder, reason in unreadable.items()})
@@ -164,8 +181,12 @@ def extract_videos(inputs: list, output, *, config: ExtractConfig | None = None,
                 report.packed = bool(pack(cfg.output))
         dist.barrier()
     elif dist.shard:
-        log.warning("shard %d/%d done; when every shard is, build the index with `pipeline merge %s`",
-                    dist.rank, dist.world, cfg.output)
+        log.warning(
+            "shard %d/%d done; when every shard is, build the index with `pipeline merge %s`",
+            dist.rank,
+            dist.world,
+            cfg.output,
+        )
     elif cfg.pack:
         report.packed = bool(pack(cfg.output))
     report.seconds = time.perf_counter() - started
@@ -199,8 +220,13 @@ class Distributed:
         if not torch_dist.is_initialized():
             # gloo for the two barriers only (CPU or GPU): ranks never wait on each other while extracting.
             torch_dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        return cls(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-                   local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torchrun=True)
+        return cls(
+            rank=int(os.environ["RANK"]),
+            world=world,
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+            torchrun=True,
+        )
 
     @property
     def shard(self) -> tuple[int, int] | None:
@@ -310,15 +336,31 @@ def _nvdec_decoders(decoder: str, device: torch.device):
     return nvdec.NvdecDecoders(device)
 
 
-def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: FrameEmbedder, writer: CacheWriter,
-         report: ExtractReport, workers: int, batch_size: int, device: torch.device) -> None:
+def _run(
+    todo: list[VideoItem],
+    signatures: dict,
+    cfg: ExtractConfig,
+    embed: FrameEmbedder,
+    writer: CacheWriter,
+    report: ExtractReport,
+    workers: int,
+    batch_size: int,
+    device: torch.device,
+) -> None:
     pre = embed.pre
     # workers hand over native frames, the device crops
     native = resolve_mode(cfg.preprocess, device) == "device"
-    log.info("%s: %d decode workers, resize and crop %s, decoder %s, batches of %d", device, workers,
-             "on the device" if native else "in the workers", cfg.decoder, batch_size)
-    jobs = [DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels)
-            for i, item in enumerate(todo)]
+    log.info(
+        "%s: %d decode workers, resize and crop %s, decoder %s, batches of %d",
+        device,
+        workers,
+        "on the device" if native else "in the workers",
+        cfg.decoder,
+        batch_size,
+    )
+    jobs = [
+        DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels) for i, item in enumerate(todo)
+    ]
     waiting: deque[int] = deque()  # videos for the CPU decoder, in input order
     nvdec = None
     use_nvdec = _nvdec_usable(cfg.decoder, device)
@@ -340,11 +382,22 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
     def finish(i: int) -> None:
         item = todo[i]
         size, mtime = signatures[item.key]
-        parts.pop(i).commit({
-            "key": item.key, "source_path": str(item.path.resolve()), "label": item.label, "split": item.split,
-            "kind": item.kind, "source_size": size, "source_mtime_ns": mtime, "spec_id": writer.spec.id,
-            "device": str(device), "shard": f"{writer.shard[0]}/{writer.shard[1]}" if writer.shard else "",
-            "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **ended.pop(i)})
+        parts.pop(i).commit(
+            {
+                "key": item.key,
+                "source_path": str(item.path.resolve()),
+                "label": item.label,
+                "split": item.split,
+                "kind": item.kind,
+                "source_size": size,
+                "source_mtime_ns": mtime,
+                "spec_id": writer.spec.id,
+                "device": str(device),
+                "shard": f"{writer.shard[0]}/{writer.shard[1]}" if writer.shard else "",
+                "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                **ended.pop(i),
+            }
+        )
         outstanding.pop(i, None)
         writer.clear_failure(item.key)
         report.extracted.append(item.key)
@@ -402,7 +455,7 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
                 k = len(idx)
                 if i in parts and attempt.get(i, 0) == gen:  # the video may have failed while its rows waited
                     try:
-                        parts[i].append(feats[row:row + k], idx, ts)
+                        parts[i].append(feats[row : row + k], idx, ts)
                     except ValueError as e:
                         fail(i, str(e))
                     else:
@@ -481,7 +534,9 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
                     pool.release(w, generation, slot)
                 else:
                     releases.append((event, w, generation, slot))
+
             return frames, release
+
         return frames_of
 
     def in_process(payload):
@@ -538,8 +593,11 @@ def _run(todo: list[VideoItem], signatures: dict, cfg: ExtractConfig, embed: Fra
                             drop(i)
                             fail(i, crash.reason)
                     else:
-                        log.warning("decode worker %d died while idle (%s); restarting it", crash.worker,
-                                    crash_reason(pool.workers[crash.worker].process.exitcode))
+                        log.warning(
+                            "decode worker %d died while idle (%s); restarting it",
+                            crash.worker,
+                            crash_reason(pool.workers[crash.worker].process.exitcode),
+                        )
                     pool.restart(crash.worker)
                 report.worker_restarts = pool.restarts
                 settle()

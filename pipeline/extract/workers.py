@@ -76,8 +76,11 @@ def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator
             sizes.add(image.shape[:2])
             if job.pre is not None:
                 image = job.pre.crop_frame(torch.from_numpy(image).permute(2, 0, 1)).numpy()  # (3, C, C)
-            if frames and (image.shape != frames[0].shape or len(frames) == chunk or (
-                    max_chunk_bytes is not None and (len(frames) + 1) * image.nbytes > max_chunk_bytes)):
+            if frames and (
+                image.shape != frames[0].shape
+                or len(frames) == chunk
+                or (max_chunk_bytes is not None and (len(frames) + 1) * image.nbytes > max_chunk_bytes)
+            ):
                 yield "rows", i, frames, np.array(idx), np.array(ts)
                 rows += len(frames)
                 frames, idx, ts = [], [], []
@@ -91,11 +94,18 @@ def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator
             raise DecodeError("no frame could be decoded (corrupt, truncated or not a video)")
         if rows == 0:
             raise DecodeError(f"the sampling kept none of its {decoded} frames")
-        yield "end", i, {
-            "native_fps": meta.native_fps, "width": meta.width, "height": meta.height,
-            "header_frame_count": meta.header_frame_count, "decoded_frames": decoded,
-            "mixed_frame_sizes": len(sizes) > 1,
-        }
+        yield (
+            "end",
+            i,
+            {
+                "native_fps": meta.native_fps,
+                "width": meta.width,
+                "height": meta.height,
+                "header_frame_count": meta.header_frame_count,
+                "decoded_frames": decoded,
+                "mixed_frame_sizes": len(sizes) > 1,
+            },
+        )
     except Exception as e:  # noqa: BLE001  (a bad input must never stop the run: report it and go on)
         reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
         log.debug("decode failure %s\n%s", job.path, traceback.format_exc())
@@ -210,7 +220,7 @@ def crash_reason(exitcode: int | None) -> str:
         except ValueError:
             name = f"signal {sig}"
         if sig == signal.SIGKILL:
-            return (f"the decoder was killed (signal {sig}, {name}; out of memory?) while reading this file")
+            return f"the decoder was killed (signal {sig}, {name}; out of memory?) while reading this file"
         return f"the decoder crashed (signal {sig}, {name}) while reading this file"
     return f"the decoder exited unexpectedly (exit code {exitcode}) while reading this file"
 
@@ -243,8 +253,7 @@ class DecodePool:
             try:
                 torch.cuda.check_error(cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0))
             except Exception as e:  # noqa: BLE001  (a locked-memory limit, an old driver)
-                log.info("could not page-lock the decode workers' shared memory (%s); copying through "
-                         "staging", e)
+                log.info("could not page-lock the decode workers' shared memory (%s); copying through staging", e)
                 return False
             self._pinned.append(buffer.data_ptr())
         return True
@@ -292,7 +301,7 @@ class DecodePool:
             return torch.from_numpy(payload[1])
         _, slot, shape = payload
         start = slot * self.slot_bytes
-        return self.buffers[w][start:start + int(np.prod(shape))].view(shape)
+        return self.buffers[w][start : start + int(np.prod(shape))].view(shape)
 
     def done(self, w: int, i: int) -> None:
         """Video i ended (or failed) at worker w: it leaves the worker's queue."""

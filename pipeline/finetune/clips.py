@@ -76,8 +76,9 @@ def _position(cap: cv2.VideoCapture) -> float:
     return cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
 
 
-def _read_by_seeking(cap: cv2.VideoCapture, indices: np.ndarray, times: np.ndarray,
-                     tolerance: float) -> tuple[list[np.ndarray], str] | None:
+def _read_by_seeking(
+    cap: cv2.VideoCapture, indices: np.ndarray, times: np.ndarray, tolerance: float
+) -> tuple[list[np.ndarray], str] | None:
     """Seek to the first wanted frame and grab forward; None as soon as a kept frame's timestamp is not the recorded
     one (the container's seeking cannot be trusted for this clip)."""
     first = int(indices[0])
@@ -212,8 +213,9 @@ class ClipAugment:
         out = []
         for clip in groups:
             top, left, h, w = params.box(*clip.shape[2:])
-            clip = F.resized_crop(clip, top, left, h, w, [self.crop, self.crop], interpolation=interpolation,
-                                  antialias=self.antialias)
+            clip = F.resized_crop(
+                clip, top, left, h, w, [self.crop, self.crop], interpolation=interpolation, antialias=self.antialias
+            )
             out.append(F.hflip(clip) if params.flip else clip)
         return torch.cat(out)
 
@@ -236,8 +238,13 @@ class ClipBatch:
     def to(self, device: torch.device) -> ClipBatch:
         if device.type == "cpu":
             return self
-        return ClipBatch(self.x.to(device, non_blocking=True), self.lengths, self.y.to(device, non_blocking=True),
-                         self.owners, self.reads)
+        return ClipBatch(
+            self.x.to(device, non_blocking=True),
+            self.lengths,
+            self.y.to(device, non_blocking=True),
+            self.owners,
+            self.reads,
+        )
 
     def pin_memory(self) -> ClipBatch:
         return ClipBatch(self.x.pin_memory(), self.lengths, self.y.pin_memory(), self.owners, self.reads)
@@ -258,8 +265,7 @@ class ClipDataset(Dataset):
     Eval frames get exactly stage one's preprocessing (Preprocessing.crop_frame; normalisation happens next to the
     model); train frames get `augment`, one draw per clip."""
 
-    def __init__(self, records: list[VideoRecord], pre: Preprocessing, augment: ClipAugment | None,
-                 frames_fps: float):
+    def __init__(self, records: list[VideoRecord], pre: Preprocessing, augment: ClipAugment | None, frames_fps: float):
         self.records, self.pre, self.augment, self.frames_fps = records, pre, augment, frames_fps
 
     def __len__(self) -> int:
@@ -287,9 +293,13 @@ class ClipDataset(Dataset):
             frames, mode = self.clip(video, rows[rows >= 0], seed)
             clips.append(frames)
             reads[mode] += 1
-        return ClipBatch(torch.cat(clips), torch.from_numpy(plan.lengths.astype(np.int64)),
-                         torch.from_numpy(plan.y.astype(np.int64)), torch.from_numpy(plan.owners.astype(np.int64)),
-                         reads)
+        return ClipBatch(
+            torch.cat(clips),
+            torch.from_numpy(plan.lengths.astype(np.int64)),
+            torch.from_numpy(plan.y.astype(np.int64)),
+            torch.from_numpy(plan.owners.astype(np.int64)),
+            reads,
+        )
 
 
 def clip_batches(dataset: ClipDataset, jobs: list[ClipJob], workers: int, pin_memory: bool = False):
@@ -300,6 +310,14 @@ def clip_batches(dataset: ClipDataset, jobs: list[ClipJob], workers: int, pin_me
         return
     from pipeline.extract.run import start_workers, worker_init
 
-    loader = DataLoader(dataset, sampler=jobs, batch_size=None, num_workers=workers, worker_init_fn=worker_init,
-                        prefetch_factor=2, pin_memory=pin_memory, persistent_workers=False)
+    loader = DataLoader(
+        dataset,
+        sampler=jobs,
+        batch_size=None,
+        num_workers=workers,
+        worker_init_fn=worker_init,
+        prefetch_factor=2,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )
     yield from start_workers(loader)

@@ -41,9 +41,10 @@ def resolve_unfreeze(model: nn.Module, backbone: str, unfreeze: str | None, unfr
     stages = backbone_stages(model)
     if unfreeze_last is not None:
         if unfreeze_last > len(stages):
-            raise UnfreezeError(f"--unfreeze-last {unfreeze_last}: {backbone} has {len(stages)} stages "
-                                f"({', '.join(stages)})")
-        return stages[len(stages) - unfreeze_last:] if unfreeze_last else []
+            raise UnfreezeError(
+                f"--unfreeze-last {unfreeze_last}: {backbone} has {len(stages)} stages ({', '.join(stages)})"
+            )
+        return stages[len(stages) - unfreeze_last :] if unfreeze_last else []
     names = [n.strip() for n in (unfreeze or "").split(",") if n.strip()]
     if names == ["all"]:
         return [""]
@@ -53,9 +54,11 @@ def resolve_unfreeze(model: nn.Module, backbone: str, unfreeze: str | None, unfr
     for name in names:
         if name in ("all", "none") or name not in modules:
             example = next((n for n in modules if n.startswith(stages[-1] + ".")), stages[-1])
-            raise UnfreezeError(f"--unfreeze {name!r} is not a module of {backbone}; valid names: "
-                                f"{', '.join(stages)}, a dotted sub-module such as {example!r}, 'all' or 'none' "
-                                f"(alone)")
+            raise UnfreezeError(
+                f"--unfreeze {name!r} is not a module of {backbone}; valid names: "
+                f"{', '.join(stages)}, a dotted sub-module such as {example!r}, 'all' or 'none' "
+                f"(alone)"
+            )
     return names
 
 
@@ -77,9 +80,17 @@ class FinetuneModel(nn.Module):
     Shapes: forward(x (N, 3, crop, crop) uint8, the real frames of B clips in order; lengths (B,)) -> (B, classes).
     """
 
-    def __init__(self, backbone: nn.Module, head: Head, pre: Preprocessing, *, unfreeze: list[str],
-                 train_bn: bool = False, grad_checkpointing: bool = False,
-                 autocast_dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: Head,
+        pre: Preprocessing,
+        *,
+        unfreeze: list[str],
+        train_bn: bool = False,
+        grad_checkpointing: bool = False,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self.backbone, self.head, self.pre = backbone, head, pre
         self.dims = head.dims
@@ -116,13 +127,16 @@ class FinetuneModel(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Shapes: (N, 3, crop, crop) uint8 -> (N, D) float32, the operations of stage one's FrameEmbedder."""
         x = self.pre.normalize(x).contiguous(memory_format=torch.channels_last)
-        autocast = (torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
-                    if self.autocast_dtype is not None else contextlib.nullcontext())
+        autocast = (
+            torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         with autocast:
             if torch.is_grad_enabled():
                 y = self.backbone(x)
             else:
-                y = torch.cat([self.backbone(x[i: i + EVAL_CHUNK]) for i in range(0, len(x), EVAL_CHUNK)])
+                y = torch.cat([self.backbone(x[i : i + EVAL_CHUNK]) for i in range(0, len(x), EVAL_CHUNK)])
         return y.float().flatten(1)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

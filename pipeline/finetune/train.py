@@ -76,9 +76,12 @@ class FinetuneResult(TrainResult):
     def summary_line(self) -> str:
         s = self.summary
         start = f" (start {s['start']['top1']:.1%})" if s["start"] else ""
-        return (f"{s['head']} + {s['backbone']} ({s['unfrozen']} trained): val top-1 {s['top1']:.1%}{start}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/{s['epochs_run']} "
-                f"({s['split']['train']} train / {s['split']['val']} val, {s['train_clips_per_s']:.1f} clips/s, "
-                f"{s['seconds']:.1f}s) -> {self.out}")
+        return (
+            f"{s['head']} + {s['backbone']} ({s['unfrozen']} trained): val top-1 {s['top1']:.1%}{start}, "
+            f"top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/{s['epochs_run']} "
+            f"({s['split']['train']} train / {s['split']['val']} val, {s['train_clips_per_s']:.1f} clips/s, "
+            f"{s['seconds']:.1f}s) -> {self.out}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -97,8 +100,7 @@ def input_labels(items: list[VideoItem], classes: list[str], labels_csv: Path | 
         raise SplitError(f"{e}; label them by class folders, a CSV manifest or --labels") from None
 
 
-def choose_split(cfg: FinetuneConfig, ckpt: HeadCheckpoint, labels: dict[str, str],
-                 items: list[VideoItem]) -> Split:
+def choose_split(cfg: FinetuneConfig, ckpt: HeadCheckpoint, labels: dict[str, str], items: list[VideoItem]) -> Split:
     """The split of the --init run (its split.csv, else its recorded split settings applied again), or a new one."""
     manifest_splits = {it.key: it.split for it in items if it.split}
     if cfg.splitting.split != "head":
@@ -116,27 +118,35 @@ def choose_split(cfg: FinetuneConfig, ckpt: HeadCheckpoint, labels: dict[str, st
                 sides[found] = side
         if unmatched:
             log.warning("%d videos of %s are not among the inputs", unmatched, recorded)
-        split = Split([k for k in labels if sides.get(k) == "train"], [k for k in labels if sides.get(k) == "val"],
-                      f"the head's split ({recorded})",
-                      {k: "not in the head's split" for k in labels if k not in sides})
+        split = Split(
+            [k for k in labels if sides.get(k) == "train"],
+            [k for k in labels if sides.get(k) == "val"],
+            f"the head's split ({recorded})",
+            {k: "not in the head's split" for k in labels if k not in sides},
+        )
         if split.excluded:
-            log.warning("%d inputs were not in the head's split and are left out (e.g. %s)", len(split.excluded),
-                        next(iter(split.excluded)))
+            log.warning(
+                "%d inputs were not in the head's split and are left out (e.g. %s)",
+                len(split.excluded),
+                next(iter(split.excluded)),
+            )
     else:
         settings = ckpt.config.get("train")
         if not settings:
             raise SplitError(f"{cfg.init} records no split ({recorded} is missing): pass --split auto or random")
         log.warning("%s is missing: applying the head's recorded split settings again", recorded)
 
-        split = make_split(labels, SplitConfig.from_dict(settings), cache_splits=manifest_splits,
-                           all_keys=[it.key for it in items])
+        split = make_split(
+            labels, SplitConfig.from_dict(settings), cache_splits=manifest_splits, all_keys=[it.key for it in items]
+        )
         split.method = f"the head's split settings applied again: {split.method}"
     check_split(split, labels)
     return split
 
 
-def feature_rows(items: list[VideoItem], cache_path: Path | None, sampling: Sampling, workers: int,
-                 progress: bool) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str], int]:
+def feature_rows(
+    items: list[VideoItem], cache_path: Path | None, sampling: Sampling, workers: int, progress: bool
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str], int]:
     """key -> (frame indices, timestamps) of each video's feature rows, and key -> reason for videos that failed.
 
     The head's cache holds the rows stage one made (its frame_indices and timestamps) for every video whose source is
@@ -172,8 +182,9 @@ def feature_rows(items: list[VideoItem], cache_path: Path | None, sampling: Samp
 
         # OpenCV releases the GIL while it decodes: threads index several files at once.
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for key, found, error in tqdm(pool.map(index, rest), total=len(rest), unit="video", desc="indexing",
-                                          disable=not progress, leave=False):
+            for key, found, error in tqdm(
+                pool.map(index, rest), total=len(rest), unit="video", desc="indexing", disable=not progress, leave=False
+            ):
                 if error is None:
                     rows[key] = found
                 else:
@@ -209,8 +220,14 @@ def build_config(init, out, config: FinetuneConfig | None = None, **options) -> 
     return config_with(FinetuneConfig, config, {"init": init, "out": out}, options, "finetune")
 
 
-def finetune(inputs: list, init: str | Path | None = None, out: str | Path | None = None, *,
-             config: FinetuneConfig | None = None, **options) -> FinetuneResult:
+def finetune(
+    inputs: list,
+    init: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    config: FinetuneConfig | None = None,
+    **options,
+) -> FinetuneResult:
     """Fine-tune the backbone of `init`'s features with its head on the labelled videos `inputs` (folders, files,
     CSV manifests, as `pipeline extract` takes them); write the run folder `out` (see docs/finetune.md).
 
@@ -228,8 +245,9 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     sampling = spec.sampling
     loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.runtime.progress)
     if loaded.dim != ckpt.dims.in_dim:
-        raise WeightsError(f"{cfg.init}: the head takes {ckpt.dims.in_dim}-dim features, but {spec.backbone} gives "
-                           f"{loaded.dim}")
+        raise WeightsError(
+            f"{cfg.init}: the head takes {ckpt.dims.in_dim}-dim features, but {spec.backbone} gives {loaded.dim}"
+        )
     if cfg.unfreeze is None and cfg.unfreeze_last is None:
         unfreeze = resolve_unfreeze(loaded.model, spec.backbone, None, FINETUNE_UNFREEZE_LAST)
     else:
@@ -247,13 +265,18 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     split = choose_split(cfg, ckpt, labels, items)
     chosen = set(split.train) | set(split.val)
     cache_path = cfg.cache or (Path(ckpt.config["cache"]) if ckpt.config.get("cache") else None)
-    rows, failed, from_cache = feature_rows([it for it in items if it.key in chosen], cache_path, sampling,
-                                            max(workers, 1), cfg.runtime.progress)
+    rows, failed, from_cache = feature_rows(
+        [it for it in items if it.key in chosen], cache_path, sampling, max(workers, 1), cfg.runtime.progress
+    )
     if failed:
         for key, reason in failed.items():
             log.warning("left out %s: %s", key, reason)
-        split = Split([k for k in split.train if k not in failed], [k for k in split.val if k not in failed],
-                      split.method, {**split.excluded, **dict.fromkeys(failed, "cannot be decoded")})
+        split = Split(
+            [k for k in split.train if k not in failed],
+            [k for k in split.val if k not in failed],
+            split.method,
+            {**split.excluded, **dict.fromkeys(failed, "cannot be decoded")},
+        )
         check_split(split, labels)
     path_of = {it.key: it.path for it in items}
     keys = split.train + split.val
@@ -262,14 +285,25 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     lengths = np.array([len(r.frame_indices) for r in records], dtype=np.int64)
     n_train = len(split.train)
     train_idx, val_idx = np.arange(n_train), np.arange(n_train, len(keys))
-    log.info("split: %s; rows of %d videos from the head's cache, %d indexed", split.sizes(), from_cache,
-             len(keys) - from_cache)
+    log.info(
+        "split: %s; rows of %d videos from the head's cache, %d indexed",
+        split.sizes(),
+        from_cache,
+        len(keys) - from_cache,
+    )
 
     # -- the model: the backbone as stage one ran it + the head as stage two trained it
     torch.manual_seed(cfg.seed)
     head = ckpt.model()
-    model = FinetuneModel(loaded.model, head, loaded.preprocessing, unfreeze=unfreeze, train_bn=cfg.train_bn,
-                          grad_checkpointing=cfg.grad_checkpointing, autocast_dtype=amp)
+    model = FinetuneModel(
+        loaded.model,
+        head,
+        loaded.preprocessing,
+        unfreeze=unfreeze,
+        train_bn=cfg.train_bn,
+        grad_checkpointing=cfg.grad_checkpointing,
+        autocast_dtype=amp,
+    )
     model.backbone.to(device, memory_format=torch.channels_last)
     model.head.to(device)
     backbone_lr = cfg.backbone_lr if cfg.backbone_lr is not None else cfg.lr * FINETUNE_BACKBONE_LR_FACTOR
@@ -277,7 +311,8 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
     batches_per_epoch = math.ceil(n_train / cfg.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), max(cfg.epochs, 1) * steps_per_epoch))
+        optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), max(cfg.epochs, 1) * steps_per_epoch)
+    )
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     pre = loaded.preprocessing
@@ -288,28 +323,60 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
 
     out_dir = cfg.out
     run_info = {
-        "init": str(cfg.init.resolve()), "init_feature_spec_id": spec.id, "cache": str(cache_path or ""),
-        "backbone": spec.backbone, "unfrozen": unfreeze, "clip_len": clip_len, "clip_stride": clip_stride,
-        "backbone_lr": backbone_lr, "split": split_info(split, labels, ckpt.classes), "classes": ckpt.classes,
-        "rows_from_cache": from_cache, "rows_indexed": len(keys) - from_cache, "trainable_parameters": trainable,
-        "device": str(device), "amp": str(amp).replace("torch.", "") if amp else "off", "workers": workers,
+        "init": str(cfg.init.resolve()),
+        "init_feature_spec_id": spec.id,
+        "cache": str(cache_path or ""),
+        "backbone": spec.backbone,
+        "unfrozen": unfreeze,
+        "clip_len": clip_len,
+        "clip_stride": clip_stride,
+        "backbone_lr": backbone_lr,
+        "split": split_info(split, labels, ckpt.classes),
+        "classes": ckpt.classes,
+        "rows_from_cache": from_cache,
+        "rows_indexed": len(keys) - from_cache,
+        "trainable_parameters": trainable,
+        "device": str(device),
+        "amp": str(amp).replace("torch.", "") if amp else "off",
+        "workers": workers,
         "train": ckpt.config.get("train", {}),
     }
-    recorder = RunRecorder(out_dir, {"finetune": cfg.to_dict(), **run_info}, split, labels, overwrite=cfg.overwrite,
-                           patience=cfg.patience,
-                           columns=COLUMNS)
+    recorder = RunRecorder(
+        out_dir,
+        {"finetune": cfg.to_dict(), **run_info},
+        split,
+        labels,
+        overwrite=cfg.overwrite,
+        patience=cfg.patience,
+        columns=COLUMNS,
+    )
 
     def checkpoint(epoch: int, metrics: dict) -> HeadCheckpoint:
         state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
-        new_spec = FeatureSpec(backbone=spec.backbone, weights=f"{FINETUNED_PREFIX}{out_dir.name}",
-                               weights_sha256=tensors_sha256(state), preprocessing=spec.preprocessing,
-                               sampling=spec.sampling, dim=spec.dim)
-        return HeadCheckpoint(dims=ckpt.dims, state_dict=model.head.state_dict(), classes=ckpt.classes,
-                              feature_spec=new_spec, feature_dtype=ckpt.feature_dtype, clip_len=ckpt.clip_len,
-                              clip_stride=ckpt.clip_stride, eval_clips=ckpt.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"finetune": cfg.to_dict(), **run_info}, backbone_state=state,
-                              train_videos=[str(path_of[k].resolve()) for k in split.train],
-                              sampling=ckpt.sampling)
+        new_spec = FeatureSpec(
+            backbone=spec.backbone,
+            weights=f"{FINETUNED_PREFIX}{out_dir.name}",
+            weights_sha256=tensors_sha256(state),
+            preprocessing=spec.preprocessing,
+            sampling=spec.sampling,
+            dim=spec.dim,
+        )
+        return HeadCheckpoint(
+            dims=ckpt.dims,
+            state_dict=model.head.state_dict(),
+            classes=ckpt.classes,
+            feature_spec=new_spec,
+            feature_dtype=ckpt.feature_dtype,
+            clip_len=ckpt.clip_len,
+            clip_stride=ckpt.clip_stride,
+            eval_clips=ckpt.eval_clips,
+            epoch=epoch,
+            metrics=metrics,
+            config={"finetune": cfg.to_dict(), **run_info},
+            backbone_state=state,
+            train_videos=[str(path_of[k].resolve()) for k in split.train],
+            sampling=ckpt.sampling,
+        )
 
     if cfg.val_clips is not None and cfg.val_clips < len(val_idx):
         # the same evenly spread videos every epoch, so that epochs stay comparable
@@ -317,11 +384,17 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         log.info("validating on %d of the %d val videos (--val-clips)", len(val_idx), len(split.val))
 
     def validate(what: str) -> dict:
-        plans = eval_plans(val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips,
-                           ckpt.sampling)
+        plans = eval_plans(
+            val_idx, lengths, y, cfg.batch_size, ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips, ckpt.sampling
+        )
         jobs = [ClipJob(plan) for plan in plans]
-        with tqdm(total=sum(len(plan.videos) for plan in plans), unit="clip", desc=what,
-                  disable=not cfg.runtime.progress, leave=False) as bar:
+        with tqdm(
+            total=sum(len(plan.videos) for plan in plans),
+            unit="clip",
+            desc=what,
+            disable=not cfg.runtime.progress,
+            leave=False,
+        ) as bar:
 
             def counted(batches):
                 for batch in batches:
@@ -338,8 +411,12 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
         t0 = time.perf_counter()
         start = validate("validate the start")
         log.info("start: val top-1 %.1f%% (the head's own checkpoint: %s)", 100 * start["top1"], ckpt.metrics)
-        start_metrics = {"loss": start["loss"], "top1": start["top1"], "top5": start["top5"],
-                         "seconds": time.perf_counter() - t0}
+        start_metrics = {
+            "loss": start["loss"],
+            "top1": start["top1"],
+            "top5": start["top5"],
+            "seconds": time.perf_counter() - t0,
+        }
         recorder.start(start, checkpoint(0, {k: start[k] for k in ("loss", "top1", "top5")}), cfg.epochs)
 
     reads = dict.fromkeys(READ_MODES, 0)
@@ -351,8 +428,13 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
             plans = train_plans(lengths[train_idx], y[train_idx], cfg.batch_size, clip_len, clip_stride, rng)
             jobs = [ClipJob(plan, rng.integers(0, 2**63, len(plan.videos))) for plan in plans]
             lr = optimizer.param_groups[0]["lr"]
-            with tqdm(total=n_train, unit="clip", desc=f"epoch {epoch}/{cfg.epochs}", disable=not cfg.runtime.progress,
-                      leave=False) as bar:
+            with tqdm(
+                total=n_train,
+                unit="clip",
+                desc=f"epoch {epoch}/{cfg.epochs}",
+                disable=not cfg.runtime.progress,
+                leave=False,
+            ) as bar:
 
                 def on_batch(batch, mean_loss: float) -> None:
                     for mode, count in batch.reads.items():
@@ -360,37 +442,64 @@ def finetune(inputs: list, init: str | Path | None = None, out: str | Path | Non
                     bar.update(len(batch.y))
                     bar.set_postfix(loss=f"{mean_loss:.3f}")
 
-                stats = train_one_epoch(model, clip_batches(dataset, jobs, workers, pin), optimizer, scheduler,
-                                        loss_fn, device, accumulate=cfg.accumulate, num_batches=len(jobs),
-                                        scaler=scaler, on_batch=on_batch)
+                stats = train_one_epoch(
+                    model,
+                    clip_batches(dataset, jobs, workers, pin),
+                    optimizer,
+                    scheduler,
+                    loss_fn,
+                    device,
+                    accumulate=cfg.accumulate,
+                    num_batches=len(jobs),
+                    scaler=scaler,
+                    on_batch=on_batch,
+                )
             t1 = time.perf_counter()
             clips = len(train_idx)
             clips_total += clips
             train_seconds += t1 - t0
             report = validate(f"validate epoch {epoch}")
-            row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
-                   "val_top5": report["top5"], "lr": lr, "train_seconds": t1 - t0,
-                   "val_seconds": time.perf_counter() - t1, "clips_per_s": clips / (t1 - t0)}
-            metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
-            log.info("epoch %d: train loss %.4f, val top-1 %.1f%%, %.1f clips/s", epoch, stats["train_loss"],
-                     100 * report["top1"], row["clips_per_s"])
-            if not recorder.end_epoch(row, report, lambda: checkpoint(epoch, metrics)):
+            clips_per_s = clips / (t1 - t0)
+            log.info(
+                "epoch %d: train loss %.4f, val top-1 %.1f%%, %.1f clips/s",
+                epoch,
+                stats["train_loss"],
+                100 * report["top1"],
+                clips_per_s,
+            )
+            seconds = (t1 - t0, time.perf_counter() - t1)
+            if not recorder.end_epoch(
+                epoch, stats, report, lr, seconds, lambda metrics: checkpoint(epoch, metrics), clips_per_s=clips_per_s
+            ):
                 break
     finally:
         recorder.close()
 
     report = recorder.best_report
     best_spec = load_checkpoint(out_dir / "best.pt").feature_spec
-    summary = recorder.finish({
-        "head": ckpt.dims.head, "backbone": spec.backbone, "unfrozen": unfrozen, "split": run_info["split"],
-        "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips, ckpt.sampling),
-        "start": start_metrics,
-        "head_checkpoint_metrics": ckpt.metrics, "seconds": time.perf_counter() - started,
-        "train_clips": clips_total, "train_clips_per_s": clips_total / train_seconds if train_seconds else 0.0,
-        "reads": reads, "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20
-                                                if device.type == "cuda" else None),
-        "parameters": sum(p.numel() for p in model.parameters()), "trainable_parameters": trainable,
-        "feature_spec_id": best_spec.id, "feature_weights": best_spec.weights,
-        "init_feature_spec_id": spec.id,
-    }, report, ckpt.classes, f"{ckpt.dims.head} + {spec.backbone}", cfg.plots)
+    summary = recorder.finish(
+        {
+            "head": ckpt.dims.head,
+            "backbone": spec.backbone,
+            "unfrozen": unfrozen,
+            "split": run_info["split"],
+            "eval": eval_description(ckpt.clip_len, ckpt.clip_stride, ckpt.eval_clips, ckpt.sampling),
+            "start": start_metrics,
+            "head_checkpoint_metrics": ckpt.metrics,
+            "seconds": time.perf_counter() - started,
+            "train_clips": clips_total,
+            "train_clips_per_s": clips_total / train_seconds if train_seconds else 0.0,
+            "reads": reads,
+            "peak_gpu_memory_mib": (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "trainable_parameters": trainable,
+            "feature_spec_id": best_spec.id,
+            "feature_weights": best_spec.weights,
+            "init_feature_spec_id": spec.id,
+        },
+        report,
+        ckpt.classes,
+        f"{ckpt.dims.head} + {spec.backbone}",
+        cfg.plots,
+    )
     return FinetuneResult(out=out_dir, summary=summary)

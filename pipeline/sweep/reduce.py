@@ -53,9 +53,15 @@ class Reduction:
         return self.components / self.scale[:, None]
 
     def describe(self) -> dict:
-        return {"method": "pca of standardised features", "from_dim": int(self.mean.numel()), "dim": self.dim,
-                "explained_variance": round(self.explained, 6), "fit_rows": self.rows, "fit_on": "train split",
-                "folded_into": "the first Linear (proj.0) of each checkpoint"}
+        return {
+            "method": "pca of standardised features",
+            "from_dim": int(self.mean.numel()),
+            "dim": self.dim,
+            "explained_variance": round(self.explained, 6),
+            "fit_rows": self.rows,
+            "fit_on": "train split",
+            "folded_into": "the first Linear (proj.0) of each checkpoint",
+        }
 
 
 def fit_pca(store: SequenceStore, videos: np.ndarray, dim: int, max_rows: int = PCA_ROWS) -> Reduction:
@@ -99,13 +105,13 @@ def reduce_store(store: SequenceStore, reduction: Reduction) -> RamStore:
     target = torch.from_numpy(out)
     if isinstance(store, RamStore):
         for i in range(0, total, PROJECT_CHUNK):
-            x = store.data[i: i + PROJECT_CHUNK].float()
-            torch.mm(x, proj, out=target[i: i + len(x)]).sub_(shift)
+            x = store.data[i : i + PROJECT_CHUNK].float()
+            torch.mm(x, proj, out=target[i : i + len(x)]).sub_(shift)
     else:
         row = 0
         for key, n in zip(store.keys, store.lengths, strict=True):
             x = torch.from_numpy(store.cache.features(key).astype(np.float32))
-            torch.mm(x, proj, out=target[row: row + n]).sub_(shift)
+            torch.mm(x, proj, out=target[row : row + n]).sub_(shift)
             row += n
         store.cache.close()
     return RamStore(list(store.keys), out, store.lengths.copy())
@@ -124,9 +130,14 @@ def fold_reduction(ckpt: HeadCheckpoint, reduction: Reduction) -> HeadCheckpoint
     dims = replace(ckpt.dims, in_dim=int(reduction.mean.numel()))
     full = build_head(dims)
     state = {k: v for k, v in reduced.state_dict().items() if not k.startswith("proj.0.")}
-    state.update({"proj.0.weight": (scaled @ reduction.components.T).float(),
-                  "proj.0.bias": (lin.bias.detach().double() - scaled @ lin.mean.double()).float(),
-                  "proj.0.mean": reduction.mean.float(), "proj.0.std": reduction.scale.float()})
+    state.update(
+        {
+            "proj.0.weight": (scaled @ reduction.components.T).float(),
+            "proj.0.bias": (lin.bias.detach().double() - scaled @ lin.mean.double()).float(),
+            "proj.0.mean": reduction.mean.float(),
+            "proj.0.std": reduction.scale.float(),
+        }
+    )
     full.load_state_dict(state)
     config = {**ckpt.config, "reduction": reduction.describe()}
     return replace(ckpt, dims=dims, state_dict=full.state_dict(), config=config)

@@ -51,8 +51,7 @@ MEDIAN_STARTUP = 5  # median pruner: the first trials (at most this many, a quar
 DUPLICATES_IN_A_ROW = 25  # draws of already trained settings in a row after which the space counts as exhausted
 SHOWN = 10  # leaderboard rows printed
 PLOTTED_PARAMS = 3  # panels of search.png besides the value-per-trial one
-STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running",
-               "WAITING": "waiting"}
+STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
 
 class SweepError(RuntimeError):
@@ -71,8 +70,7 @@ class _Pending:
     params: dict
     run: Path
     cfg: TrainConfig | None = None
-    best: dict = field(default_factory=lambda: {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None,
-                                                "epochs": 0})
+    best: dict = field(default_factory=lambda: {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None, "epochs": 0})
     """Its best val top-1 so far (and that epoch's loss and top-5), and the epochs it ran."""
     stopped: str | None = None
     started: bool = False
@@ -147,14 +145,18 @@ class SweepResult:
     def summary_line(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().most_common())
         best = self.best
-        head = (f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished")
+        head = f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished"
         refit = self.refit
         if refit:
-            head += (f"; refit of the {refit['of']} best on the full features: {refit['top1']:.1%} (trial "
-                     f"{refit['trial']}) in {refit['seconds']:.0f}s")
+            head += (
+                f"; refit of the {refit['of']} best on the full features: {refit['top1']:.1%} (trial "
+                f"{refit['trial']}) in {refit['seconds']:.0f}s"
+            )
         where = f" -> {self.best_checkpoint}" if self.best_checkpoint else ""
-        return (f"sweep {self.study}: {head}; {len(self.rows)} trials ({counts}), {self.trials_here} run here in "
-                f"{self.seconds:.0f}s{where}")
+        return (
+            f"sweep {self.study}: {head}; {len(self.rows)} trials ({counts}), {self.trials_here} run here in "
+            f"{self.seconds:.0f}s{where}"
+        )
 
 
 # -------------------------------------------------------------------------------------------------- storage
@@ -175,18 +177,23 @@ def open_storage(url: str | None, out: Path):
         return f"journal:{path.resolve()}", optuna.storages.JournalStorage(backend)
     if "://" not in url:
         if Path(url).suffix not in (".db", ".sqlite", ".sqlite3"):
-            raise ValueError(f"--storage {url!r}: expected an RDB URL (sqlite:///PATH, postgresql://..., "
-                             f"mysql+pymysql://...), journal:PATH, or a file ending in .db (SQLite) or .log (journal)")
+            raise ValueError(
+                f"--storage {url!r}: expected an RDB URL (sqlite:///PATH, postgresql://..., "
+                f"mysql+pymysql://...), journal:PATH, or a file ending in .db (SQLite) or .log (journal)"
+            )
         url = f"sqlite:///{Path(url).expanduser().resolve()}"
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-        optuna.storages.RetryFailedTrialCallback
+    retry = (
+        getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+    )
     import inspect
 
-    callback_arg = ("heartbeat_stale_trial_callback"
-                    if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
-                    else "failed_trial_callback")
+    callback_arg = (
+        "heartbeat_stale_trial_callback"
+        if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+        else "failed_trial_callback"
+    )
     kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, callback_arg: retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # workers wait for each other's writes
@@ -235,8 +242,9 @@ def make_pruner(name: str, warmup: int, trials: int):
     import optuna
 
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=min(MEDIAN_STARTUP, max(1, trials // 4)),
-                                           n_warmup_steps=warmup)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=min(MEDIAN_STARTUP, max(1, trials // 4)), n_warmup_steps=warmup
+        )
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=warmup, reduction_factor=HALVING_RATE)
     if name == "hyperband":
@@ -260,8 +268,9 @@ def build_config(out, config: SweepConfig | None = None, **options) -> SweepConf
     return config_with(SweepConfig, config, {"out": out}, options, "sweep")
 
 
-def sweep(cache: str | Path, out: str | Path | None = None, *, config: SweepConfig | None = None,
-          **options) -> SweepResult:
+def sweep(
+    cache: str | Path, out: str | Path | None = None, *, config: SweepConfig | None = None, **options
+) -> SweepResult:
     """Search train-head settings on `cache`; write the sweep folder `out` (see docs/sweep.md).
 
     Options are SweepConfig fields: space (a YAML file, or a dict of the same form: {"hidden": [64, 128],
@@ -309,10 +318,15 @@ class _Sweep:
             space = self._space(recorded["space"] if recorded else None)
             if space.varying and cfg.strategy == "grid":
                 space.grid()  # a space without a grid fails here, before the data is read
-            if existing is not None and not cfg.resume and any(_counted(t) for t in existing.get_trials(
-                    deepcopy=False)):
-                raise SweepError(f"study {name!r} in {self.storage_url} already has trials: pass --resume to continue "
-                                 f"it, or choose another --study or --out")
+            if (
+                existing is not None
+                and not cfg.resume
+                and any(_counted(t) for t in existing.get_trials(deepcopy=False))
+            ):
+                raise SweepError(
+                    f"study {name!r} in {self.storage_url} already has trials: pass --resume to continue "
+                    f"it, or choose another --study or --out"
+                )
             self.space = space
             self.trials = self._budget(space)
 
@@ -323,11 +337,22 @@ class _Sweep:
                 self._check_same(recorded, identity)
             study = self._create_or_join(storage, name, space, identity, existing)
             self.study = study
-            (cfg.out / "sweep.json").write_text(json.dumps(
-                {"study": name, "storage": self.storage_url, "trials": self.trials, "config": cfg.to_dict(),
-                 **identity}, indent=1) + "\n")
-            log.info("study %s in %s: %d trials of %s", name, self.storage_url, self.trials,
-                     "; ".join(space.describe()))
+            (cfg.out / "sweep.json").write_text(
+                json.dumps(
+                    {
+                        "study": name,
+                        "storage": self.storage_url,
+                        "trials": self.trials,
+                        "config": cfg.to_dict(),
+                        **identity,
+                    },
+                    indent=1,
+                )
+                + "\n"
+            )
+            log.info(
+                "study %s in %s: %d trials of %s", name, self.storage_url, self.trials, "; ".join(space.describe())
+            )
             try:
                 self._optimize(study, data, reduction)
             finally:
@@ -338,8 +363,17 @@ class _Sweep:
         if cfg.plots:
             plot = plot_search(rows, space, _importances(study, space), cfg.out / "search.png")
         best_ckpt = cfg.out / "best.pt" if (cfg.out / "best.pt").is_file() else None
-        return SweepResult(cfg.out, name, self.storage_url, rows, best_ckpt, plot, self.trials_here,
-                           time.perf_counter() - self.started, refit)
+        return SweepResult(
+            cfg.out,
+            name,
+            self.storage_url,
+            rows,
+            best_ckpt,
+            plot,
+            self.trials_here,
+            time.perf_counter() - self.started,
+            refit,
+        )
 
     def _create_or_join(self, storage, name: str, space: SearchSpace, identity: dict, existing):
         """The study, created with --seed for its sampler, or joined with a seed of this process (so that workers
@@ -350,15 +384,24 @@ class _Sweep:
         pruner = make_pruner(cfg.pruner, cfg.prune_warmup, self.trials)
         if existing is None:
             try:
-                study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
-                                            sampler=make_sampler(cfg.strategy, space, self.trials, cfg.seed))
+                study = optuna.create_study(
+                    storage=storage,
+                    study_name=name,
+                    direction="maximize",
+                    pruner=pruner,
+                    sampler=make_sampler(cfg.strategy, space, self.trials, cfg.seed),
+                )
                 study.set_user_attr("sweep", identity)
                 return study
             except optuna.exceptions.DuplicatedStudyError:  # another worker created it a moment ago
                 pass
         seed = int(np.random.SeedSequence([cfg.seed, os.getpid(), time.time_ns() % 2**32]).generate_state(1)[0])
-        study = optuna.load_study(study_name=name, storage=storage, pruner=pruner,
-                                  sampler=make_sampler(cfg.strategy, space, self.trials, seed))
+        study = optuna.load_study(
+            study_name=name,
+            storage=storage,
+            pruner=pruner,
+            sampler=make_sampler(cfg.strategy, space, self.trials, seed),
+        )
         for _ in range(50):  # its creator records the settings right after creating it
             recorded = study.user_attrs.get("sweep")
             if recorded is not None:
@@ -398,25 +441,41 @@ class _Sweep:
     def _identity(self, space: SearchSpace, data: LabelledData) -> dict:
         """What every worker of a study must share: the space and the data its trials see."""
         cfg = self.cfg
-        return {"space": space.to_dict(), "strategy": cfg.strategy,
-                "data": {"feature_spec_id": data.spec.id, "classes": data.classes, "split": data.split.method,
-                         "train": len(data.split.train), "val": len(data.split.val), "reduce_dim": cfg.reduce_dim}}
+        return {
+            "space": space.to_dict(),
+            "strategy": cfg.strategy,
+            "data": {
+                "feature_spec_id": data.spec.id,
+                "classes": data.classes,
+                "split": data.split.method,
+                "train": len(data.split.train),
+                "val": len(data.split.val),
+                "reduce_dim": cfg.reduce_dim,
+            },
+        }
 
     def _check_same(self, recorded: dict, identity: dict) -> None:
         diffs = []
         if recorded.get("space") != identity["space"]:
-            diffs.append(f"space: the study's {json.dumps(recorded.get('space'))} != this "
-                         f"{json.dumps(identity['space'])}")
+            diffs.append(
+                f"space: the study's {json.dumps(recorded.get('space'))} != this {json.dumps(identity['space'])}"
+            )
         for k, v in identity["data"].items():
             if recorded.get("data", {}).get(k) != v:
                 diffs.append(f"{k}: the study's {recorded.get('data', {}).get(k)!r} != this {v!r}")
         if diffs:
-            raise SweepError(f"study {self.name!r} in {self.storage_url} was made with other settings; every worker "
-                             f"of a study needs the same space, features, split and --reduce-dim:\n  "
-                             + "\n  ".join(d if len(d) < 400 else d[:400] + "..." for d in diffs))
+            raise SweepError(
+                f"study {self.name!r} in {self.storage_url} was made with other settings; every worker "
+                f"of a study needs the same space, features, split and --reduce-dim:\n  "
+                + "\n  ".join(d if len(d) < 400 else d[:400] + "..." for d in diffs)
+            )
         if recorded.get("strategy") != identity["strategy"]:
-            log.warning("study %s was started with --strategy %s; this worker samples with %s", self.name,
-                        recorded.get("strategy"), identity["strategy"])
+            log.warning(
+                "study %s was started with --strategy %s; this worker samples with %s",
+                self.name,
+                recorded.get("strategy"),
+                identity["strategy"],
+            )
 
     # ------------------------------------------------------------------------------------------- trials
     def _optimize(self, study, data: LabelledData, reduction: Reduction | None) -> None:
@@ -430,8 +489,14 @@ class _Sweep:
         remaining = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - self.started)
         self.deadline = None if remaining is None else time.time() + remaining
         done = sum(1 for t in study.get_trials(deepcopy=False) if _counted(t) and t.state.is_finished())
-        self.bar = tqdm(total=self.trials, initial=min(done, self.trials), desc="sweep", unit="trial",
-                        disable=not cfg.runtime.progress, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.trials,
+            initial=min(done, self.trials),
+            desc="sweep",
+            unit="trial",
+            disable=not cfg.runtime.progress,
+            dynamic_ncols=True,
+        )
         try:
             if self._left(study) <= 0:
                 log.info("study %s already has its %d trials", self.name, self.trials)
@@ -497,8 +562,12 @@ class _Sweep:
             if t.state.name not in ("COMPLETE", "PRUNED", "RUNNING") or t.user_attrs.get("surplus"):
                 continue
             trial.set_user_attr("duplicate_of", t.number)
-            log.info("trial %d drew the settings of trial %d (%s): not trained again", trial.number, t.number,
-                     t.state.name.lower())
+            log.info(
+                "trial %d drew the settings of trial %d (%s): not trained again",
+                trial.number,
+                t.number,
+                t.state.name.lower(),
+            )
             if t.state.name == "COMPLETE":
                 self._tell(study, trial, value=t.value)
             else:
@@ -511,18 +580,25 @@ class _Sweep:
         """True when every setting of the space has been trained (a space with a grid), or the sampler has drawn
         only trained settings DUPLICATES_IN_A_ROW times in a row."""
         if self.duplicates_in_a_row >= DUPLICATES_IN_A_ROW:
-            log.warning("the last %d trials drew settings that were trained already: stopping (the space looks "
-                        "exhausted; widen it to search more)", self.duplicates_in_a_row)
+            log.warning(
+                "the last %d trials drew settings that were trained already: stopping (the space looks "
+                "exhausted; widen it to search more)",
+                self.duplicates_in_a_row,
+            )
             return True
         try:
             size = self.space.grid_size()
         except SpaceError:  # a continuous range: no end
             return False
-        trained = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
-                   if _counted(t) and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")}
+        trained = {
+            json.dumps(t.params, sort_keys=True)
+            for t in study.get_trials(deepcopy=False)
+            if _counted(t) and t.state.name in ("COMPLETE", "PRUNED", "RUNNING")
+        }
         if len(trained) >= size:
-            log.warning("all %d settings of the space have been trained: stopping before --trials %d", size,
-                        self.trials)
+            log.warning(
+                "all %d settings of the space have been trained: stopping before --trials %d", size, self.trials
+            )
             return True
         return False
 
@@ -602,9 +678,14 @@ class _Sweep:
             s = outcome.summary
             best.update(top5=s["top5"], loss=s["val_loss"])
             item.stopped = "early stop" if s["stopped_early"] else None
-        for k, v in {"epochs_run": best["epochs"], "best_epoch": best["epoch"], "top5": best["top5"],
-                     "val_loss": None if best["loss"] == math.inf else best["loss"], "seconds": seconds,
-                     "stopped": item.stopped}.items():
+        for k, v in {
+            "epochs_run": best["epochs"],
+            "best_epoch": best["epoch"],
+            "top5": best["top5"],
+            "val_loss": None if best["loss"] == math.inf else best["loss"],
+            "seconds": seconds,
+            "stopped": item.stopped,
+        }.items():
             trial.set_user_attr(k, v)
         if isinstance(outcome, TrainResult):
             self._tell(study, trial, value=outcome.summary["top1"])
@@ -647,8 +728,10 @@ class _Sweep:
         chosen = [r for r in rows if r["top1"] is not None][: cfg.refits]
         if not chosen:
             return None
-        configs = [cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed, **r["params"]})
-                   for r in chosen]
+        configs = [
+            cfg.train_config(cfg.out / "refit" / f"{r['trial']:04d}", **{**self.space.fixed, **r["params"]})
+            for r in chosen
+        ]
         configs = [replace(c, runtime=replace(c.runtime, progress=cfg.runtime.progress)) for c in configs]
         what = f"refit on the full features: trials {', '.join(str(r['trial']) for r in chosen)}"
         if cfg.runtime.progress:
@@ -671,9 +754,19 @@ class _Sweep:
         refits = []
         for i, r in enumerate(chosen):
             s = results[i].summary
-            refits.append({"trial": r["trial"], "params": r["params"], "run": str(configs[i].out.resolve()),
-                           "top1": s["top1"], "top5": s["top5"], "val_loss": s["val_loss"],
-                           "epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"], "reduced_top1": r["top1"]})
+            refits.append(
+                {
+                    "trial": r["trial"],
+                    "params": r["params"],
+                    "run": str(configs[i].out.resolve()),
+                    "top1": s["top1"],
+                    "top5": s["top5"],
+                    "val_loss": s["val_loss"],
+                    "epochs_run": s["epochs_run"],
+                    "best_epoch": s["best_epoch"],
+                    "reduced_top1": r["top1"],
+                }
+            )
         best_i = min(range(len(refits)), key=lambda i: (-refits[i]["top1"], refits[i]["val_loss"], i))
         best = {**refits[best_i], "seconds": time.perf_counter() - started, "of": len(refits)}
         tmp = cfg.out / f".best.pt.{os.getpid()}.tmp"
@@ -681,8 +774,12 @@ class _Sweep:
         os.replace(tmp, cfg.out / "best.pt")
         row = next(r for r in rows if r["trial"] == best["trial"])
         _write_atomic(cfg.out / "best.json", to_json({**row, "refit": best, "refits": refits}))
-        log.info("refit: trial %d's settings score %.1f%% on the full features (%.1f%% reduced)", best["trial"],
-                 100 * best["top1"], 100 * best["reduced_top1"])
+        log.info(
+            "refit: trial %d's settings score %.1f%% on the full features (%.1f%% reduced)",
+            best["trial"],
+            100 * best["top1"],
+            100 * best["reduced_top1"],
+        )
         return best
 
     # ----------------------------------------------------------------------------------------- results
@@ -695,11 +792,35 @@ class _Sweep:
         out = self.cfg.out
         names = list(self.space.varying)
         names += sorted({k for r in rows for k in r["params"]} - set(names))
-        _write_atomic(out / "leaderboard.json", to_json(
-            {"study": self.name, "storage": self.storage_url, "trials": self.trials, "space": self.space.to_dict(),
-             "rows": rows}))
-        columns = ["rank", "trial", "state", "top1", "top5", "val_loss", "epochs_run", "best_epoch", "seconds", *names,
-                   "stopped", "error", "run", "worker", "stack"]
+        _write_atomic(
+            out / "leaderboard.json",
+            to_json(
+                {
+                    "study": self.name,
+                    "storage": self.storage_url,
+                    "trials": self.trials,
+                    "space": self.space.to_dict(),
+                    "rows": rows,
+                }
+            ),
+        )
+        columns = [
+            "rank",
+            "trial",
+            "state",
+            "top1",
+            "top5",
+            "val_loss",
+            "epochs_run",
+            "best_epoch",
+            "seconds",
+            *names,
+            "stopped",
+            "error",
+            "run",
+            "worker",
+            "stack",
+        ]
         tmp = out / f".leaderboard.csv.{os.getpid()}.tmp"
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns)
@@ -764,17 +885,32 @@ def leaderboard_rows(trials) -> list[dict]:
         seconds = a.get("seconds")
         if seconds is None and t.datetime_start is not None and t.datetime_complete is not None:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        rows.append({"trial": t.number, "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
-                     "top1": t.value, "top5": a.get("top5"), "val_loss": a.get("val_loss"),
-                     "epochs_run": a.get("epochs_run"),
-                     "best_epoch": a.get("best_epoch"), "seconds": seconds,
-                     "params": dict(t.params or t.system_attrs.get("fixed_params", {})),  # waiting: queued settings
-                     "stopped": a.get("stopped"), "error": a.get("error"), "run": a.get("run"),
-                     "worker": a.get("worker"), "stack": a.get("stack")})
+        rows.append(
+            {
+                "trial": t.number,
+                "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
+                "top1": t.value,
+                "top5": a.get("top5"),
+                "val_loss": a.get("val_loss"),
+                "epochs_run": a.get("epochs_run"),
+                "best_epoch": a.get("best_epoch"),
+                "seconds": seconds,
+                "params": dict(t.params or t.system_attrs.get("fixed_params", {})),  # waiting: queued settings
+                "stopped": a.get("stopped"),
+                "error": a.get("error"),
+                "run": a.get("run"),
+                "worker": a.get("worker"),
+                "stack": a.get("stack"),
+            }
+        )
 
     def key(r):
-        return (r["top1"] is None, -(r["top1"] or 0.0), math.inf if r["val_loss"] is None else r["val_loss"],
-                r["trial"])
+        return (
+            r["top1"] is None,
+            -(r["top1"] or 0.0),
+            math.inf if r["val_loss"] is None else r["val_loss"],
+            r["trial"],
+        )
 
     return sorted(rows, key=key)
 
@@ -788,13 +924,25 @@ def leaderboard_table(rows: list[dict], n: int = SHOWN) -> str:
     lines = [header]
     for rank, r in enumerate(rows[:n], start=1):
         state = r["state"] if not r["stopped"] or r["state"] != "pruned" else r["stopped"]
-        lines.append([str(rank), str(r["trial"]), state, "-" if r["top1"] is None else f"{r['top1']:.1%}",
-                      "-" if r["epochs_run"] is None else str(r["epochs_run"]),
-                      "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
-                      *[_short(r["params"].get(k)) for k in names]])
+        lines.append(
+            [
+                str(rank),
+                str(r["trial"]),
+                state,
+                "-" if r["top1"] is None else f"{r['top1']:.1%}",
+                "-" if r["epochs_run"] is None else str(r["epochs_run"]),
+                "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
+                *[_short(r["params"].get(k)) for k in names],
+            ]
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = "\n".join("  ".join(c.rjust(w) if i in (0, 1, 3, 4, 5) else c.ljust(w) for i, (c, w) in
-                               enumerate(zip(line, widths, strict=True))).rstrip() for line in lines)
+    text = "\n".join(
+        "  ".join(
+            c.rjust(w) if i in (0, 1, 3, 4, 5) else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in lines
+    )
     if len(rows) > n:
         text += f"\n... {len(rows) - n} more in leaderboard.csv"
     return text
@@ -839,8 +987,13 @@ def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, flo
     for state, marker in (("complete", "o"), ("pruned", "x")):
         pts = [r for r in by_trial if r["state"] == state]
         axes[0].scatter([r["trial"] for r in pts], [r["top1"] for r in pts], marker=marker, label=state, alpha=0.8)
-    axes[0].plot([r["trial"] for r in by_trial], np.maximum.accumulate([r["top1"] for r in by_trial]), color="k",
-                 lw=1, label="best so far")
+    axes[0].plot(
+        [r["trial"] for r in by_trial],
+        np.maximum.accumulate([r["top1"] for r in by_trial]),
+        color="k",
+        lw=1,
+        label="best so far",
+    )
     axes[0].set_xlabel("trial")
     axes[0].set_ylabel("val top-1")
     axes[0].legend(fontsize=8)

@@ -20,14 +20,32 @@ from pathlib import Path
 from pipeline.config import SWEEP_SPACE, TrainConfig
 
 # Settings of the whole sweep (every trial must see the same split), and settings that are no hyperparameter.
-SWEEP_WIDE = {"labels": "--labels", "split": "--split", "train_list": "--train-list", "val_list": "--val-list",
-              "val_fraction": "--val-fraction", "split_seed": "--split-seed", "group_regex": "--group-regex"}
-NOT_SEARCHED = {"out": "--out", "memory": "--memory", "workers": None, "threads": "--threads",
-                "device": "--device", "plots": "--plots", "progress": "--quiet",
-                "overwrite": None, "splitting": None, "runtime": None}  # groups: their settings are named above
+SWEEP_WIDE = {
+    "labels": "--labels",
+    "split": "--split",
+    "train_list": "--train-list",
+    "val_list": "--val-list",
+    "val_fraction": "--val-fraction",
+    "split_seed": "--split-seed",
+    "group_regex": "--group-regex",
+}
+NOT_SEARCHED = {
+    "out": "--out",
+    "memory": "--memory",
+    "workers": None,
+    "threads": "--threads",
+    "device": "--device",
+    "plots": "--plots",
+    "progress": "--quiet",
+    "overwrite": None,
+    "splitting": None,
+    "runtime": None,
+}  # groups: their settings are named above
 RANGE_KEYS = ("low", "high", "step", "log")
-SYNTAX = ("e.g. --param hidden=64,128,256 (choices), --param lr=1e-4:1e-2:log (range), --param dropout=0:0.5:0.1 "
-          "(range with a step), --param epochs=10 (one value); see docs/sweep.md")
+SYNTAX = (
+    "e.g. --param hidden=64,128,256 (choices), --param lr=1e-4:1e-2:log (range), --param dropout=0:0.5:0.1 "
+    "(range with a step), --param epochs=10 (one value); see docs/sweep.md"
+)
 NONE_WORDS = ("none", "null", "~")
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -82,13 +100,17 @@ class Param:
         if self.kind in ("fixed", "choice"):
             return list(self.values)
         if self.log:
-            raise SpaceError(f"{self.name}: a log range has no grid; list the values instead, e.g. "
-                             f"{self.name}={_fmt(self.low)},{_fmt(math.sqrt(self.low * self.high))},{_fmt(self.high)}")
+            raise SpaceError(
+                f"{self.name}: a log range has no grid; list the values instead, e.g. "
+                f"{self.name}={_fmt(self.low)},{_fmt(math.sqrt(self.low * self.high))},{_fmt(self.high)}"
+            )
         if self.kind == "int":
             return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
         if self.step is None:
-            raise SpaceError(f"{self.name}: a float range needs a step for grid search "
-                             f"(e.g. {self.name}={_fmt(self.low)}:{_fmt(self.high)}:STEP) or a list of values")
+            raise SpaceError(
+                f"{self.name}: a float range needs a step for grid search "
+                f"(e.g. {self.name}={_fmt(self.low)}:{_fmt(self.high)}:STEP) or a list of values"
+            )
         n = math.floor((self.high - self.low) / self.step + 1e-9)
         return [round(self.low + i * self.step, 12) for i in range(n + 1)]
 
@@ -175,10 +197,14 @@ def parse_space(path: str | Path | dict | None = None, params: Sequence[str] = (
         entries[p.name] = p
     space = SearchSpace(entries)
     if not space.varying:
-        where = " and ".join(filter(None, [str(path) if path is not None else "",
-                                           "--param" if params else ""])) or "the space"
-        raise SpaceError(f"{where}: nothing varies (every parameter has one value); give choices (a list) or a "
-                         f"range for at least one of them")
+        where = (
+            " and ".join(filter(None, [str(path) if path is not None else "", "--param" if params else ""]))
+            or "the space"
+        )
+        raise SpaceError(
+            f"{where}: nothing varies (every parameter has one value); give choices (a list) or a "
+            f"range for at least one of them"
+        )
     _check_fixed_together(space, path, params)
     return space
 
@@ -199,9 +225,11 @@ def load_space_file(path: str | Path) -> dict[str, Param]:
 def parse_mapping(obj, source: str) -> dict[str, Param]:
     """Params of a mapping name -> list (choices), {low, high, step, log} (range) or value (fixed)."""
     if not isinstance(obj, dict) or not obj:
-        raise SpaceError(f"{source}: expected a mapping of parameter names to choices, ranges or values, e.g.\n"
-                         f"  hidden: [64, 128, 256]\n  lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}\n"
-                         f"(docs/sweep.md)")
+        raise SpaceError(
+            f"{source}: expected a mapping of parameter names to choices, ranges or values, e.g.\n"
+            f"  hidden: [64, 128, 256]\n  lr: {{low: 1.0e-4, high: 1.0e-2, log: true}}\n"
+            f"(docs/sweep.md)"
+        )
     return {str(name): parse_entry(str(name), spec, source) for name, spec in obj.items()}
 
 
@@ -234,13 +262,16 @@ def _check_name(name: str, source: str) -> None:
     if name in PARAM_TYPES:
         return
     if name in SWEEP_WIDE:
-        raise SpaceError(f"{source}: {name} is the same for every trial (all trials must share one split): "
-                         f"set it with `pipeline sweep {SWEEP_WIDE[name]}`")
+        raise SpaceError(
+            f"{source}: {name} is the same for every trial (all trials must share one split): "
+            f"set it with `pipeline sweep {SWEEP_WIDE[name]}`"
+        )
     if name in NOT_SEARCHED:
         flag = NOT_SEARCHED[name]
         raise SpaceError(f"{source}: {name} is not a hyperparameter" + (f" (set it with {flag})" if flag else ""))
-    raise SpaceError(f"{source}: unknown parameter {name!r}; valid parameters: {', '.join(PARAM_TYPES)} "
-                     f"(docs/sweep.md)")
+    raise SpaceError(
+        f"{source}: unknown parameter {name!r}; valid parameters: {', '.join(PARAM_TYPES)} (docs/sweep.md)"
+    )
 
 
 def parse_entry(name: str, spec, source: str) -> Param:
@@ -260,8 +291,10 @@ def parse_entry(name: str, spec, source: str) -> Param:
         step = None if spec.get("step") is None else _convert(spec["step"], kind, False, where)
         log = _convert(spec.get("log", False), bool, False, f"{where} (log)")
         if not low < high:
-            raise SpaceError(f"{where}: the range's low ({_fmt(low)}) must be below its high ({_fmt(high)}); "
-                             f"for one value write `{name}: {_fmt(low)}`")
+            raise SpaceError(
+                f"{where}: the range's low ({_fmt(low)}) must be below its high ({_fmt(high)}); "
+                f"for one value write `{name}: {_fmt(low)}`"
+            )
         if log and low <= 0:
             raise SpaceError(f"{where}: a log range needs low > 0, got {_fmt(low)}")
         if step is not None:

@@ -67,8 +67,9 @@ class _Member:
         return self.result is None
 
 
-def stacked_logits(heads: list[MeanPoolHead], x: torch.Tensor, lengths: torch.Tensor,
-                   generators: list[torch.Generator] | None = None) -> torch.Tensor:
+def stacked_logits(
+    heads: list[MeanPoolHead], x: torch.Tensor, lengths: torch.Tensor, generators: list[torch.Generator] | None = None
+) -> torch.Tensor:
     """The logits of every head, (B, N, C), for a batch x (B, T, D); with generators (training) each head's dropout
     masks are drawn from its own, in the order its own forward draws them."""
     b, t, _ = x.shape
@@ -79,8 +80,9 @@ def stacked_logits(heads: list[MeanPoolHead], x: torch.Tensor, lengths: torch.Te
     bias = torch.cat([lin.bias - w @ lin.mean for lin, w in zip(lins, scaled, strict=True)])
     z = F.linear(x, weight, bias).view(b, t, n, hidden)
     norms = [h.proj[1] for h in heads]
-    z = F.layer_norm(z, (hidden,), eps=norms[0].eps) * torch.stack([m.weight for m in norms]) + \
-        torch.stack([m.bias for m in norms])
+    z = F.layer_norm(z, (hidden,), eps=norms[0].eps) * torch.stack([m.weight for m in norms]) + torch.stack(
+        [m.bias for m in norms]
+    )
     z = F.gelu(z) if heads[0].dims.activation == "gelu" else F.relu(z)
     if generators is not None:
         z = z * _masks(heads, generators, (b, t, hidden), z.dtype, dim=2)
@@ -94,13 +96,22 @@ def stacked_logits(heads: list[MeanPoolHead], x: torch.Tensor, lengths: torch.Te
 
 def _masks(heads, generators, shape, dtype, dim: int) -> torch.Tensor:
     """Each head's dropout mask of `shape` (ones, and no draw, for a rate of 0), stacked along `dim`."""
-    return torch.stack([dropout_mask(shape, h.dims.dropout, dtype, g) if h.dims.dropout > 0 else
-                        torch.ones(shape, dtype=dtype) for h, g in zip(heads, generators, strict=True)], dim=dim)
+    return torch.stack(
+        [
+            dropout_mask(shape, h.dims.dropout, dtype, g) if h.dims.dropout > 0 else torch.ones(shape, dtype=dtype)
+            for h, g in zip(heads, generators, strict=True)
+        ],
+        dim=dim,
+    )
 
 
-def train_stack(data: LabelledData, configs: list[TrainConfig], device: torch.device,
-                hooks: list[Callable[[dict], None] | None] | None = None,
-                progress: bool = False) -> list[TrainResult | Exception]:
+def train_stack(
+    data: LabelledData,
+    configs: list[TrainConfig],
+    device: torch.device,
+    hooks: list[Callable[[dict], None] | None] | None = None,
+    progress: bool = False,
+) -> list[TrainResult | Exception]:
     """Train the heads of `configs` (one stack_key) on `data` as one model; each writes its own run folder.
 
     `hooks[i]` is head i's `on_epoch`: an exception it raises stops that head only (its run folder keeps its epochs),
@@ -109,8 +120,9 @@ def train_stack(data: LabelledData, configs: list[TrainConfig], device: torch.de
     """
     keys = {stack_key(c) for c in configs}
     if None in keys or len(keys) != 1:
-        raise ValueError("train_stack: the configurations must be mean-pool heads that differ only in "
-                         + ", ".join(PER_HEAD))
+        raise ValueError(
+            "train_stack: the configurations must be mean-pool heads that differ only in " + ", ".join(PER_HEAD)
+        )
     if device.type != "cpu":
         raise ValueError("train_stack: stacked heads train on the CPU")
     started = time.perf_counter()
@@ -181,15 +193,24 @@ def _train_epoch(active: list[_Member], batch_iter, device: torch.device) -> lis
 
 
 @torch.inference_mode()
-def _validate(active: list[_Member], data: LabelledData, cfg: TrainConfig, workers: int,
-              device: torch.device) -> list[np.ndarray]:
+def _validate(
+    active: list[_Member], data: LabelledData, cfg: TrainConfig, workers: int, device: torch.device
+) -> list[np.ndarray]:
     """Each head's (val videos, C) probabilities, averaged over clips as `evaluate` does."""
     heads = [m.run.model for m in active]
     for h in heads:
         h.eval()
     videos = data.val_idx
-    plans = eval_plans(videos, data.store.lengths, np.zeros(len(data.store.keys), dtype=np.int64), cfg.batch_size,
-                       cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling)
+    plans = eval_plans(
+        videos,
+        data.store.lengths,
+        np.zeros(len(data.store.keys), dtype=np.int64),
+        cfg.batch_size,
+        cfg.clip_len,
+        cfg.clip_stride,
+        cfg.eval_clips,
+        cfg.sampling,
+    )
     sums = torch.zeros(len(heads), len(videos), heads[0].dims.num_classes, dtype=torch.float64)
     counts = torch.zeros(len(videos), dtype=torch.float64)
     for batch in batches(data.store, plans, workers):

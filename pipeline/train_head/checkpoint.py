@@ -77,11 +77,21 @@ class HeadCheckpoint:
 
     def to_dict(self) -> dict:
         plain = {
-            "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dims": self.dims.to_dict(),
-            "classes": list(self.classes), "feature_spec": self.feature_spec.to_dict(),
-            "feature_spec_id": self.feature_spec.id, "feature_dtype": self.feature_dtype, "clip_len": self.clip_len,
-            "clip_stride": self.clip_stride, "eval_clips": self.eval_clips, "sampling": self.sampling,
-            "epoch": self.epoch, "metrics": self.metrics, "config": self.config, "versions": _versions(),
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "dims": self.dims.to_dict(),
+            "classes": list(self.classes),
+            "feature_spec": self.feature_spec.to_dict(),
+            "feature_spec_id": self.feature_spec.id,
+            "feature_dtype": self.feature_dtype,
+            "clip_len": self.clip_len,
+            "clip_stride": self.clip_stride,
+            "eval_clips": self.eval_clips,
+            "sampling": self.sampling,
+            "epoch": self.epoch,
+            "metrics": self.metrics,
+            "config": self.config,
+            "versions": _versions(),
             "train_videos": self.train_videos,
         }
         # A JSON round trip turns numpy scalars, paths and tuples into the plain types weights_only accepts.
@@ -98,8 +108,10 @@ class HeadCheckpoint:
             raise FeatureMismatchError(
                 f"{checkpoint_path} was trained on features {self.feature_spec.describe()} (spec "
                 f"{self.feature_spec.id}), but {cache.path} holds {cache.spec.describe()} (spec {cache.spec.id}); "
-                f"checkpoint != cache:\n  " + "\n  ".join(diffs)
-                + "\nExtract the videos again with the checkpoint's backbone, weights, preprocessing and sampling.")
+                f"checkpoint != cache:\n  "
+                + "\n  ".join(diffs)
+                + "\nExtract the videos again with the checkpoint's backbone, weights, preprocessing and sampling."
+            )
 
 
 def eval_description(clip_len: int | None, clip_stride: int, eval_clips: int, sampling: str = "crop") -> str:
@@ -148,15 +160,26 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
     if not isinstance(obj, dict) or obj.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a pipeline head checkpoint (best.pt / last.pt of `pipeline train-head`)")
     if obj.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses checkpoint format {obj['format_version']}; this pipeline reads up to "
-                              f"{FORMAT_VERSION}: upgrade the package")
+        raise CheckpointError(
+            f"{path} uses checkpoint format {obj['format_version']}; this pipeline reads up to "
+            f"{FORMAT_VERSION}: upgrade the package"
+        )
     try:
         return HeadCheckpoint(
-            dims=HeadDims(**obj["dims"]), state_dict=obj["state_dict"], classes=list(obj["classes"]),
-            feature_spec=FeatureSpec.from_dict(obj["feature_spec"]), feature_dtype=obj["feature_dtype"],
-            clip_len=obj["clip_len"], clip_stride=obj["clip_stride"], eval_clips=obj["eval_clips"],
-            epoch=obj.get("epoch", 0), metrics=obj.get("metrics", {}), config=obj.get("config", {}),
+            dims=HeadDims(**obj["dims"]),
+            state_dict=obj["state_dict"],
+            classes=list(obj["classes"]),
+            feature_spec=FeatureSpec.from_dict(obj["feature_spec"]),
+            feature_dtype=obj["feature_dtype"],
+            clip_len=obj["clip_len"],
+            clip_stride=obj["clip_stride"],
+            eval_clips=obj["eval_clips"],
+            epoch=obj.get("epoch", 0),
+            metrics=obj.get("metrics", {}),
+            config=obj.get("config", {}),
             train_videos=list(obj.get("train_videos", [])),
-            backbone_state=obj.get("backbone_state_dict"), sampling=obj.get("sampling", "crop"))
+            backbone_state=obj.get("backbone_state_dict"),
+            sampling=obj.get("sampling", "crop"),
+        )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

@@ -1,6 +1,6 @@
 """A trained head scored on any cache of the same features: top-1, top-5, per-class accuracy, confusion matrix.
 
-    pipeline evaluate runs/lstm/best.pt test.h5
+pipeline evaluate runs/lstm/best.pt test.h5
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pipeline.data.splits import SPLIT_FILE, KeyMatcher, SplitError, read_list, 
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
 from pipeline.train_head.metrics import classification_report, plot_confusion, to_json
-from pipeline.train_head.train import predict_store
+from pipeline.train_head.train import score_store
 
 log = logging.getLogger(__name__)
 
@@ -43,19 +43,28 @@ class EvalReport:
     def summary_line(self) -> str:
         m = self.metrics
         extra = f"; {len(self.skipped)} videos of unknown classes skipped" if self.skipped else ""
-        which = "videos the head was TRAINED on" if self.only_seen else (
-            "held-out videos" if self.seen is not None else "videos")
-        return (f"top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} on {m['videos']} {which} of {self.cache} "
-                f"({self.eval}{extra})")
+        which = (
+            "videos the head was TRAINED on"
+            if self.only_seen
+            else ("held-out videos" if self.seen is not None else "videos")
+        )
+        return (
+            f"top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%} on {m['videos']} {which} of {self.cache} "
+            f"({self.eval}{extra})"
+        )
 
     def warning(self) -> str | None:
         """What the reader must know when the cache holds videos the head was trained on."""
         if self.only_seen:
-            return (f"every one of the {self.metrics['videos']} scored videos was in the head's training split: "
-                    f"this top-1 measures memory, not generalisation; evaluate on held-out videos")
+            return (
+                f"every one of the {self.metrics['videos']} scored videos was in the head's training split: "
+                f"this top-1 measures memory, not generalisation; evaluate on held-out videos"
+            )
         if self.seen is not None:
-            return (f"{self.seen['videos']} of the scored videos were in the head's training split (top-1 on them "
-                    f"{self.seen['top1']:.1%}); they are left out of the score above")
+            return (
+                f"{self.seen['videos']} of the scored videos were in the head's training split (top-1 on them "
+                f"{self.seen['top1']:.1%}); they are left out of the score above"
+            )
         return None
 
 
@@ -73,8 +82,9 @@ def trained_on(ckpt: HeadCheckpoint, checkpoint: Path, cache: FeatureCache, keys
     return set()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: EvalConfig | None = None,
-                        **options) -> EvalReport:
+def evaluate_checkpoint(
+    checkpoint: str | Path, cache: str | Path, *, config: EvalConfig | None = None, **options
+) -> EvalReport:
     """Top-1, top-5, per-class accuracy and the confusion matrix of a head on the labelled videos of `cache`.
 
     Videos the head was trained on are scored apart (`EvalReport.seen`), so that they cannot inflate the score.
@@ -99,13 +109,17 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
     keys = list(labels)
     store = load_sequences(c, keys, cfg.memory, cfg.runtime.progress)
     y = class_indices(keys, labels, ckpt.classes)
-    probs = predict_store(ckpt.model(device), store, np.arange(len(keys)), clip_len=ckpt.clip_len,
-                          clip_stride=ckpt.clip_stride, eval_clips=clips, batch_size=cfg.batch_size, device=device,
-                          workers=0 if store.in_memory else cfg.workers, sampling=ckpt.sampling)
+    probs = score_store(ckpt, store, clips, cfg.batch_size, device, workers=0 if store.in_memory else cfg.workers)
     seen = trained_on(ckpt, Path(checkpoint), c, keys)
     held = np.array([k not in seen for k in keys])
-    report = EvalReport(Path(checkpoint), Path(cache), classification_report(probs, y, ckpt.classes),
-                        ckpt.describe_eval(clips), skipped, only_seen=bool(seen) and not held.any())
+    report = EvalReport(
+        Path(checkpoint),
+        Path(cache),
+        classification_report(probs, y, ckpt.classes),
+        ckpt.describe_eval(clips),
+        skipped,
+        only_seen=bool(seen) and not held.any(),
+    )
     if seen and held.any():
         report.metrics = classification_report(probs[held], y[held], ckpt.classes)
         report.seen = classification_report(probs[~held], y[~held], ckpt.classes)
@@ -115,9 +129,23 @@ def evaluate_checkpoint(checkpoint: str | Path, cache: str | Path, *, config: Ev
     if cfg.out is not None:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(to_json(
-            {"checkpoint": str(checkpoint), "cache": str(cache), "eval": report.eval, **metrics,
-             "skipped": len(skipped), "trained_on": report.seen, "only_trained_on": report.only_seen}))
-        plot_confusion(np.array(metrics["confusion_matrix"]), ckpt.classes, out / "confusion.png",
-                       f"top-1 {metrics['top1']:.1%} on {Path(cache).name}")
+        (out / "eval.json").write_text(
+            to_json(
+                {
+                    "checkpoint": str(checkpoint),
+                    "cache": str(cache),
+                    "eval": report.eval,
+                    **metrics,
+                    "skipped": len(skipped),
+                    "trained_on": report.seen,
+                    "only_trained_on": report.only_seen,
+                }
+            )
+        )
+        plot_confusion(
+            np.array(metrics["confusion_matrix"]),
+            ckpt.classes,
+            out / "confusion.png",
+            f"top-1 {metrics['top1']:.1%} on {Path(cache).name}",
+        )
     return report

@@ -36,8 +36,15 @@ def classification_report(probs: np.ndarray, y: np.ndarray, classes: list[str]) 
     support = cm.sum(axis=1)
     per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(classes)}
     loss = float(-np.log(np.clip(probs[np.arange(len(y)), y], 1e-12, None)).mean())
-    return {"videos": len(y), "top1": float((pred == y).mean()), "top5": topk_accuracy(probs, y, TOP_K),
-            "loss": loss, "per_class_accuracy": per_class, "confusion_matrix": cm.tolist(), "classes": list(classes)}
+    return {
+        "videos": len(y),
+        "top1": float((pred == y).mean()),
+        "top5": topk_accuracy(probs, y, TOP_K),
+        "loss": loss,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+        "classes": list(classes),
+    }
 
 
 def to_json(obj) -> str:
@@ -59,8 +66,10 @@ def pyplot():
         import matplotlib.pyplot as plt
     except ImportError:
         if not _said_no_plots:
-            log.warning("matplotlib is not installed: plots are skipped (get them with "
-                        "pip install 'framecache[plots]', or pass --no-plots)")
+            log.warning(
+                "matplotlib is not installed: plots are skipped (get them with "
+                "pip install 'framecache[plots]', or pass --no-plots)"
+            )
             _said_no_plots = True
         return None
     return plt
@@ -108,8 +117,9 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path, title: str = 
         if n <= 12:
             for i in range(n):
                 for j in range(n):
-                    ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black"
+                    )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)

@@ -74,8 +74,9 @@ class Dropout(nn.Dropout):
         return x * dropout_mask(x.shape, self.p, x.dtype)
 
 
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def dropout_mask(
+    shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Dropout's CPU mask of `shape` (0 or 1 / (1 - p')), drawn from `generator` (default: torch's global one)."""
     cut = min(round(p * 256), 255)
     n = math.prod(shape)
@@ -130,8 +131,14 @@ class RecurrentHead(Head):
         super().__init__(dims)
         rnn = nn.GRU if dims.head == "gru" else nn.LSTM
         self.bidirectional = dims.head == "bilstm"
-        self.rnn = rnn(dims.hidden, dims.hidden, num_layers=dims.layers, batch_first=True,
-                       dropout=dims.dropout if dims.layers > 1 else 0.0, bidirectional=self.bidirectional)
+        self.rnn = rnn(
+            dims.hidden,
+            dims.hidden,
+            num_layers=dims.layers,
+            batch_first=True,
+            dropout=dims.dropout if dims.layers > 1 else 0.0,
+            bidirectional=self.bidirectional,
+        )
         self._classifier(dims.hidden * (2 if self.bidirectional else 1))
 
     def forward_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -183,8 +190,15 @@ class AttentionHead(Head):
 
     def __init__(self, dims: HeadDims):
         super().__init__(dims)
-        layer = nn.TransformerEncoderLayer(dims.hidden, attention_heads(dims.hidden), dim_feedforward=2 * dims.hidden,
-                                           dropout=dims.dropout, activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dims.hidden,
+            attention_heads(dims.hidden),
+            dim_feedforward=2 * dims.hidden,
+            dropout=dims.dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.encoder = nn.TransformerEncoder(layer, dims.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dims.hidden)
         self.score = nn.Linear(dims.hidden, 1)

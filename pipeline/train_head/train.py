@@ -40,7 +40,6 @@ from pipeline.train_head.recorder import RunRecorder
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class TrainResult:
     """What a run produced; `summary` is the content of summary.json."""
@@ -54,18 +53,27 @@ class TrainResult:
 
     def summary_line(self) -> str:
         s = self.summary
-        return (f"{s['head']}: val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/"
-                f"{s['epochs_run']} ({s['split']['train']} train / {s['split']['val']} val, {s['seconds']:.1f}s) "
-                f"-> {self.out}")
-
-
+        return (
+            f"{s['head']}: val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/"
+            f"{s['epochs_run']} ({s['split']['train']} train / {s['split']['val']} val, {s['seconds']:.1f}s) "
+            f"-> {self.out}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ the loops
-def train_one_epoch(model: nn.Module, batch_iter, optimizer: torch.optim.Optimizer, scheduler, loss_fn: nn.Module,
-                    device: torch.device, *, accumulate: int = 1, num_batches: int | None = None,
-                    scaler: torch.amp.GradScaler | None = None,
-                    on_batch: Callable[[Batch, float], None] | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    batch_iter,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loss_fn: nn.Module,
+    device: torch.device,
+    *,
+    accumulate: int = 1,
+    num_batches: int | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    on_batch: Callable[[Batch, float], None] | None = None,
+) -> dict:
     """One pass over the training clips: one optimiser (and schedule) step every `accumulate` batches, the last group
     of `num_batches` possibly shorter; losses scaled by `scaler` (fp16) when given. `on_batch(batch, mean loss so
     far)` follows every batch. Returns the mean loss and the clip accuracy."""
@@ -111,14 +119,43 @@ def evaluate(model: Head, batch_iter, num_samples: int, device: torch.device) ->
     return (sums / counts.clamp(min=1)[:, None]).numpy()
 
 
-def predict_store(model: Head, store: SequenceStore, videos: np.ndarray, *, clip_len: int | None, clip_stride: int,
-                  eval_clips: int, batch_size: int, device: torch.device, workers: int = 0,
-                  sampling: str = "crop") -> np.ndarray:
+def predict_store(
+    model: Head,
+    store: SequenceStore,
+    videos: np.ndarray,
+    *,
+    clip_len: int | None,
+    clip_stride: int,
+    eval_clips: int,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    sampling: str = "crop",
+) -> np.ndarray:
     """Probabilities (len(videos), C) of the store's videos `videos` (store indices), scored on the views
     `eval_plans` gives for these clip settings."""
     y = np.zeros(len(store.keys), dtype=np.int64)
     plans = eval_plans(videos, store.lengths, y, batch_size, clip_len, clip_stride, eval_clips, sampling)
     return evaluate(model, batches(store, plans, workers), len(videos), device)
+
+
+def score_store(
+    ckpt: HeadCheckpoint, store: SequenceStore, clips: int, batch_size: int, device: torch.device, workers: int = 0
+) -> np.ndarray:
+    """Probabilities (videos, C) of every video of `store` under the head of `ckpt`, viewed as it was trained
+    (its clip length, stride and sampling) with `clips` views per video."""
+    return predict_store(
+        ckpt.model(device),
+        store,
+        np.arange(len(store.keys)),
+        clip_len=ckpt.clip_len,
+        clip_stride=ckpt.clip_stride,
+        eval_clips=clips,
+        batch_size=batch_size,
+        device=device,
+        workers=workers,
+        sampling=ckpt.sampling,
+    )
 
 
 # --------------------------------------------------------------------------------------------- optimisation
@@ -157,9 +194,15 @@ def build_config(out, config: TrainConfig | None = None, **options) -> TrainConf
     return config_with(TrainConfig, config, {"out": out}, options, "train_head")
 
 
-def train_head(cache: str | Path, out: str | Path | None = None, *, config: TrainConfig | None = None,
-               data: LabelledData | None = None, on_epoch: Callable[[dict], None] | None = None,
-               **options) -> TrainResult:
+def train_head(
+    cache: str | Path,
+    out: str | Path | None = None,
+    *,
+    config: TrainConfig | None = None,
+    data: LabelledData | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
+    **options,
+) -> TrainResult:
     """Train a head on the labelled videos of `cache`; write the run folder `out` (see docs/train-head.md).
 
     Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, ...). Raises SplitError for
@@ -179,8 +222,14 @@ def train_head(cache: str | Path, out: str | Path | None = None, *, config: Trai
         for epoch in bar:
             t0 = time.perf_counter()
             lr = run.optimizer.param_groups[0]["lr"]
-            stats = train_one_epoch(run.model, batches(data.store, run.epoch_plans(epoch), run.workers),
-                                    run.optimizer, run.scheduler, run.loss_fn, device)
+            stats = train_one_epoch(
+                run.model,
+                batches(data.store, run.epoch_plans(epoch), run.workers),
+                run.optimizer,
+                run.scheduler,
+                run.loss_fn,
+                device,
+            )
             t1 = time.perf_counter()
             if not run.end_epoch(epoch, stats, run.validate(), lr, t1 - t0, time.perf_counter() - t1):
                 break
@@ -200,8 +249,14 @@ class HeadRun:
     calls `on_epoch` and applies the patience; `finish` re-validates the best checkpoint and writes the summary.
     """
 
-    def __init__(self, cfg: TrainConfig, data: LabelledData, device: torch.device,
-                 on_epoch: Callable[[dict], None] | None = None, started: float | None = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        data: LabelledData,
+        device: torch.device,
+        on_epoch: Callable[[dict], None] | None = None,
+        started: float | None = None,
+    ):
         self.cfg, self.data, self.device, self.on_epoch = cfg, data, device, on_epoch
         self.started = time.perf_counter() if started is None else started
         self.workers = 0 if data.store.in_memory else cfg.workers
@@ -209,58 +264,105 @@ class HeadRun:
         classes = data.classes
 
         torch.manual_seed(cfg.seed)
-        self.dims = HeadDims(head=cfg.head, in_dim=store.dim, num_classes=len(classes), hidden=cfg.hidden,
-                             layers=cfg.layers, dropout=cfg.dropout, activation=cfg.activation)
+        self.dims = HeadDims(
+            head=cfg.head,
+            in_dim=store.dim,
+            num_classes=len(classes),
+            hidden=cfg.hidden,
+            layers=cfg.layers,
+            dropout=cfg.dropout,
+            activation=cfg.activation,
+        )
         model = build_head(self.dims)
         model.proj[0].set_stats(*data.train_stats())
         self.model = model.to(device)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         steps_per_epoch = math.ceil(len(split.train) / cfg.batch_size)
         warmup = round(cfg.warmup_epochs * steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           warmup_cosine(warmup, cfg.epochs * steps_per_epoch))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup, cfg.epochs * steps_per_epoch)
+        )
         weight = class_weight_tensor(y[data.train_idx], len(classes)).to(device) if cfg.class_weights else None
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
         self.out = cfg.out
-        self.run_info = {"cache": str(data.cache), "split": split_info(split, data.labels, classes),
-                         "classes": classes, "feature_spec_id": data.spec.id, "feature_dim": data.spec.dim,
-                         "in_memory": store.in_memory, "device": str(device), **data.notes}
-        self.recorder = RunRecorder(self.out, {"train": cfg.to_dict(), **self.run_info}, split, data.labels,
-                                    overwrite=cfg.overwrite,
-                                    patience=cfg.patience, on_epoch=on_epoch)
+        self.run_info = {
+            "cache": str(data.cache),
+            "split": split_info(split, data.labels, classes),
+            "classes": classes,
+            "feature_spec_id": data.spec.id,
+            "feature_dim": data.spec.dim,
+            "in_memory": store.in_memory,
+            "device": str(device),
+            **data.notes,
+        }
+        self.recorder = RunRecorder(
+            self.out,
+            {"train": cfg.to_dict(), **self.run_info},
+            split,
+            data.labels,
+            overwrite=cfg.overwrite,
+            patience=cfg.patience,
+            on_epoch=on_epoch,
+        )
 
     def epoch_plans(self, epoch: int) -> list:
         """The epoch's training batches: one random clip of each train video, shuffled ([seed, epoch] stream)."""
         cfg, data = self.cfg, self.data
         rng = np.random.default_rng([cfg.seed, epoch])
-        return train_plans(data.store.lengths[data.train_idx], data.y[data.train_idx], cfg.batch_size, cfg.clip_len,
-                           cfg.clip_stride, rng, cfg.sampling)
+        return train_plans(
+            data.store.lengths[data.train_idx],
+            data.y[data.train_idx],
+            cfg.batch_size,
+            cfg.clip_len,
+            cfg.clip_stride,
+            rng,
+            cfg.sampling,
+        )
 
     def validate(self) -> np.ndarray:
         """(val videos, C) probabilities of the model as it is."""
         cfg = self.cfg
-        return predict_store(self.model, self.data.store, self.data.val_idx, clip_len=cfg.clip_len,
-                             clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, batch_size=cfg.batch_size,
-                             device=self.device, workers=self.workers, sampling=cfg.sampling)
+        return predict_store(
+            self.model,
+            self.data.store,
+            self.data.val_idx,
+            clip_len=cfg.clip_len,
+            clip_stride=cfg.clip_stride,
+            eval_clips=cfg.eval_clips,
+            batch_size=cfg.batch_size,
+            device=self.device,
+            workers=self.workers,
+            sampling=cfg.sampling,
+        )
 
     def checkpoint(self, epoch: int, metrics: dict) -> HeadCheckpoint:
         cfg = self.cfg
-        return HeadCheckpoint(dims=self.dims, state_dict=self.model.state_dict(), classes=self.data.classes,
-                              feature_spec=self.data.spec, feature_dtype=self.data.dtype, clip_len=cfg.clip_len,
-                              clip_stride=cfg.clip_stride, eval_clips=cfg.eval_clips, epoch=epoch, metrics=metrics,
-                              config={"train": cfg.to_dict(), **self.run_info}, train_videos=self.data.train_sources,
-                              sampling=cfg.sampling)
+        return HeadCheckpoint(
+            dims=self.dims,
+            state_dict=self.model.state_dict(),
+            classes=self.data.classes,
+            feature_spec=self.data.spec,
+            feature_dtype=self.data.dtype,
+            clip_len=cfg.clip_len,
+            clip_stride=cfg.clip_stride,
+            eval_clips=cfg.eval_clips,
+            epoch=epoch,
+            metrics=metrics,
+            config={"train": cfg.to_dict(), **self.run_info},
+            train_videos=self.data.train_sources,
+            sampling=cfg.sampling,
+        )
 
-    def end_epoch(self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float,
-                  val_seconds: float) -> bool:
+    def end_epoch(
+        self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float, val_seconds: float
+    ) -> bool:
         """Record an epoch (train metrics, val probabilities): metrics.csv, best.pt when better, last.pt, then
         `on_epoch` (whose exception stops the run). False when the patience has run out."""
         report = classification_report(probs, self.data.y[self.data.val_idx], self.data.classes)
-        row = {"epoch": epoch, **stats, "val_loss": report["loss"], "val_top1": report["top1"],
-               "val_top5": report["top5"], "lr": lr, "train_seconds": train_seconds, "val_seconds": val_seconds}
-        metrics = {"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]}
-        return self.recorder.end_epoch(row, report, lambda: self.checkpoint(epoch, metrics))
+        return self.recorder.end_epoch(
+            epoch, stats, report, lr, (train_seconds, val_seconds), lambda metrics: self.checkpoint(epoch, metrics)
+        )
 
     @property
     def best(self) -> dict:
@@ -280,15 +382,28 @@ class HeadRun:
         self.model.load_state_dict(load_checkpoint(self.out / "best.pt").state_dict)
         report = classification_report(self.validate(), data.y[data.val_idx], data.classes)
         summary = self.recorder.finish(
-            {"head": cfg.head, "split": self.run_info["split"],
-             "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling),
-             "seconds": time.perf_counter() - self.started,
-             "parameters": sum(p.numel() for p in self.model.parameters()), "feature_spec_id": data.spec.id},
-            report, data.classes, cfg.head, cfg.plots)
+            {
+                "head": cfg.head,
+                "split": self.run_info["split"],
+                "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling),
+                "seconds": time.perf_counter() - self.started,
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+                "feature_spec_id": data.spec.id,
+            },
+            report,
+            data.classes,
+            cfg.head,
+            cfg.plots,
+        )
         return TrainResult(out=self.out, summary=summary)
 
 
 def split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:
-    return {"method": split.method, "train": len(split.train), "val": len(split.val),
-            "excluded": len(split.excluded), "classes": len(classes),
-            "val_classes": len({labels[k] for k in split.val})}
+    return {
+        "method": split.method,
+        "train": len(split.train),
+        "val": len(split.val),
+        "excluded": len(split.excluded),
+        "classes": len(classes),
+        "val_classes": len({labels[k] for k in split.val}),
+    }

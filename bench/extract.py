@@ -32,7 +32,7 @@ from pipeline.extract.backbone import (
 )
 from pipeline.extract.decode import open_source
 from pipeline.extract.workers import DecodeJob, decode_video
-from pipeline.runtime import cpu_count, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device
 from pipeline.sample import write_video
 from pipeline.spec import Sampling
 
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     batch_size = args.batch_size or run.default_batch_size(device)
     threads = args.threads or cpu_count()
-    workers = args.workers if args.workers is not None else run.default_workers(device)
+    workers = args.workers if args.workers is not None else default_workers(device)
     torch.set_num_threads(threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]

@@ -36,7 +36,7 @@ from pipeline.data.cache import open_cache
 from pipeline.extract import run
 from pipeline.extract.backbone import FrameEmbedder, load_backbone
 from pipeline.extract.workers import CRASH_ON_ENV
-from pipeline.runtime import pick_device
+from pipeline.runtime import default_workers, pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     device = pick_device(args.device)
     cuda = device.type == "cuda"
     batch_size = args.batch_size or run.default_batch_size(device)
-    workers = args.workers if args.workers is not None else run.default_workers(device)
+    workers = args.workers if args.workers is not None else default_workers(device)
     resolutions = [r.strip() for r in args.resolutions.split(",") if r.strip()]
     clips = [int(x) for x in str(args.clips).split(",")]
     frames = [int(x) for x in str(args.frames).split(",")]

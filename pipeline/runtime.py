@@ -1,11 +1,13 @@
-"""Where and how things run: the device of a --device setting, the CPU cores this process may use.
+"""Where and how things run: the device of a --device setting, the CPU cores, threads and worker processes.
 
 Imports nothing heavy at module level, so that the CLI's --help stays instant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 # Threading settings the `pipeline` command, `import pipeline` and the worker processes they start use unless the
 # user set them. OpenMP's default lets idle threads spin for a while before they sleep; on a CPU shared with other
@@ -49,3 +51,46 @@ def pick_device(device: str):
     if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise RuntimeError("--device mps was asked for but MPS is not available; use --device cpu or auto")
     return dev
+
+
+# ---------------------------------------------------------------------------------------- worker processes
+def default_workers(device, ranks: int = 1) -> int:  # device: a torch.device
+    """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main
+    process and the commit thread), as the GPU outruns the decoders. `ranks` processes on one machine share
+    its cores."""
+    if device.type == "cpu":
+        return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
+    return max(1, cpu_count() // max(ranks, 1) - 2)
+
+
+def worker_init(_: int = 0) -> None:
+    """A decode worker runs one thread: the cores belong to the model and to the other workers."""
+    import cv2
+
+    cv2.setNumThreads(1)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def opencv_single_thread():
+    """OpenCV's thread pool at one thread while decode workers fork.
+
+    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins
+    threads that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large
+    image)."""
+    import cv2
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(before)
+
+
+def start_workers(source) -> Iterator:
+    """iter(source) (e.g. a DataLoader, which forks its workers there), with OpenCV's pool at one thread."""
+    with opencv_single_thread():
+        return iter(source)

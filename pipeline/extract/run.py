@@ -28,16 +28,14 @@ from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
-from pipeline.extract.workers import (  # noqa: F401  (start_workers, worker_init: for finetune)
+from pipeline.extract.workers import (
     JOBS_AHEAD,
     DecodeJob,
     DecodePool,
     crash_reason,
     decode_video,
-    start_workers,
-    worker_init,
 )
-from pipeline.runtime import cpu_count, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device
 from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -242,15 +240,6 @@ class Distributed:
         import torch.distributed as torch_dist
 
         torch_dist.barrier()
-
-
-def default_workers(device: torch.device, ranks: int = 1) -> int:
-    """Decode workers: on a CPU few (the model needs the cores); with a GPU every core but two (the main
-    process and the commit thread), as the GPU outruns the decoders. `ranks` processes on one machine share
-    its cores."""
-    if device.type == "cpu":
-        return 1 if cpu_count() <= 4 else min(4, cpu_count() // 4)
-    return max(1, cpu_count() // max(ranks, 1) - 2)
 
 
 def default_batch_size(device: torch.device) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
+from pipeline.runtime import opencv_single_thread, worker_init
 from pipeline.spec import Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
@@ -110,37 +111,6 @@ def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator
         reason = str(e) if isinstance(e, DecodeError) else f"{type(e).__name__}: {e}"
         log.debug("decode failure %s\n%s", job.path, traceback.format_exc())
         yield "error", i, reason
-
-
-def worker_init(_: int = 0) -> None:
-    """A decode worker runs one thread: the cores belong to the model and to the other workers."""
-    import cv2
-
-    cv2.setNumThreads(1)
-    torch.set_num_threads(1)
-
-
-@contextlib.contextmanager
-def opencv_single_thread():
-    """OpenCV's thread pool at one thread while decode workers fork.
-
-    A forked worker inherits OpenCV's pool but not its threads: resizing the pool there (worker_init) joins
-    threads that do not exist and hangs for ever once this process has used the pool (any cv2 call on a large
-    image)."""
-    import cv2
-
-    before = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(before)
-
-
-def start_workers(source) -> Iterator:
-    """iter(source) (e.g. a DataLoader, which forks its workers there), with OpenCV's pool at one thread."""
-    with opencv_single_thread():
-        return iter(source)
 
 
 # -------------------------------------------------------------------------------------------- the worker side

@@ -308,7 +308,7 @@ def clip_batches(dataset: ClipDataset, jobs: list[ClipJob], workers: int, pin_me
         for job in jobs:
             yield dataset[job]
         return
-    from pipeline.extract.run import start_workers, worker_init
+    from pipeline.runtime import start_workers, worker_init
 
     loader = DataLoader(
         dataset,

@@ -42,7 +42,6 @@ from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, tensors_sh
 from pipeline.extract.decode import DecodeError
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.reproduce import backbone_for_spec
-from pipeline.extract.run import default_workers
 from pipeline.finetune.clips import (
     READ_MODES,
     ClipAugment,
@@ -53,7 +52,7 @@ from pipeline.finetune.clips import (
     sampled_rows,
 )
 from pipeline.finetune.model import FinetuneModel, resolve_unfreeze
-from pipeline.runtime import cpu_count, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device
 from pipeline.spec import FeatureSpec, Sampling
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.metrics import classification_report

@@ -46,6 +46,25 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from pipeline import __version__
+
+        typer.echo(f"pipeline {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.", metavar=""),
+    ] = False,
+) -> None:
+    """Embed every video frame once with a frozen torchvision CNN into an HDF5 cache, then train temporal heads on
+    the cached sequences."""
+
+
 # ------------------------------------------------------------------------------------- options from configs
 @functools.cache
 def _field_docs(cls: type) -> dict[str, str]:

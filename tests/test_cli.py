@@ -220,3 +220,10 @@ def test_info_on_a_missing_or_foreign_file(tmp_path):
     (tmp_path / "x.h5").write_bytes(b"not hdf5")
     result = runner.invoke(app, ["info", str(tmp_path / "x.h5")])
     assert result.exit_code == EXIT_ERROR and "cannot read" in result.output
+
+
+def test_version():
+    import pipeline
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"pipeline {pipeline.__version__}"

@@ -169,3 +169,16 @@ def test_decode_workers_start_after_opencv_used_its_thread_pool(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], timeout=120, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_progress_is_one_bar_in_frames_with_an_honest_total(tmp_path, capsys):
+    root = tmp_path / "in"
+    make_video(root / "short.avi", 4)
+    make_video(root / "long.avi", 20)
+    make_video(root / "mid.avi", 9)
+    pipeline.extract_videos([root], tmp_path / "c.h5", **{**FAST, "progress": True})
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    # the one bar counts frames; once every video is done its total is exactly the frames extracted
+    assert final.startswith("extract: 100%") and "33/33" in final and "3/3 videos" in final, final
+    assert "video/s" not in err and "frames:" not in err  # no separate per-video bar

@@ -248,6 +248,39 @@ def default_batch_size(device: torch.device) -> int:
     return EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU
 
 
+class _Progress:
+    """One bar in frames for the whole run. Its total is estimated from the bytes of the videos still to do at the
+    rate (frames per byte) of those done, and corrected as each video ends, so the ETA counts frames, not videos
+    (a long video no longer hides behind a short one); the postfix names the videos done and the one being read."""
+
+    def __init__(self, sizes: list[int], enabled: bool):
+        self.sizes, self.left, self.done, self.current = sizes, sum(sizes), 0, ""
+        self.done_bytes = 0
+        self.bar = tqdm(unit="frame", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+
+    def frames(self, n: int) -> None:
+        self.bar.update(n)
+
+    def reading(self, name: str) -> None:
+        if name != self.current:
+            self.current = name
+            self._postfix()
+
+    def video_done(self, i: int) -> None:
+        self.done += 1
+        self.done_bytes += self.sizes[i]
+        self.left -= self.sizes[i]
+        if self.bar.n and self.done_bytes:
+            self.bar.total = self.bar.n + round(self.left * self.bar.n / self.done_bytes)
+        self._postfix()
+
+    def _postfix(self) -> None:
+        self.bar.set_postfix_str(f"{self.done}/{len(self.sizes)} videos, {printable(self.current)}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 class _Committer:
     """Commits finished part files on a thread of their own: the fsyncs and renames wait on the disk, not the
     model.
@@ -364,8 +397,7 @@ def _run(
     inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
     releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
     last_index = time.monotonic()
-    bar_videos = tqdm(total=len(todo), unit="video", desc="videos", disable=not cfg.runtime.progress, position=0)
-    bar_frames = tqdm(unit="frame", desc="frames", disable=not cfg.runtime.progress, position=1, smoothing=0.1)
+    progress = _Progress([max(signatures[item.key][0], 1) for item in todo], cfg.runtime.progress)
     pool = committer = None
 
     def finish(i: int) -> None:
@@ -390,7 +422,7 @@ def _run(
         outstanding.pop(i, None)
         writer.clear_failure(item.key)
         report.extracted.append(item.key)
-        bar_videos.update(1)
+        progress.video_done(i)
 
     def fail(i: int, reason: str) -> None:
         item = todo[i]
@@ -402,7 +434,7 @@ def _run(
         report.failed[item.key] = (str(item.path), reason)
         writer.record_failure(item.key, str(item.path), reason)
         tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
-        bar_videos.update(1)
+        progress.video_done(i)
 
     def drop(i: int) -> None:
         """Forget video i's rows still waiting for the model."""
@@ -439,6 +471,7 @@ def _run(
         while inflight and (len(inflight) > keep or inflight[0][0].ready()):
             pending, owners = inflight.popleft()
             feats = pending.result().numpy()  # (rows, D)
+            progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
             row = 0
             for i, gen, idx, ts in owners:
                 k = len(idx)
@@ -452,7 +485,6 @@ def _run(
                         if outstanding[i] == 0 and i in ended:
                             finish(i)
                 row += k
-            bar_frames.update(len(feats))
             report.frames += len(feats)
 
     def settle(worker: int | None = None) -> None:
@@ -466,6 +498,7 @@ def _run(
         """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on
         the host or the device. `release(event)` hands their memory back (once `event` has passed)."""
         nonlocal queued
+        progress.reading(todo[i].path.name)
         if whole:
             if frames.device.type == "cpu":
                 frames, copied = embed.upload(frames)
@@ -609,5 +642,4 @@ def _run(
         if committer is not None:
             committer.close()
         report.device_busy_seconds = embed.busy_seconds
-        bar_frames.close()
-        bar_videos.close()
+        progress.close()

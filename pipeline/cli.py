@@ -33,6 +33,8 @@ from pipeline.config import (
     SweepConfig,
     TrainConfig,
     config_with,
+    default_cache_path,
+    default_run_folder,
 )
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INPUTS_FAILED = 0, 1, 2, 3
@@ -118,11 +120,13 @@ def _config_options(
     flags: dict[str, tuple[str, ...]] | None = None,
     kinds: dict[str, Any] | None = None,
     metavars: dict[str, str] | None = None,
+    computed: dict[str, str] | None = None,
 ) -> list[inspect.Parameter]:
     """One option per setting of `cls` (required where the field has no default), the settings of its groups
     (sampling, splitting, runtime) included; `skip` leaves some out, `flags` renames, `kinds` replaces a field's
-    type, `metavars` names values."""
-    flags, kinds, metavars = flags or {}, kinds or {}, metavars or {}
+    type, `metavars` names values, `computed` gives required settings a default that the command computes (the
+    value says which)."""
+    flags, kinds, metavars, computed = flags or {}, kinds or {}, metavars or {}, computed or {}
     params: list[inspect.Parameter] = []
 
     def walk(c: type, defaults) -> None:
@@ -143,11 +147,12 @@ def _config_options(
                 walk(hints[f.name], default)
                 continue
             kind = kinds.get(f.name, _option_type(hints[f.name]))
+            doc = docs.get(f.name, "")
+            if f.name in computed:  # the command fills it in: None here
+                default, kind, doc = None, Optional[kind], f"{doc} Default: {computed[f.name]}."  # noqa: UP045
             extra = {"metavar": metavars[f.name]} if f.name in metavars else {"metavar": ""} if kind is bool else {}
             shown = default not in (None, (), inspect.Parameter.empty)
-            option = typer.Option(
-                *flags.get(f.name, ()), help=_help(docs.get(f.name, ""), default is None), show_default=shown, **extra
-            )
+            option = typer.Option(*flags.get(f.name, ()), help=_help(doc, default is None), show_default=shown, **extra)
             params.append(
                 inspect.Parameter(
                     f.name,
@@ -239,7 +244,11 @@ Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars, er
 
 
 # ------------------------------------------------------------------------------------------------ stage one
-@_command(ExtractConfig, flags={"output": ("-o", "--output")})
+@_command(
+    ExtractConfig,
+    flags={"output": ("-o", "--output")},
+    computed={"output": "the first input's name with .h5, here (videos/ -> videos.h5)"},
+)
 def extract(
     inputs: Annotated[
         list[Path],
@@ -262,6 +271,8 @@ def extract(
     """Extract per-frame features of videos into an HDF5 cache (resumable; failed inputs are reported and skipped)."""
     _setup_logging(quiet)
     with _errors():
+        if settings["output"] is None:
+            settings["output"] = default_cache_path(inputs)
         config = _settings(ExtractConfig, settings, quiet)
     output = config.output
 
@@ -413,11 +424,18 @@ Cache = Annotated[Path, typer.Argument(help="Feature cache (.h5) made by `pipeli
 Checkpoint = Annotated[Path, typer.Argument(help="A head checkpoint (best.pt or last.pt).", show_default=False)]
 
 
-@_command(TrainConfig, name="train-head", flags={"out": ("--out", "-o")})
+@_command(
+    TrainConfig,
+    name="train-head",
+    flags={"out": ("--out", "-o")},
+    computed={"out": "runs/CACHE-HEAD (runs/CACHE-HEAD-2, ... when taken)"},
+)
 def train_head(cache: Cache, quiet: Quiet = False, **settings) -> None:
     """Train a temporal head on the cached sequences; writes a run folder with metrics, checkpoints and plots."""
     from pipeline.train_head.train import train_head as run
 
+    if settings["out"] is None:
+        settings["out"] = default_run_folder(f"{cache.stem}-{settings['head']}")
     _train(TrainConfig, settings, quiet, lambda config: run(cache, config=config))
 
 
@@ -516,8 +534,9 @@ def predict(
     SweepConfig,
     flags={"params": ("--param", "-p"), "out": ("--out", "-o")},
     metavars={"params": "NAME=SPEC", "space": "FILE.yaml"},
-    kinds={"params": Optional[list[str]], "space": Optional[Path]},
-)  # noqa: UP045
+    kinds={"params": Optional[list[str]], "space": Optional[Path]},  # noqa: UP045
+    computed={"out": "runs/CACHE-sweep (runs/CACHE-sweep-2, ... when taken)"},
+)
 def sweep(
     cache: Cache,
     quiet: Annotated[
@@ -531,6 +550,8 @@ def sweep(
     (docs/sweep.md)."""
     _setup_logging(quiet)
     with _errors():
+        if settings["out"] is None:
+            settings["out"] = default_run_folder(f"{cache.stem}-sweep")
         config = _settings(SweepConfig, settings, quiet)
     out = config.out
 
@@ -557,7 +578,9 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------------------------- stage three
-@_command(FinetuneConfig, flags={"out": ("--out", "-o")})
+@_command(
+    FinetuneConfig, flags={"out": ("--out", "-o")}, computed={"out": "runs/RUN-ft, RUN being the --init run's folder"}
+)
 def finetune(
     inputs: Annotated[
         list[Path],
@@ -573,6 +596,8 @@ def finetune(
     """Fine-tune the backbone of a head's features together with the head, on clips decoded from the videos."""
     from pipeline.finetune.train import finetune as run
 
+    if settings["out"] is None:
+        settings["out"] = default_run_folder(f"{Path(settings['init']).resolve().parent.name}-ft")
     _train(FinetuneConfig, settings, quiet, lambda config: run(inputs, config=config))
 
 

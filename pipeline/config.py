@@ -47,6 +47,26 @@ the learning rate, the dropout and the clip length (None: whole sequences); the 
 Every entry has a grid (--strategy grid: 1,080 combinations)."""
 
 
+RUNS_DIR = Path("runs")  # where run folders go when --out is not given
+RUN_MARKERS = ("config.json", "best.pt", "study.db", "leaderboard.csv")  # a folder holding one of these holds a run
+
+
+def default_cache_path(inputs: list) -> Path:
+    """Where `pipeline extract INPUT...` writes without -o: INPUT's name with .h5, in the current folder
+    (videos/ -> videos.h5, list.csv -> list.h5), so that running the same command again resumes."""
+    first = Path(inputs[0]).expanduser().resolve()
+    return Path((first.stem if first.is_file() else first.name) or "features").with_suffix(".h5")
+
+
+def default_run_folder(name: str) -> Path:
+    """A run folder under RUNS_DIR that holds no run yet: runs/NAME, else runs/NAME-2, runs/NAME-3, ..."""
+    for n in range(1, 10_000):
+        folder = RUNS_DIR / (name if n == 1 else f"{name}-{n}")
+        if not any((folder / marker).exists() for marker in RUN_MARKERS):
+            return folder
+    raise ValueError(f"{RUNS_DIR}/{name}-* are all taken: pass --out")
+
+
 def default_of(cls: type, name: str):
     """The default of dataclass field `name`."""
     for f in fields(cls):

@@ -155,8 +155,6 @@ def test_missing_input_and_output_suffix(tmp_path, clip):
     assert result.exit_code == EXIT_USAGE and "nothing: no such file or folder" in result.output
     result = runner.invoke(app, ["extract", str(clip), "-o", str(tmp_path / "c.txt"), *SMALL])
     assert result.exit_code == EXIT_USAGE and "should name an .h5 file" in result.output
-    result = runner.invoke(app, ["extract", str(clip)])
-    assert result.exit_code == EXIT_USAGE and "--output" in result.output
 
 
 def test_offline_without_weights_names_the_remedies(clip, tmp_path, monkeypatch):
@@ -227,3 +225,15 @@ def test_version():
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"pipeline {pipeline.__version__}"
+
+
+def test_extract_without_output_writes_beside_the_command(clip, tmp_path, monkeypatch):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip.rename(videos / clip.name)
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["extract", "videos", *SMALL, "--quiet"])
+    assert result.exit_code == 0, result.output
+    from pipeline import open_cache
+
+    assert open_cache(tmp_path / "videos.h5").keys() == [clip.name]

@@ -216,3 +216,15 @@ def test_evaluate_keeps_the_heads_training_videos_apart(tmp_path):
     assert report["trained_on"]["videos"] == n_train
     text = runner.invoke(app, ["evaluate", str(run / "best.pt"), str(cache), "--quiet"]).output
     assert "held-out videos" in text and f"{n_train} videos the head was trained on" in text
+
+
+def test_zero_flag_commands_pick_their_own_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    feature_cache(tmp_path / "clips.h5", separable_videos(classes=2, per_class=6))
+    args = ["--epochs", "1", "--hidden", "8", "--threads", "2", "--quiet", "--no-plots"]
+    first = runner.invoke(app, ["train-head", "clips.h5", *args])
+    second = runner.invoke(app, ["train-head", "clips.h5", *args])
+    assert first.exit_code == second.exit_code == 0, first.output + second.output
+    # a new run never lands in an old one's folder
+    assert (tmp_path / "runs" / "clips-lstm" / "best.pt").exists() and "runs/clips-lstm-2" in second.output
+    assert (tmp_path / "runs" / "clips-lstm-2" / "best.pt").exists()

@@ -63,7 +63,7 @@ class EvalReport:
         if self.seen is not None:
             return (
                 f"{self.seen['videos']} of the scored videos were in the head's training split (top-1 on them "
-                f"{self.seen['top1']:.1%}); they are left out of the score above"
+                f"{self.seen['top1']:.1%}); they are scored apart, not in the held-out top-1"
             )
         return None
 

@@ -75,7 +75,7 @@ def checkpoint_backbone(
     return loaded
 
 
-SPEC_OPTIONS = ("backbone", "resize", "crop", "mean", "std")  # ExtractConfig fields a checkpoint's spec fixes
+SPEC_OPTIONS = ("backbone", "resize", "crop", "mean", "std", "sampling")  # ExtractConfig fields a spec fixes
 
 
 def extract_with_checkpoint(
@@ -107,24 +107,13 @@ def extract_with_checkpoint(
         for name in SPEC_OPTIONS
         if getattr(cfg, name) != getattr(defaults, name) and getattr(cfg, name) != getattr(wanted, name)
     ]
-    if cfg.sampling != defaults.sampling and cfg.sampling != wanted.sampling:
-        conflicts.append("sampling")
     if conflicts:
         raise ValueError(
             f"--backbone-checkpoint takes the backbone, weights, preprocessing and sampling from "
             f"{checkpoint} ({spec.describe()}); drop the options that differ: {', '.join(conflicts)}"
         )
     loaded = checkpoint_backbone(ckpt, checkpoint, weights, progress=cfg.runtime.progress)
-    cfg = replace(
-        cfg,
-        backbone=wanted.backbone,
-        weights=wanted.weights,
-        resize=wanted.resize,
-        crop=wanted.crop,
-        mean=wanted.mean,
-        std=wanted.std,
-        sampling=wanted.sampling,
-    )
+    cfg = replace(cfg, weights=wanted.weights, **{name: getattr(wanted, name) for name in SPEC_OPTIONS})
     report = extract_videos(inputs, cfg.output, config=cfg, backbone_model=loaded)
     if report.spec != spec:
         raise FeatureMismatchError(

@@ -63,14 +63,16 @@ def default_workers(device, ranks: int = 1) -> int:  # device: a torch.device
     return max(1, cpu_count() // max(ranks, 1) - 2)
 
 
-def worker_init(_: int = 0) -> None:
-    """A decode worker runs one thread: the cores belong to the model and to the other workers."""
-    import cv2
-
-    cv2.setNumThreads(1)
+def worker_init(_: int = 0, opencv: bool = True) -> None:
+    """A worker process (decode, or cache reader with `opencv` False) runs one thread: the cores belong to the
+    model and to the other workers. Takes the DataLoader's worker id, unused."""
     import torch
 
     torch.set_num_threads(1)
+    if opencv:
+        import cv2
+
+        cv2.setNumThreads(1)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ larger than memory, reads each batch's videos in DataLoader worker processes tha
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.data.cache import FeatureCache
+from pipeline.runtime import worker_init
 
 log = logging.getLogger(__name__)
 
@@ -393,12 +395,8 @@ def batches(store: SequenceStore, plans: list[Plan], workers: int = 0) -> Iterat
         sampler=plans,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=worker_init,
+        worker_init_fn=functools.partial(worker_init, opencv=False),
         prefetch_factor=4,
         persistent_workers=False,
     )
     yield from loader
-
-
-def worker_init(_: int) -> None:
-    torch.set_num_threads(1)

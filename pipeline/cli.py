@@ -449,7 +449,8 @@ def evaluate(
     quiet: Quiet = False,
     **settings,
 ) -> None:
-    """Score a head on a labelled cache: top-1, top-5, per-class accuracy, confusion matrix."""
+    """Score a head on a labelled cache: top-1, top-5, per-class accuracy, confusion matrix; a head that labels
+    frames (with --frame-labels): frame accuracy, edit score, F1@{10,25,50}."""
     _setup_logging(quiet)
     with _errors():
         config = _settings(EvalConfig, settings, quiet)
@@ -462,25 +463,12 @@ def evaluate(
     if json_:
         import json
 
-        typer.echo(
-            json.dumps(
-                {
-                    "checkpoint": str(checkpoint),
-                    "cache": str(cache),
-                    "eval": report.eval,
-                    **report.metrics,
-                    "skipped": len(report.skipped),
-                    "trained_on": report.seen,
-                    "only_trained_on": report.only_seen,
-                },
-                indent=1,
-            )
-        )
+        typer.echo(json.dumps(report.to_dict(), indent=1))
         return
     typer.echo(report.summary_line())
     if report.seen is not None:
         typer.secho(
-            f"  + {report.seen['videos']} videos the head was trained on: top-1 {report.seen['top1']:.1%} "
+            f"  + {report.seen['videos']} videos the head was trained on: {report.scores(report.seen)} "
             f"(not in the score above)",
             fg=typer.colors.YELLOW,
         )
@@ -492,9 +480,10 @@ def evaluate(
     m = report.metrics
     width = max(len(c) for c in m["classes"])
     support = [sum(row) for row in m["confusion_matrix"]]
+    unit = "frames" if report.target == "frames" else "videos"
     for c, n in zip(m["classes"], support):
         acc = m["per_class_accuracy"][c]
-        typer.echo(f"  {c:<{width}}  {'-' if acc is None else f'{acc:6.1%}'}  ({n} videos)")
+        typer.echo(f"  {c:<{width}}  {'-' if acc is None else f'{acc:6.1%}'}  ({n} {unit})")
 
 
 @_command(PredictConfig, flags={"output": ("--output", "-o")})
@@ -506,7 +495,8 @@ def predict(
     quiet: Quiet = False,
     **settings,
 ) -> None:
-    """Classify new videos: extract them exactly as the head's features were (cached), then write top-k to CSV."""
+    """Classify new videos: extract them exactly as the head's features were (cached), then write top-k to CSV (a
+    head that labels frames: segments to CSV, and every row's label to OUTPUT.frames.csv)."""
     _setup_logging(quiet)
     with _errors():
         config = _settings(PredictConfig, settings, quiet)
@@ -519,10 +509,10 @@ def predict(
     if not quiet:
         shown = report.predictions[:20]
         for p in shown:
-            typer.echo(
-                f"  {p.path}: "
-                + (f"FAILED {p.error}" if p.error else ", ".join(f"{label} {prob:.1%}" for label, prob in p.top[:3]))
-            )
+            top = ", ".join(f"{label} {prob:.1%}" for label, prob in p.top[:3])
+            if p.segments is not None:
+                top = f"{len(p.segments)} segments; rows labelled {top}"
+            typer.echo(f"  {p.path}: " + (f"FAILED {p.error}" if p.error else top))
         if len(report.predictions) > len(shown):
             typer.echo(f"  ... {len(report.predictions) - len(shown)} more in {report.output}")
     typer.echo(report.summary())
@@ -563,7 +553,7 @@ def sweep(
 
         typer.echo(
             "no --space or --param: searching the default space (docs/sweep.md)\n  "
-            + "\n  ".join(default_space().describe())
+            + "\n  ".join(default_space(config.target).describe())
         )
 
     # a study of other settings is a usage error too

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 DECODERS = ("auto", "cpu", "nvdec")
 PREPROCESS = ("auto", "workers", "device")
 HEADS = ("lstm", "gru", "bilstm", "meanpool", "attention", "tcn")
-TARGETS = ("videos", "frames")
+TARGETS = ("auto", "videos", "frames")
 LABEL_UNITS = ("frames", "seconds")
 ACTIVATIONS = ("gelu", "relu")
 MEMORY_MODES = ("auto", "ram", "lazy")
@@ -30,10 +30,12 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 # Defaults that depend on the machine or on another setting (the fields say when they apply).
 EXTRACT_BATCH_CPU = 8  # frames per forward pass on a CPU (measured fastest on 2-16 cores)
 EXTRACT_BATCH_GPU = 256  # ... and on an accelerator (it needs wide batches)
-HEAD_BATCH = 64  # clips per head forward pass when predict scores new videos
+HEAD_BATCH = 64  # clips per step of a head that labels videos, and per forward pass when predict scores videos
 TCN_LAYERS = 10  # dilated layers per stage of a tcn head when --layers is not given (dilations 1, 2, ..., 512)
-TCN_STAGES = 4  # stages of a tcn head: one prediction stage, then refinement stages
+FRAME_BATCH = 8  # whole videos per step when a head labels frames (segmentation videos can be thousands of rows)
 FRAME_OVERLAPS = (0.10, 0.25, 0.50)  # IoU thresholds of the segmental F1 scores (F1@10, F1@25, F1@50)
+VIDEO_METRICS = ("top1", "top5")  # what --metric can pick for a head that labels videos ...
+FRAME_METRICS = ("acc", "edit", *(f"f1@{round(100 * o)}" for o in FRAME_OVERLAPS))  # ... and one that labels frames
 FINETUNE_CLIP_LEN = 16  # rows per fine-tuning clip when the head was trained on whole sequences
 FINETUNE_BACKBONE_LR_FACTOR = 0.1  # the backbone's peak learning rate is this times --lr
 FINETUNE_UNFREEZE_LAST = 1  # stages trained when neither --unfreeze nor --unfreeze-last is given
@@ -50,6 +52,15 @@ SWEEP_SPACE = {
 """What `pipeline sweep` searches when given neither --space nor --param (a new study): the head kind, its width,
 the learning rate, the dropout and the clip length (None: whole sequences); the rest keeps the train-head defaults.
 Every entry has a grid (--strategy grid: 1,080 combinations)."""
+SWEEP_SPACE_FRAMES = {
+    "head": ["tcn", "bilstm", "gru", "lstm", "attention", "meanpool"],
+    "hidden": [64, 128, 256],
+    "lr": [3e-4, 1e-3, 3e-3],
+    "dropout": {"low": 0.0, "high": 0.5, "step": 0.1},
+    "smoothing": [0.0, 0.15, 0.3],
+}
+"""... and with --target frames: the head kind, its width, the learning rate, the dropout and the weight of the
+smoothing loss; whole videos (--strategy grid: 1,944 combinations)."""
 
 
 RUNS_DIR = Path("runs")  # where run folders go when --out is not given
@@ -166,12 +177,59 @@ class SplitConfig:
                 raise ValueError(f"--group-regex {self.group_regex!r} is not a valid regular expression: {e}") from None
 
 
+@dataclass(frozen=True)
+class FrameLabelConfig:
+    """Where the labels of a head that labels frames come from (--target frames)."""
+
+    frame_labels: Path | None = None
+    """Per-frame labels: a folder of one file per video (one label per decoded frame, one per line, matched to the
+    cache keys by name), or a segments CSV key,start,end,label (docs/train-head.md)."""
+    label_units: str | None = None
+    """Units of a segments CSV's start and end: seconds, or frames (0-based decoded frame numbers, end exclusive)."""
+    background: str | None = None
+    """Background class: rows that no segment covers get it, and its segments are left out of the edit score and
+    F1 (e.g. SIL for Breakfast); default for evaluate: the head's."""
+
+    def __post_init__(self):
+        if self.frame_labels is not None:
+            object.__setattr__(self, "frame_labels", Path(self.frame_labels))
+        if self.label_units is not None:
+            _one_of("--label-units", self.label_units, LABEL_UNITS)
+        if self.background is not None and not self.background.strip():
+            raise ValueError("--background must name a class")
+
+
 def _runtime() -> Runtime:
     return Runtime()
 
 
 def _splitting() -> SplitConfig:
     return SplitConfig()
+
+
+def _frame_labelling() -> FrameLabelConfig:
+    return FrameLabelConfig()
+
+
+def resolve_target(target: str, labelling: FrameLabelConfig) -> str:
+    """--target auto: frames when --frame-labels is given, else videos; a contradiction names the flags."""
+    _one_of("--target", target, TARGETS)
+    if target == "auto":
+        return "frames" if labelling.frame_labels is not None else "videos"
+    if target == "frames" and labelling.frame_labels is None:
+        raise ValueError("--target frames needs per-frame labels: pass --frame-labels FOLDER or CSV")
+    if target == "videos" and labelling.frame_labels is not None:
+        raise ValueError("--frame-labels gives a label per frame: drop --target videos (or pass --target frames)")
+    return target
+
+
+def resolve_metric(metric: str, target: str) -> str:
+    """--metric auto: top1 for a head that labels videos, f1@50 for one that labels frames."""
+    choices = FRAME_METRICS if target == "frames" else VIDEO_METRICS
+    if metric == "auto":
+        return choices[0] if target == "videos" else "f1@50"
+    _check("--metric", metric in choices, metric, f"one of {', '.join(choices)} with --target {target}")
+    return metric
 
 
 class _Settings:
@@ -295,20 +353,31 @@ class TrainConfig(_Settings):
     """Run folder for config.json, metrics.csv, summary.json, best.pt, last.pt and plots (a folder holding a run is
     refused unless --overwrite)."""
     head: str = "lstm"
-    """lstm, gru, bilstm, meanpool (order-blind baseline) or attention (small transformer encoder)."""
+    """lstm, gru, bilstm, meanpool (order-blind baseline), attention (small transformer encoder) or tcn (multi-stage
+    dilated temporal convolutions). Labelling frames, lstm and gru are causal (online use), the others look ahead."""
+    target: str = "auto"
+    """videos: one class per video (its label); frames: one class per row, from --frame-labels (temporal action
+    segmentation, event spotting); auto: frames when --frame-labels is given, else videos."""
+    metric: str = "auto"
+    """The val metric that picks the best epoch (ties: the lower val loss) and that sweeps maximise: top1 or top5
+    for videos (default top1); acc, edit, f1@10, f1@25 or f1@50 for frames (default f1@50)."""
     hidden: int = 256
     """Width of the input projection and of the temporal layers."""
-    layers: int = 1
-    """Recurrent or transformer layers (meanpool has none)."""
+    layers: int | None = None
+    """Recurrent or transformer layers, or tcn layers per stage (meanpool has none); default: 1, TCN_LAYERS for
+    tcn."""
+    stages: int = 4
+    """tcn: stages (one that predicts, then refinements of the previous stage's probabilities)."""
     dropout: float = 0.3
     """Dropout after the input projection, between temporal layers and before the classifier."""
     activation: str = "gelu"
     """Activation of the input projection (Linear -> LayerNorm -> activation -> dropout): gelu or relu."""
-    sampling: str = "segments"
+    sampling: str = "auto"
     """Which rows of a video a clip holds. segments: --clip-len rows spread over the whole video (it is cut into
     --clip-len equal segments; training takes a random row of each, evaluation the centres); crop: --clip-len
     consecutive rows at a random start (evaluation: the whole sequence, or --eval-clips crops); whole: every row.
-    Videos with fewer rows than --clip-len are used whole by every sampling."""
+    Videos with fewer rows than --clip-len are used whole by every sampling. auto: segments for videos, whole for
+    frames (which take whole or crop, and are always evaluated on whole videos)."""
     clip_len: int | None = 16
     """Rows per clip, at most (shorter videos are used whole); None or 0: whole sequences (--sampling whole)."""
     clip_stride: int = 1
@@ -318,8 +387,9 @@ class TrainConfig(_Settings):
     the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
     epochs: int = 30
     """Most epochs to train."""
-    batch_size: int = 64
-    """Clips per optimisation step (and per evaluation batch)."""
+    batch_size: int | None = None
+    """Clips per optimisation step (and per evaluation batch); default: HEAD_BATCH, or FRAME_BATCH whole videos
+    for frames."""
     lr: float = 1e-3
     """Peak learning rate of AdamW, reached after the warm-up and decayed to 0 by a cosine."""
     weight_decay: float = 0.01
@@ -332,6 +402,9 @@ class TrainConfig(_Settings):
     """Weight the loss by inverse class frequency in the train split."""
     label_smoothing: float = 0.0
     """Label smoothing of the cross-entropy loss."""
+    smoothing: float = 0.15
+    """Frames: weight of the smoothing loss (the truncated squared change of log-probabilities between neighbouring
+    rows), which holds back over-segmentation."""
     seed: int = 0
     """Seed of initialisation, clip crops, shuffling and dropout: same seed, same machine -> same result."""
     memory: str = "auto"
@@ -343,17 +416,38 @@ class TrainConfig(_Settings):
     """Write curves.png and confusion.png when matplotlib is installed."""
     overwrite: bool = False
     """Replace the run in an --out folder that already holds one (its files are removed first) instead of refusing."""
+    frame_labelling: FrameLabelConfig = field(default_factory=_frame_labelling)
     splitting: SplitConfig = field(default_factory=_splitting)
     runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
         object.__setattr__(self, "out", Path(self.out))
-        if self.sampling not in CLIP_SAMPLINGS:
-            raise ValueError(f"--sampling must be one of {', '.join(CLIP_SAMPLINGS)}, got {self.sampling!r}")
+        # Settings whose default depends on others are resolved here, so that the records hold what was used.
+        target = resolve_target(self.target, self.frame_labelling)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "metric", resolve_metric(self.metric, target))
+        _one_of("--head", self.head, HEADS)
+        if self.layers is None:
+            object.__setattr__(self, "layers", TCN_LAYERS if self.head == "tcn" else 1)
+        if self.batch_size is None:
+            object.__setattr__(self, "batch_size", FRAME_BATCH if target == "frames" else HEAD_BATCH)
+        if self.sampling == "auto":
+            object.__setattr__(self, "sampling", "whole" if target == "frames" else "segments")
+        _one_of("--sampling", self.sampling, (*CLIP_SAMPLINGS, "auto"))
+        if target == "frames":
+            if self.sampling == "segments":
+                raise ValueError(
+                    "--sampling segments takes scattered rows: a head that labels frames trains on whole videos "
+                    "(--sampling whole, its default) or on windows of consecutive rows (--sampling crop --clip-len N)"
+                )
+            if self.clip_stride != 1 or self.eval_clips:
+                raise ValueError(
+                    "--clip-stride and --eval-clips do not apply to a head that labels frames (it labels every "
+                    "row of a whole video); sample frames at extraction instead (extract --stride/--fps)"
+                )
         if self.clip_len in (None, 0) or self.sampling == "whole":  # one way to say "whole sequences" in the records
             object.__setattr__(self, "clip_len", None)
             object.__setattr__(self, "sampling", "whole")
-        _one_of("--head", self.head, HEADS)
         _one_of("--activation", self.activation, ACTIVATIONS)
         _one_of("--memory", self.memory, MEMORY_MODES)
         _check("--split", self.splitting.split != "head", "head", f"one of {', '.join(SPLIT_MODES)}")
@@ -361,6 +455,7 @@ class TrainConfig(_Settings):
             1,
             hidden=self.hidden,
             layers=self.layers,
+            stages=self.stages,
             clip_stride=self.clip_stride,
             epochs=self.epochs,
             batch_size=self.batch_size,
@@ -373,6 +468,7 @@ class TrainConfig(_Settings):
             )
         _check("--dropout", 0.0 <= self.dropout < 1.0, self.dropout, "in [0, 1)")
         _check("--label-smoothing", 0.0 <= self.label_smoothing < 1.0, self.label_smoothing, "in [0, 1)")
+        _check("--smoothing", self.smoothing >= 0, self.smoothing, ">= 0")
         _check("--lr", self.lr > 0, self.lr, "> 0")
         _check("--weight-decay", self.weight_decay >= 0, self.weight_decay, ">= 0")
         _check("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs, ">= 0")
@@ -396,6 +492,7 @@ class EvalConfig(_Settings):
     """auto, ram (read the cache once into memory) or lazy (read per batch)."""
     workers: int = default_of(TrainConfig, "workers")
     """Reader processes in lazy mode."""
+    frame_labelling: FrameLabelConfig = field(default_factory=_frame_labelling)
     runtime: Runtime = field(default_factory=_runtime)
 
     def __post_init__(self):
@@ -487,10 +584,16 @@ class SweepConfig(_Settings):
     """Continue (or join) an existing study of this name; without it, a study that has trials is refused."""
     seed: int = 0
     """Seed of the sampler (each trial's own seed is the `seed` parameter, default 0)."""
+    target: str = default_of(TrainConfig, "target")
+    """videos, frames (per-frame heads, from --frame-labels) or auto (frames when --frame-labels is given)."""
+    metric: str = default_of(TrainConfig, "metric")
+    """The val metric every trial is ranked by: top1 or top5 for videos (default top1); acc, edit, f1@10, f1@25
+    or f1@50 for frames (default f1@50)."""
     memory: str = default_of(TrainConfig, "memory")
     """auto, ram or lazy: how the cache is read, once for every trial."""
     plots: bool = True
     """Write search.png (needs matplotlib); trials write no plots."""
+    frame_labelling: FrameLabelConfig = field(default_factory=_frame_labelling)
     splitting: SplitConfig = field(default_factory=_splitting)
     runtime: Runtime = field(default_factory=_runtime)
 
@@ -505,6 +608,8 @@ class SweepConfig(_Settings):
         _at_least(0, refit=self.refit)
         if self.timeout is not None:
             _check("--timeout", self.timeout > 0, self.timeout, "> 0 seconds")
+        if self.reduce_dim is not None and resolve_target(self.target, self.frame_labelling) == "frames":
+            raise ValueError("--reduce-dim is for heads that label videos; sweep frame heads on the full features")
         if self.refit and self.reduce_dim is None:
             raise ValueError(
                 "--refit trains the best settings again on the full features after a --reduce-dim "
@@ -512,6 +617,9 @@ class SweepConfig(_Settings):
             )
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
+        target = resolve_target(self.target, self.frame_labelling)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "metric", resolve_metric(self.metric, target))
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
         self.train_config(self.out)
 
@@ -532,6 +640,9 @@ class SweepConfig(_Settings):
         """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
         return TrainConfig(
             out=out,
+            target=self.target,
+            metric=self.metric,
+            frame_labelling=self.frame_labelling,
             splitting=self.splitting,
             memory=self.memory,
             runtime=replace(self.runtime, progress=False),

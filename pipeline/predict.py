@@ -1,8 +1,9 @@
-"""Stage one and stage two composed: `predict` classifies new videos after extracting them exactly as a head's
-training features were (stage one, with its resumable cache); `extract_with_checkpoint` makes a cache of a
-checkpoint's features (its fine-tuned backbone when it has one).
+"""Stage one and stage two composed: `predict` classifies new videos (or labels their frames) after extracting them
+exactly as a head's training features were (stage one, with its resumable cache); `extract_with_checkpoint` makes a
+cache of a checkpoint's features (its fine-tuned backbone when it has one).
 
     pipeline predict runs/lstm/best.pt new_videos/ -o preds.csv
+    pipeline predict runs/tcn/best.pt new_videos/ -o segments.csv      # + segments.frames.csv, a label per row
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pipeline.extract.backbone import LoadedBackbone, WeightsError
 from pipeline.extract.reproduce import backbone_for_spec, extract_config_for
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import FeatureMismatchError, HeadCheckpoint, load_checkpoint
+from pipeline.train_head.segmentation import merge_segments
 from pipeline.train_head.train import score_store
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,14 @@ PREDICT_CACHE_NAME = "predict_features.h5"
 class Prediction:
     path: str
     top: list[tuple[str, float]]
-    """(class, probability), most probable first; empty when the video failed."""
+    """(class, probability), most probable first; empty when the video failed. A head that labels frames: (class,
+    share of the video's rows labelled so)."""
     error: str | None = None
+    segments: list[dict] | None = None
+    """A head that labels frames: the runs of equal labels (label, start/end row, frame and seconds, ends
+    exclusive; see segmentation.merge_segments)."""
+    rows: list[dict] | None = None
+    """A head that labels frames: every row's frame, time (s), label and its probability."""
 
 
 @dataclass
@@ -49,6 +57,8 @@ class PredictReport:
     reused: int
     json_output: Path | None = None
     """The JSON copy of the predictions (with --json): OUTPUT with the suffix .json."""
+    frames_output: Path | None = None
+    """A head that labels frames: the label of every row (OUTPUT.frames.csv); OUTPUT holds the segments."""
 
     @property
     def failed(self) -> list[Prediction]:
@@ -58,6 +68,7 @@ class PredictReport:
         return (
             f"{len(self.predictions) - len(self.failed)} videos predicted ({self.extracted} extracted, "
             f"{self.reused} already in the prediction cache), {len(self.failed)} failed -> {self.output}"
+            + (f", {self.frames_output}" if self.frames_output else "")
             + (f" and {self.json_output}" if self.json_output else "")
         )
 
@@ -186,22 +197,88 @@ def predict(
     k_top = min(cfg.top_k, len(ckpt.classes))
     predictions = []
     for item, key in zip(items, keys, strict=True):
-        if key in row_of:
+        if key not in row_of:
+            reason = report.failed.get(key, (None, "not in the prediction cache"))[1]
+            predictions.append(Prediction(str(item.path), [], reason))
+        elif ckpt.target == "frames":
+            predictions.append(frame_prediction(str(item.path), probs[row_of[key]], cache, key, ckpt.classes, k_top))
+        else:
             p = probs[row_of[key]]
             best = np.argsort(-p, kind="stable")[:k_top]
             predictions.append(Prediction(str(item.path), [(ckpt.classes[j], float(p[j])) for j in best]))
-        else:
-            reason = report.failed.get(key, (None, "not in the prediction cache"))[1]
-            predictions.append(Prediction(str(item.path), [], reason))
-    write_predictions(predictions, cfg.output, k_top, cfg.json)
+    if ckpt.target == "frames":
+        write_frame_predictions(predictions, cfg.output, cfg.json)
+    else:
+        write_predictions(predictions, cfg.output, k_top, cfg.json)
     return PredictReport(
-        predictions, cfg.output, len(report.extracted), len(report.skipped), json_path(cfg.output) if cfg.json else None
+        predictions,
+        cfg.output,
+        len(report.extracted),
+        len(report.skipped),
+        json_path(cfg.output) if cfg.json else None,
+        frames_path(cfg.output) if ckpt.target == "frames" else None,
     )
+
+
+def frame_prediction(path: str, probs: np.ndarray, cache, key: str, classes: list[str], k: int) -> Prediction:
+    """A frame head's prediction of one video from its rows' probabilities (T, C): each row's label, the merged
+    segments, and as `top` the k labels covering most rows."""
+    labels = probs.argmax(1)
+    frames, times = cache.frame_indices(key), cache.timestamps(key)
+    share = np.bincount(labels, minlength=len(classes)) / max(len(labels), 1)
+    top = [(classes[j], float(share[j])) for j in np.argsort(-share, kind="stable")[:k] if share[j] > 0]
+    rows = [
+        {"frame": int(f), "time_s": float(t), "label": classes[c], "prob": float(probs[r, c])}
+        for r, (f, t, c) in enumerate(zip(frames, times, labels, strict=True))
+    ]
+    return Prediction(path, top, segments=merge_segments(labels, frames, times, classes), rows=rows)
 
 
 def json_path(output: Path) -> Path:
     """Where --json writes: OUTPUT with the suffix .json (preds.csv -> preds.json)."""
     return Path(output).with_suffix(".json")
+
+
+def frames_path(output: Path) -> Path:
+    """Where a frame head's per-row labels go: OUTPUT with the suffix .frames.csv (segments.csv ->
+    segments.frames.csv)."""
+    return Path(output).with_suffix(".frames.csv")
+
+
+def write_frame_predictions(predictions: list[Prediction], output: Path, as_json: bool = False) -> None:
+    """A frame head's predictions. OUTPUT (CSV): a row per segment, path, label, start_frame, end_frame, start_s,
+    end_s (ends exclusive), error (a failed video: one row with only its path and error). OUTPUT.frames.csv: a row
+    per cached row, path, frame, time_s, label, prob. JSON (beside OUTPUT, with as_json): a list of {path,
+    segments, frames, error}."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    columns = ("label", "start_frame", "end_frame", "start_s", "end_s")
+    with open(output, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", *columns, "error"])
+        for p in predictions:
+            if p.error:
+                writer.writerow([p.path, *[""] * len(columns), p.error])
+            for seg in p.segments or []:
+                writer.writerow([p.path, *(_cell(seg[c]) for c in columns), ""])
+    with open(frames_path(output), "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "frame", "time_s", "label", "prob"])
+        for p in predictions:
+            for r in p.rows or []:
+                writer.writerow([p.path, r["frame"], f"{r['time_s']:.6g}", r["label"], f"{r['prob']:.6f}"])
+    if as_json:
+        json_path(output).write_text(
+            json.dumps(
+                [{"path": p.path, "segments": p.segments, "frames": p.rows, "error": p.error} for p in predictions],
+                indent=1,
+            )
+            + "\n",
+            encoding="utf-8",
+        )
+
+
+def _cell(value) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
 def write_predictions(predictions: list[Prediction], output: Path, k: int, as_json: bool = False) -> None:

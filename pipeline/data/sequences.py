@@ -35,7 +35,8 @@ class Plan:
 
     Shapes: videos (B,) store indices; rows (B, L) row positions within each video (not decoded frame
     numbers: those are the cache's frame_indices), -1 for padding;
-    owners (B,) the sample each clip belongs to (several clips of one video share an owner); y (B,) class indices.
+    owners (B,) the sample each clip belongs to (several clips of one video share an owner); y (B,) class indices,
+    or (B, L) the class of each row for a head that labels frames (-1 where padded or unlabelled).
     """
 
     videos: np.ndarray
@@ -50,7 +51,8 @@ class Plan:
 
 @dataclass
 class Batch:
-    """Shapes: x (B, L, D) float32, zero where padded; lengths (B,) int64; y (B,) int64; owners (B,) int64."""
+    """Shapes: x (B, L, D) float32, zero where padded; lengths (B,) int64; y (B,) or (B, L) int64 (as Plan.y);
+    owners (B,) int64."""
 
     x: torch.Tensor
     lengths: torch.Tensor
@@ -376,6 +378,17 @@ def eval_plans(
         frames = clip_frames(lengths[vids], clip, stride, None if starts is None else starts[sel])
         plans.append(Plan(vids, _trim(frames), owners[sel], y[vids]))
     return plans
+
+
+def with_row_targets(plans: list[Plan], row_y: np.ndarray, offsets: np.ndarray) -> list[Plan]:
+    """`plans` whose y is the class of every row they hold (B, L), -1 where padded: the targets of a head that
+    labels frames. `row_y` holds every store row's class, video after video; video v's rows start at offsets[v]."""
+    out = []
+    for plan in plans:
+        real = plan.rows >= 0
+        rows = offsets[plan.videos][:, None] + np.where(real, plan.rows, 0)
+        out.append(Plan(plan.videos, plan.rows, plan.owners, np.where(real, row_y[rows], -1)))
+    return out
 
 
 def _trim(frames: np.ndarray) -> np.ndarray:

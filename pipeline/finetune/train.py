@@ -58,6 +58,7 @@ from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, loa
 from pipeline.train_head.metrics import classification_report
 from pipeline.train_head.recorder import METRIC_COLUMNS, RunRecorder
 from pipeline.train_head.train import (
+    ClassifyVideos,
     TrainResult,
     evaluate,
     make_optimizer,
@@ -240,6 +241,11 @@ def finetune(
     device = pick_device(cfg.runtime.device)
     amp = autocast_dtype(cfg.amp, device)
     ckpt = load_checkpoint(cfg.init)
+    if ckpt.target != "videos":
+        raise ValueError(
+            f"{cfg.init} is a head that labels frames: finetune trains heads that label whole videos (its clips "
+            f"carry one label each); train the frame head on a cache of the features instead"
+        )
     spec = ckpt.feature_spec
     sampling = spec.sampling
     loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.runtime.progress)
@@ -313,7 +319,7 @@ def finetune(
         optimizer, warmup_cosine(round(cfg.warmup_epochs * steps_per_epoch), max(cfg.epochs, 1) * steps_per_epoch)
     )
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    objective = ClassifyVideos(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
     pre = loaded.preprocessing
     augment = ClipAugment(pre.crop, cfg.min_scale, cfg.flip, pre.interpolation, pre.antialias) if cfg.augment else None
     dataset = ClipDataset(records, pre, augment, sampling.frames_fps)
@@ -446,7 +452,7 @@ def finetune(
                     clip_batches(dataset, jobs, workers, pin),
                     optimizer,
                     scheduler,
-                    loss_fn,
+                    objective,
                     device,
                     accumulate=cfg.accumulate,
                     num_batches=len(jobs),

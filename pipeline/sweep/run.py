@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import SWEEP_TRIALS, SweepConfig, TrainConfig, config_with
+from pipeline.config import FRAME_METRICS, SWEEP_TRIALS, VIDEO_METRICS, SweepConfig, TrainConfig, config_with
 from pipeline.data.labelled import LabelledData, load_labelled
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.sweep.reduce import Reduction, fit_pca, fold_reduction, reduce_store
@@ -39,6 +39,7 @@ from pipeline.sweep.space import SearchSpace, SpaceError, default_space, parse_m
 from pipeline.sweep.stack import stack_groups, train_stack
 from pipeline.train_head.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.train_head.metrics import pyplot, to_json
+from pipeline.train_head.recorder import is_better
 from pipeline.train_head.train import TrainResult, train_head
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ DUPLICATES_IN_A_ROW = 25  # draws of already trained settings in a row after whi
 SHOWN = 10  # leaderboard rows printed
 PLOTTED_PARAMS = 3  # panels of search.png besides the value-per-trial one
 STATE_NAMES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
+LEGACY_DATA = {"target": "videos", "metric": "top1"}  # what studies recorded before these settings existed
 
 
 class SweepError(RuntimeError):
@@ -70,8 +72,8 @@ class _Pending:
     params: dict
     run: Path
     cfg: TrainConfig | None = None
-    best: dict = field(default_factory=lambda: {"top1": -1.0, "loss": math.inf, "epoch": 0, "top5": None, "epochs": 0})
-    """Its best val top-1 so far (and that epoch's loss and top-5), and the epochs it ran."""
+    best: dict = field(default_factory=lambda: {"score": -1.0, "loss": math.inf, "epoch": 0, "scores": {}, "epochs": 0})
+    """Its best val --metric so far (and that epoch's loss and other scores), and the epochs it ran."""
     stopped: str | None = None
     started: bool = False
     done: bool = False
@@ -131,21 +133,24 @@ class SweepResult:
     seconds: float
     refit: dict | None = None
     """The best settings trained again on the full features (after --reduce-dim): its scores and run folder."""
+    metric: str = "top1"
+    """The val metric the trials are ranked by (each row holds it under this name)."""
 
     @property
     def best(self) -> dict | None:
-        return self.rows[0] if self.rows and self.rows[0]["top1"] is not None else None
+        return self.rows[0] if self.rows and self.rows[0][self.metric] is not None else None
 
     def counts(self) -> Counter:
         return Counter(r["state"] for r in self.rows)
 
     def table(self, n: int = SHOWN) -> str:
-        return leaderboard_table(self.rows, n)
+        return leaderboard_table(self.rows, n, self.metric)
 
     def summary_line(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().most_common())
         best = self.best
-        head = f"best val top-1 {best['top1']:.1%} (trial {best['trial']})" if best else "no trial finished"
+        name = "top-1" if self.metric == "top1" else self.metric
+        head = f"best val {name} {best[self.metric]:.1%} (trial {best['trial']})" if best else "no trial finished"
         refit = self.refit
         if refit:
             head += (
@@ -284,6 +289,7 @@ def sweep(
 class _Sweep:
     def __init__(self, cache, cfg: SweepConfig):
         self.cache, self.cfg = Path(cache), cfg
+        self.scores = FRAME_METRICS if cfg.target == "frames" else VIDEO_METRICS
         self.started = time.perf_counter()
         self.trials_here = 0
         self.best_copied: int | None = None
@@ -295,8 +301,9 @@ class _Sweep:
         if cfg.space is not None or cfg.params:
             return parse_space(cfg.space, cfg.params)
         if recorded is None:
-            log.info("no --space or --param: searching the default space %s", "; ".join(default_space().describe()))
-            return default_space()
+            space = default_space(cfg.target)
+            log.info("no --space or --param: searching the default space %s", "; ".join(space.describe()))
+            return space
         return SearchSpace(parse_mapping(recorded, "the study's space"))
 
     def run(self) -> SweepResult:
@@ -361,7 +368,7 @@ class _Sweep:
             refit = self._refit(rows, full) if cfg.refits else None
         plot = None
         if cfg.plots:
-            plot = plot_search(rows, space, _importances(study, space), cfg.out / "search.png")
+            plot = plot_search(rows, space, _importances(study, space), cfg.out / "search.png", cfg.metric)
         best_ckpt = cfg.out / "best.pt" if (cfg.out / "best.pt").is_file() else None
         return SweepResult(
             cfg.out,
@@ -373,6 +380,7 @@ class _Sweep:
             self.trials_here,
             time.perf_counter() - self.started,
             refit,
+            cfg.metric,
         )
 
     def _create_or_join(self, storage, name: str, space: SearchSpace, identity: dict, existing):
@@ -451,6 +459,8 @@ class _Sweep:
                 "train": len(data.split.train),
                 "val": len(data.split.val),
                 "reduce_dim": cfg.reduce_dim,
+                "target": cfg.target,
+                "metric": cfg.metric,
             },
         }
 
@@ -461,12 +471,13 @@ class _Sweep:
                 f"space: the study's {json.dumps(recorded.get('space'))} != this {json.dumps(identity['space'])}"
             )
         for k, v in identity["data"].items():
-            if recorded.get("data", {}).get(k) != v:
-                diffs.append(f"{k}: the study's {recorded.get('data', {}).get(k)!r} != this {v!r}")
+            theirs = recorded.get("data", {}).get(k, LEGACY_DATA.get(k))
+            if theirs != v:
+                diffs.append(f"{k}: the study's {theirs!r} != this {v!r}")
         if diffs:
             raise SweepError(
                 f"study {self.name!r} in {self.storage_url} was made with other settings; every worker "
-                f"of a study needs the same space, features, split and --reduce-dim:\n  "
+                f"of a study needs the same space, features, split, --reduce-dim, --target and --metric:\n  "
                 + "\n  ".join(d if len(d) < 400 else d[:400] + "..." for d in diffs)
             )
         if recorded.get("strategy") != identity["strategy"]:
@@ -648,16 +659,17 @@ class _Sweep:
             self._conclude(study, item, outcome, share, reduction)
 
     def _hook(self, item: _Pending):
-        """The trial's on_epoch: report its best val top-1 so far; stop it when pruned or out of time."""
+        """The trial's on_epoch: report its best val --metric so far; stop it when pruned or out of time."""
         import optuna
 
-        best = item.best
+        best, metric = item.best, self.cfg.metric
 
         def on_epoch(row: dict) -> None:
             best["epochs"] = row["epoch"]
-            if row["val_top1"] > best["top1"] or (row["val_top1"] == best["top1"] and row["val_loss"] < best["loss"]):
-                best.update(top1=row["val_top1"], loss=row["val_loss"], epoch=row["epoch"], top5=row["val_top5"])
-            item.trial.report(best["top1"], row["epoch"])
+            if is_better(row["val_" + metric], row["val_loss"], best):
+                best.update(score=row["val_" + metric], loss=row["val_loss"], epoch=row["epoch"])
+                best["scores"] = {s: row["val_" + s] for s in self.scores}
+            item.trial.report(best["score"], row["epoch"])
             if self._past_deadline():
                 item.stopped = "timeout"
                 raise optuna.TrialPruned(f"time budget spent at epoch {row['epoch']}")
@@ -676,19 +688,19 @@ class _Sweep:
             _fold_run(item.run, reduction)
         if isinstance(outcome, TrainResult):
             s = outcome.summary
-            best.update(top5=s["top5"], loss=s["val_loss"])
+            best.update(loss=s["val_loss"], scores={k: s[k] for k in self.scores})
             item.stopped = "early stop" if s["stopped_early"] else None
         for k, v in {
             "epochs_run": best["epochs"],
             "best_epoch": best["epoch"],
-            "top5": best["top5"],
+            **{k: best["scores"].get(k) for k in self.scores if k != self.cfg.metric},
             "val_loss": None if best["loss"] == math.inf else best["loss"],
             "seconds": seconds,
             "stopped": item.stopped,
         }.items():
             trial.set_user_attr(k, v)
         if isinstance(outcome, TrainResult):
-            self._tell(study, trial, value=outcome.summary["top1"])
+            self._tell(study, trial, value=outcome.summary[self.cfg.metric])
         elif isinstance(outcome, optuna.TrialPruned):
             self._tell(study, trial, state="PRUNED")
         else:
@@ -715,8 +727,8 @@ class _Sweep:
         finished = sum(1 for t in trials if _counted(t) and t.state.is_finished())
         self.bar.n = min(finished, self.trials)
         rows = self.write_results(trials)
-        if rows and rows[0]["top1"] is not None:
-            self.bar.set_postfix(best=f"{rows[0]['top1']:.1%}", trial=rows[0]["trial"])
+        if rows and rows[0][self.cfg.metric] is not None:
+            self.bar.set_postfix(best=f"{rows[0][self.cfg.metric]:.1%}", trial=rows[0]["trial"])
         self.bar.refresh()
 
     # ------------------------------------------------------------------------------------------- refit
@@ -725,7 +737,7 @@ class _Sweep:
         would (same seed, split and epochs, no pruning; those of one stack_key as one stack), into OUT/refit/NNNN/;
         the best of them (val top-1, then val loss) becomes best.pt. Returns its entry of best.json's `refits`."""
         cfg = self.cfg
-        chosen = [r for r in rows if r["top1"] is not None][: cfg.refits]
+        chosen = [r for r in rows if r[cfg.metric] is not None][: cfg.refits]
         if not chosen:
             return None
         configs = [
@@ -788,7 +800,7 @@ class _Sweep:
 
     def write_results(self, trials) -> list[dict]:
         """leaderboard.csv/.json from the whole study, and best.pt when the best trial's run folder is here."""
-        rows = leaderboard_rows(trials)
+        rows = leaderboard_rows(trials, self.cfg.metric, self.scores)
         out = self.cfg.out
         names = list(self.space.varying)
         names += sorted({k for r in rows for k in r["params"]} - set(names))
@@ -808,8 +820,8 @@ class _Sweep:
             "rank",
             "trial",
             "state",
-            "top1",
-            "top5",
+            self.cfg.metric,
+            *[s for s in self.scores if s != self.cfg.metric],
             "val_loss",
             "epochs_run",
             "best_epoch",
@@ -834,7 +846,7 @@ class _Sweep:
 
     def _copy_best(self, rows: list[dict]) -> None:
         for r in rows:
-            if r["top1"] is None:
+            if r[self.cfg.metric] is None:
                 return
             source = Path(r["run"]) / "best.pt" if r["run"] else None
             if source is not None and source.is_file():
@@ -875,8 +887,9 @@ def _cell(v) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- leaderboard
-def leaderboard_rows(trials) -> list[dict]:
-    """One row per trial (surplus ones left out), best first: by val top-1, then val loss, then trial number."""
+def leaderboard_rows(trials, metric: str = "top1", scores: tuple[str, ...] = VIDEO_METRICS) -> list[dict]:
+    """One row per trial (surplus ones left out), best first: by its val `metric` (the study's value), then val
+    loss, then trial number. Rows hold the metric and the other `scores` under their names."""
     rows = []
     for t in trials:
         a = t.user_attrs
@@ -889,8 +902,8 @@ def leaderboard_rows(trials) -> list[dict]:
             {
                 "trial": t.number,
                 "state": STATE_NAMES.get(t.state.name, t.state.name.lower()),
-                "top1": t.value,
-                "top5": a.get("top5"),
+                metric: t.value,
+                **{s: a.get(s) for s in scores if s != metric},
                 "val_loss": a.get("val_loss"),
                 "epochs_run": a.get("epochs_run"),
                 "best_epoch": a.get("best_epoch"),
@@ -906,8 +919,8 @@ def leaderboard_rows(trials) -> list[dict]:
 
     def key(r):
         return (
-            r["top1"] is None,
-            -(r["top1"] or 0.0),
+            r[metric] is None,
+            -(r[metric] or 0.0),
             math.inf if r["val_loss"] is None else r["val_loss"],
             r["trial"],
         )
@@ -915,12 +928,12 @@ def leaderboard_rows(trials) -> list[dict]:
     return sorted(rows, key=key)
 
 
-def leaderboard_table(rows: list[dict], n: int = SHOWN) -> str:
+def leaderboard_table(rows: list[dict], n: int = SHOWN, metric: str = "top1") -> str:
     """The first n rows as an aligned text table."""
     names = []
     for r in rows:
         names += [k for k in r["params"] if k not in names]
-    header = ["#", "trial", "state", "top-1", "epochs", "sec", *names]
+    header = ["#", "trial", "state", "top-1" if metric == "top1" else metric, "epochs", "sec", *names]
     lines = [header]
     for rank, r in enumerate(rows[:n], start=1):
         state = r["state"] if not r["stopped"] or r["state"] != "pruned" else r["stopped"]
@@ -929,7 +942,7 @@ def leaderboard_table(rows: list[dict], n: int = SHOWN) -> str:
                 str(rank),
                 str(r["trial"]),
                 state,
-                "-" if r["top1"] is None else f"{r['top1']:.1%}",
+                "-" if r[metric] is None else f"{r[metric]:.1%}",
                 "-" if r["epochs_run"] is None else str(r["epochs_run"]),
                 "-" if r["seconds"] is None else f"{r['seconds']:.1f}",
                 *[_short(r["params"].get(k)) for k in names],
@@ -972,11 +985,13 @@ def _importances(study, space: SearchSpace) -> dict[str, float]:
         return {}
 
 
-def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, float], path: Path) -> Path | None:
-    """search.png: val top-1 per trial (best so far as a line), then val top-1 against the most important
-    parameters (pruned trials as crosses: their best before they were stopped). None without matplotlib."""
+def plot_search(
+    rows: list[dict], space: SearchSpace, importances: dict[str, float], path: Path, metric: str = "top1"
+) -> Path | None:
+    """search.png: the val metric per trial (best so far as a line), then against the most important parameters
+    (pruned trials as crosses: their best before they were stopped). None without matplotlib."""
     plt = pyplot()
-    scored = [r for r in rows if r["top1"] is not None]
+    scored = [r for r in rows if r[metric] is not None]
     if plt is None or not scored:
         return None
     order = [n for n in importances if n in space.varying] + [n for n in space.varying if n not in importances]
@@ -986,16 +1001,16 @@ def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, flo
     by_trial = sorted(scored, key=lambda r: r["trial"])
     for state, marker in (("complete", "o"), ("pruned", "x")):
         pts = [r for r in by_trial if r["state"] == state]
-        axes[0].scatter([r["trial"] for r in pts], [r["top1"] for r in pts], marker=marker, label=state, alpha=0.8)
+        axes[0].scatter([r["trial"] for r in pts], [r[metric] for r in pts], marker=marker, label=state, alpha=0.8)
     axes[0].plot(
         [r["trial"] for r in by_trial],
-        np.maximum.accumulate([r["top1"] for r in by_trial]),
+        np.maximum.accumulate([r[metric] for r in by_trial]),
         color="k",
         lw=1,
         label="best so far",
     )
     axes[0].set_xlabel("trial")
-    axes[0].set_ylabel("val top-1")
+    axes[0].set_ylabel(f"val {metric}")
     axes[0].legend(fontsize=8)
     for ax, name in zip(axes[1:], shown, strict=True):
         p = space.params[name]
@@ -1011,7 +1026,7 @@ def plot_search(rows: list[dict], space: SearchSpace, importances: dict[str, flo
                 ax.set_xscale("log")
         for state, marker in (("complete", "o"), ("pruned", "x")):
             sel = [i for i, r in enumerate(pts) if r["state"] == state]
-            ax.scatter([xs[i] for i in sel], [pts[i]["top1"] for i in sel], marker=marker, alpha=0.8)
+            ax.scatter([xs[i] for i in sel], [pts[i][metric] for i in sel], marker=marker, alpha=0.8)
         imp = importances.get(name)
         ax.set_title(name + (f" (importance {imp:.2f})" if imp is not None else ""), fontsize=10)
         ax.set_xlabel(name)

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pipeline.config import SWEEP_SPACE, TrainConfig
+from pipeline.config import SWEEP_SPACE, SWEEP_SPACE_FRAMES, TrainConfig
 
 # Settings of the whole sweep (every trial must see the same split), and settings that are no hyperparameter.
 SWEEP_WIDE = {
@@ -173,9 +173,9 @@ class SearchSpace:
         return {n: p.to_dict() for n, p in self.params.items()}
 
 
-def default_space() -> SearchSpace:
-    """The space a sweep searches when given none (config.SWEEP_SPACE)."""
-    return SearchSpace(parse_mapping(SWEEP_SPACE, "the default space"))
+def default_space(target: str = "videos") -> SearchSpace:
+    """The space a sweep searches when given none (config.SWEEP_SPACE, or SWEEP_SPACE_FRAMES for frame heads)."""
+    return SearchSpace(parse_mapping(SWEEP_SPACE_FRAMES if target == "frames" else SWEEP_SPACE, "the default space"))
 
 
 # ------------------------------------------------------------------------------------------------------- parsing

@@ -40,7 +40,7 @@ epochs, schedule) must be equal, so that the heads see the same batches in the s
 
 def stack_key(cfg: TrainConfig) -> str | None:
     """Equal for configurations that can train as one stack; None for one that cannot stack."""
-    if cfg.head not in STACKABLE:
+    if cfg.head not in STACKABLE or cfg.target != "videos":
         return None
     return json.dumps({k: v for k, v in cfg.to_dict().items() if k not in PER_HEAD}, sort_keys=True, default=str)
 
@@ -155,7 +155,7 @@ def train_stack(
                 except Exception as e:  # the head's hook stopped it (e.g. a pruned trial): the others go on
                     m.run.close()
                     m.result = e
-            bar.set_postfix(best=f"{max(m.run.best['top1'] for m in members):.1%}")
+            bar.set_postfix(best=f"{max(m.run.best['score'] for m in members):.1%}")
         for m in members:
             if m.active:
                 m.result = m.run.finish()

@@ -1,8 +1,9 @@
 """Head checkpoints that describe themselves and cannot run code.
 
 A checkpoint is a plain dict of tensors, strings, numbers, lists and dicts, saved with torch.save and loaded with
-torch.load(weights_only=True): head dims, weights, class names, the clip settings, and the identity of the features it
-was trained on (the cache's FeatureSpec: backbone, weights and their sha256, preprocessing, sampling, dim).
+torch.load(weights_only=True): head dims (with what it labels: videos or frames), weights, class names, the clip
+settings, and the identity of the features it was trained on (the cache's FeatureSpec: backbone, weights and their
+sha256, preprocessing, sampling, dim).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class HeadCheckpoint:
     eval_clips: int
     epoch: int = 0
     metrics: dict = field(default_factory=dict)
-    """Validation metrics at this epoch (loss, top1, top5)."""
+    """Validation metrics at this epoch (loss, top1, top5; or loss, acc, edit, f1@10, f1@25, f1@50)."""
     config: dict = field(default_factory=dict)
     """The TrainConfig of the run, the cache path and the split sizes."""
     train_videos: list[str] = field(default_factory=list)
@@ -57,6 +58,27 @@ class HeadCheckpoint:
     sampling: str = "crop"
     """How clips were drawn (TrainConfig.sampling): segments, crop or whole. Checkpoints written before the field
     existed were trained on crops, and load as 'crop'."""
+    background: str | None = None
+    """A head that labels frames: its background class (left out of the edit score and F1), if any."""
+
+    @property
+    def target(self) -> str:
+        """What the head labels: videos (one class each) or frames (one class per row)."""
+        return self.dims.target
+
+    def require_target(self, target: str, path: str | os.PathLike = "the checkpoint") -> None:
+        """Raise ValueError, saying what to do instead, when the head labels something else than `target`."""
+        if self.target == target:
+            return
+        if self.target == "frames":
+            raise ValueError(
+                f"{path} is a head that labels frames (trained with --target frames): score it against per-frame "
+                f"labels (--frame-labels FOLDER or CSV), and use `pipeline predict` for per-frame labels and segments"
+            )
+        raise ValueError(
+            f"{path} is a head that labels whole videos (one class each); per-frame labels need a head trained with "
+            f"--target frames (drop --frame-labels to score it on video labels)"
+        )
 
     def model(self, device: torch.device | str = "cpu") -> Head:
         """The head with these weights, in eval mode."""
@@ -67,13 +89,15 @@ class HeadCheckpoint:
     def eval_clips_for(self, requested: int | None) -> int:
         """The evaluation clips to use: `requested`, or what the head was trained with when None."""
         clips = self.eval_clips if requested is None else requested
+        if clips and self.target == "frames":
+            raise ValueError("--eval-clips does not apply to a head that labels frames: it labels every row once")
         if clips and (self.clip_len is None or self.sampling == "whole"):
             raise ValueError("--eval-clips needs a head trained on clips; this one was trained on whole sequences")
         return clips
 
     def describe_eval(self, clips: int) -> str:
         """How a video is scored: 'whole sequences', 'centres of L segments' or 'mean of N clips of L rows'."""
-        return eval_description(self.clip_len, self.clip_stride, clips, self.sampling)
+        return eval_description(self.clip_len, self.clip_stride, clips, self.sampling, self.target)
 
     def to_dict(self) -> dict:
         plain = {
@@ -88,6 +112,7 @@ class HeadCheckpoint:
             "clip_stride": self.clip_stride,
             "eval_clips": self.eval_clips,
             "sampling": self.sampling,
+            "background": self.background,
             "epoch": self.epoch,
             "metrics": self.metrics,
             "config": self.config,
@@ -114,8 +139,13 @@ class HeadCheckpoint:
             )
 
 
-def eval_description(clip_len: int | None, clip_stride: int, eval_clips: int, sampling: str = "crop") -> str:
-    """How a video is scored, in words: 'whole sequences', 'centres of 16 segments', 'mean of N clips of L rows'."""
+def eval_description(
+    clip_len: int | None, clip_stride: int, eval_clips: int, sampling: str = "crop", target: str = "videos"
+) -> str:
+    """How a video is scored, in words: 'whole sequences', 'centres of 16 segments', 'mean of N clips of L rows',
+    'every row of whole videos' (a head that labels frames)."""
+    if target == "frames":
+        return "every row of whole videos"
     stride = f", stride {clip_stride}" if clip_stride > 1 else ""
     if clip_len is not None and sampling == "segments":
         where = f"mean of {eval_clips} views" if eval_clips > 1 else "centres"
@@ -180,6 +210,7 @@ def load_checkpoint(path: str | os.PathLike) -> HeadCheckpoint:
             train_videos=list(obj.get("train_videos", [])),
             backbone_state=obj.get("backbone_state_dict"),
             sampling=obj.get("sampling", "crop"),
+            background=obj.get("background"),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path} is a damaged head checkpoint ({type(e).__name__}: {e})") from None

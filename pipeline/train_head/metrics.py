@@ -76,7 +76,8 @@ def pyplot():
 
 
 def plot_curves(rows: list[dict], path: Path) -> bool:
-    """Loss and accuracy per epoch (rows of metrics.csv) -> PNG. False when matplotlib is missing."""
+    """Loss and the accuracies per epoch (rows of metrics.csv: every val_ column) -> PNG. False when matplotlib is
+    missing."""
     plt = pyplot()
     if plt is None or not rows:
         return False
@@ -87,9 +88,10 @@ def plot_curves(rows: list[dict], path: Path) -> bool:
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(epochs, [r["train_acc"] for r in rows], label="train (clips)")
-    b.plot(epochs, [r["val_top1"] for r in rows], label="val top-1")
-    b.plot(epochs, [r["val_top5"] for r in rows], label="val top-5", alpha=0.6)
+    frames = "val_acc" in rows[0]  # a head that labels frames: its accuracy is of rows
+    b.plot(epochs, [r["train_acc"] for r in rows], label="train (rows)" if frames else "train (clips)")
+    for name in [k for k in rows[0] if k.startswith("val_") and k != "val_loss"]:
+        b.plot(epochs, [r[name] for r in rows], label="val " + name[4:], alpha=1.0 if name == "val_top1" else 0.7)
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy")
     b.set_ylim(0, 1)

@@ -1,7 +1,7 @@
 """A training run's folder and bookkeeping, shared by train-head, the sweep's stacked trials and finetune.
 
 OUT/config.json   the settings and what the data was          OUT/split.csv     which video was on which side
-OUT/metrics.csv   one row per epoch, written as it ends       OUT/best.pt       the best epoch (val top-1, then loss)
+OUT/metrics.csv   one row per epoch, written as it ends       OUT/best.pt       the best epoch (val --metric, then loss)
 OUT/last.pt       the latest epoch                            OUT/summary.json  the final report; curves.png, ...
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import VIDEO_METRICS
 from pipeline.data.splits import SPLIT_FILE, Split, write_split
 from pipeline.train_head.checkpoint import HeadCheckpoint, save_checkpoint
 from pipeline.train_head.metrics import plot_confusion, plot_curves, to_json
@@ -31,18 +32,25 @@ RUN_FILES = (
     "summary.json",
     "curves.png",
     "confusion.png",
+    "strips.png",
 )  # what a run folder holds; --overwrite removes them before a new run
-METRIC_COLUMNS = (
-    "epoch",
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_top1",
-    "val_top5",
-    "lr",
-    "train_seconds",
-    "val_seconds",
-)
+
+
+def metric_columns(scores: Sequence[str] = VIDEO_METRICS) -> tuple[str, ...]:
+    """The columns of metrics.csv for val `scores` (top1, top5; or acc, edit, f1@10, ...)."""
+    return (
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        *(f"val_{s}" for s in scores),
+        "lr",
+        "train_seconds",
+        "val_seconds",
+    )
+
+
+METRIC_COLUMNS = metric_columns()  # those of a head that labels videos
 
 
 class RunExistsError(FileExistsError):
@@ -62,15 +70,18 @@ def claim_run_folder(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def is_better(report: dict, best: dict) -> bool:
-    """The one rule for a better epoch: a higher val top-1, ties broken by a lower val loss."""
-    return report["top1"] > best["top1"] or (report["top1"] == best["top1"] and report["loss"] < best["loss"])
+def is_better(score: float, loss: float, best: dict) -> bool:
+    """The one rule for a better epoch: a higher val score (--metric), ties broken by a lower val loss."""
+    return score > best["score"] or (score == best["score"] and loss < best["loss"])
 
 
 class RunRecorder:
     """Writes a run folder as the run goes: config.json and split.csv at the start, a metrics.csv row and the
     checkpoints (best.pt when better, last.pt always) at each epoch's end, summary.json and plots at the end; applies
-    the patience and calls `on_epoch` with each row (its exception stops the run)."""
+    the patience and calls `on_epoch` with each row (its exception stops the run).
+
+    `scores` are the report's metrics recorded per epoch (val_<name> columns), `metric` the one that picks the best
+    epoch."""
 
     def __init__(
         self,
@@ -81,28 +92,31 @@ class RunRecorder:
         *,
         patience: int = 0,
         on_epoch: Callable[[dict], None] | None = None,
-        columns: Sequence[str] = METRIC_COLUMNS,
+        columns: Sequence[str] | None = None,
         overwrite: bool = False,
+        scores: Sequence[str] = VIDEO_METRICS,
+        metric: str = "top1",
     ):
         self.out = Path(out)
         claim_run_folder(self.out, overwrite)
         (self.out / "config.json").write_text(json.dumps(config, indent=1, default=str) + "\n")
         write_split(self.out / SPLIT_FILE, split, labels)  # which video was on which side, for `finetune`
         self.patience, self.on_epoch = patience, on_epoch
+        self.scores, self.metric = tuple(scores), metric
         self.rows: list[dict] = []
-        self.best = {"top1": -1.0, "loss": math.inf, "epoch": 0}
+        self.best = {"score": -1.0, "loss": math.inf, "epoch": 0}
         self.best_report: dict | None = None
         self.stale = 0
         self.stopped_early = False
         self._file = open(self.out / "metrics.csv", "w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=list(columns))
+        self._writer = csv.DictWriter(self._file, fieldnames=list(columns or metric_columns(self.scores)))
         self._writer.writeheader()
         self._file.flush()
 
     def start(self, report: dict, checkpoint: HeadCheckpoint, epochs: int) -> None:
         """Epoch 0 (a model that starts trained, as in finetune): it is the best so far, and the last too when no
         epoch follows."""
-        self.best = {"top1": report["top1"], "loss": report["loss"], "epoch": 0}
+        self.best = {"score": report[self.metric], "loss": report["loss"], "epoch": 0}
         self.best_report = report
         save_checkpoint(checkpoint, self.out / "best.pt")
         if epochs == 0:
@@ -125,8 +139,7 @@ class RunRecorder:
             "epoch": epoch,
             **stats,
             "val_loss": report["loss"],
-            "val_top1": report["top1"],
-            "val_top5": report["top5"],
+            **{f"val_{s}": report[s] for s in self.scores},
             "lr": lr,
             "train_seconds": seconds[0],
             "val_seconds": seconds[1],
@@ -135,9 +148,9 @@ class RunRecorder:
         self.rows.append(row)
         self._writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
         self._file.flush()
-        saved = checkpoint({"loss": report["loss"], "top1": report["top1"], "top5": report["top5"]})
-        if is_better(report, self.best):
-            self.best = {"top1": report["top1"], "loss": report["loss"], "epoch": epoch}
+        saved = checkpoint({"loss": report["loss"], **{s: report[s] for s in self.scores}})
+        if is_better(report[self.metric], report["loss"], self.best):
+            self.best = {"score": report[self.metric], "loss": report["loss"], "epoch": epoch}
             self.best_report = report
             save_checkpoint(saved, self.out / "best.pt")
             self.stale = 0
@@ -148,7 +161,7 @@ class RunRecorder:
             self.on_epoch(dict(row))
         if self.patience and self.stale >= self.patience:
             self.stopped_early = True
-            log.info("early stop at epoch %d: no better val top-1 for %d epochs", epoch, self.patience)
+            log.info("early stop at epoch %d: no better val %s for %d epochs", epoch, self.metric, self.patience)
             return False
         return True
 
@@ -162,12 +175,10 @@ class RunRecorder:
             "best_epoch": self.best["epoch"],
             "epochs_run": len(self.rows),
             "stopped_early": self.stopped_early,
-            "top1": report["top1"],
-            "top5": report["top5"],
+            "metric": self.metric,
+            **{s: report[s] for s in self.scores},
             "val_loss": report["loss"],
-            "videos": report["videos"],
-            "per_class_accuracy": report["per_class_accuracy"],
-            "confusion_matrix": report["confusion_matrix"],
+            **{k: v for k, v in report.items() if k not in (*self.scores, "loss", "classes")},
             "classes": classes,
             **summary,
         }
@@ -179,6 +190,6 @@ class RunRecorder:
                 np.array(report["confusion_matrix"]),
                 classes,
                 self.out / "confusion.png",
-                f"{title}: val top-1 {report['top1']:.1%}",
+                f"{title}: val {self.metric} {report[self.metric]:.1%}",
             )
         return summary

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.config import TrainConfig, config_with
+from pipeline.config import FRAME_METRICS, VIDEO_METRICS, TrainConfig, config_with
 from pipeline.data.labelled import LabelledData, load_labelled
 from pipeline.data.sequences import (
     Batch,
@@ -29,15 +29,19 @@ from pipeline.data.sequences import (
     batches,
     eval_plans,
     train_plans,
+    with_row_targets,
 )
 from pipeline.data.splits import Split
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.metrics import classification_report
-from pipeline.train_head.model import Head, HeadDims, build_head
+from pipeline.train_head.model import Head, HeadDims, build_head, frame_loss
 from pipeline.train_head.recorder import RunRecorder
+from pipeline.train_head.segmentation import plot_strips, segmentation_report
 
 log = logging.getLogger(__name__)
+
+STRIP_VIDEOS = 6  # val videos drawn in a frame head's strips.png
 
 
 @dataclass
@@ -51,22 +55,60 @@ class TrainResult:
     def top1(self) -> float:
         return self.summary["top1"]
 
+    @property
+    def score(self) -> float:
+        """The val --metric the run was judged by (top1, f1@50, ...)."""
+        return self.summary[self.summary["metric"]]
+
     def summary_line(self) -> str:
         s = self.summary
+        if s.get("target") == "frames":
+            scores = f"val frame acc {s['acc']:.1%}, edit {s['edit']:.1%}, " + ", ".join(
+                f"F1@{k[3:]} {s[k]:.1%}" for k in FRAME_METRICS[2:]
+            )
+        else:
+            scores = f"val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%}"
         return (
-            f"{s['head']}: val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%} at epoch {s['best_epoch']}/"
-            f"{s['epochs_run']} ({s['split']['train']} train / {s['split']['val']} val, {s['seconds']:.1f}s) "
-            f"-> {self.out}"
+            f"{s['head']}: {scores} at epoch {s['best_epoch']}/{s['epochs_run']} ({s['split']['train']} train / "
+            f"{s['split']['val']} val, {s['seconds']:.1f}s) -> {self.out}"
         )
 
 
 # ------------------------------------------------------------------------------------------------ the loops
+class ClassifyVideos:
+    """The objective of a head that labels videos: `loss_fn` (cross-entropy) of its (B, C) logits; clips right."""
+
+    def __init__(self, loss_fn: nn.Module):
+        self.loss_fn = loss_fn
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, int]:
+        logits = model(batch.x, batch.lengths)
+        return self.loss_fn(logits, batch.y), int((logits.detach().argmax(1) == batch.y).sum()), len(batch.y)
+
+
+class LabelFrames:
+    """The objective of a head that labels frames: `frame_loss` of every stage's logits (cross-entropy of the
+    labelled real rows, plus the smoothing term); rows right. Batch y: (B, T), -1 where padded or unlabelled."""
+
+    def __init__(self, smoothing: float, weight: torch.Tensor | None = None, label_smoothing: float = 0.0):
+        self.smoothing, self.weight, self.label_smoothing = smoothing, weight, label_smoothing
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, int, int]:
+        stages = model.forward_stages(batch.x, batch.lengths)  # (S, B, T, C)
+        loss = frame_loss(
+            stages, batch.y, smoothing=self.smoothing, weight=self.weight, label_smoothing=self.label_smoothing
+        )
+        labelled = batch.y >= 0
+        correct = int(((stages[-1].detach().argmax(-1) == batch.y) & labelled).sum())
+        return loss, correct, int(labelled.sum())
+
+
 def train_one_epoch(
     model: nn.Module,
     batch_iter,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    loss_fn: nn.Module,
+    objective: Callable[[nn.Module, Batch], tuple[torch.Tensor, int, int]],
     device: torch.device,
     *,
     accumulate: int = 1,
@@ -75,8 +117,9 @@ def train_one_epoch(
     on_batch: Callable[[Batch, float], None] | None = None,
 ) -> dict:
     """One pass over the training clips: one optimiser (and schedule) step every `accumulate` batches, the last group
-    of `num_batches` possibly shorter; losses scaled by `scaler` (fp16) when given. `on_batch(batch, mean loss so
-    far)` follows every batch. Returns the mean loss and the clip accuracy."""
+    of `num_batches` possibly shorter; losses scaled by `scaler` (fp16) when given. `objective(model, batch)` gives
+    the batch's loss and how many of how many predictions were right (ClassifyVideos, LabelFrames). `on_batch(batch,
+    mean loss so far)` follows every batch. Returns the mean loss and the accuracy (of clips, or of rows)."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     optimizer.zero_grad(set_to_none=True)
@@ -84,8 +127,7 @@ def train_one_epoch(
         group_start = i - i % accumulate
         group_size = accumulate if num_batches is None else min(accumulate, num_batches - group_start)
         batch = batch.to(device)
-        logits = model(batch.x, batch.lengths)
-        loss = loss_fn(logits, batch.y)
+        loss, right, n = objective(model, batch)
         scaled = loss / group_size if group_size > 1 else loss
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if i - group_start == group_size - 1:
@@ -96,12 +138,11 @@ def train_one_epoch(
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-        n = len(batch.y)
         total_loss += float(loss.detach()) * n
-        correct += int((logits.argmax(1) == batch.y).sum())
+        correct += right
         seen += n
         if on_batch is not None:
-            on_batch(batch, total_loss / seen)
+            on_batch(batch, total_loss / max(seen, 1))
     return {"train_loss": total_loss / max(seen, 1), "train_acc": correct / max(seen, 1)}
 
 
@@ -119,6 +160,19 @@ def evaluate(model: Head, batch_iter, num_samples: int, device: torch.device) ->
     return (sums / counts.clamp(min=1)[:, None]).numpy()
 
 
+@torch.inference_mode()
+def evaluate_frames(model: Head, batch_iter, num_samples: int, device: torch.device) -> list[np.ndarray]:
+    """Class probabilities of every row of each sample (a whole video, one view). Shapes: -> [(T_i, C)] float32."""
+    model.eval()
+    out: list[np.ndarray | None] = [None] * num_samples
+    for batch in batch_iter:
+        batch: Batch = batch.to(device)
+        probs = torch.softmax(model(batch.x, batch.lengths).float(), dim=2).cpu().numpy()  # (B, T, C)
+        for owner, p, n in zip(batch.owners.tolist(), probs, batch.lengths.tolist(), strict=True):
+            out[owner] = p[:n]
+    return out
+
+
 def predict_store(
     model: Head,
     store: SequenceStore,
@@ -131,19 +185,24 @@ def predict_store(
     device: torch.device,
     workers: int = 0,
     sampling: str = "crop",
-) -> np.ndarray:
-    """Probabilities (len(videos), C) of the store's videos `videos` (store indices), scored on the views
-    `eval_plans` gives for these clip settings."""
+) -> np.ndarray | list[np.ndarray]:
+    """Probabilities of the store's videos `videos` (store indices): (len(videos), C), scored on the views
+    `eval_plans` gives for these clip settings; for a head that labels frames, [(T_i, C)] of every row of each
+    whole video."""
     y = np.zeros(len(store.keys), dtype=np.int64)
+    if model.dims.target == "frames":
+        plans = eval_plans(videos, store.lengths, y, batch_size, None, 1, 0, "whole")
+        return evaluate_frames(model, batches(store, plans, workers), len(videos), device)
     plans = eval_plans(videos, store.lengths, y, batch_size, clip_len, clip_stride, eval_clips, sampling)
     return evaluate(model, batches(store, plans, workers), len(videos), device)
 
 
 def score_store(
     ckpt: HeadCheckpoint, store: SequenceStore, clips: int, batch_size: int, device: torch.device, workers: int = 0
-) -> np.ndarray:
+) -> np.ndarray | list[np.ndarray]:
     """Probabilities (videos, C) of every video of `store` under the head of `ckpt`, viewed as it was trained
-    (its clip length, stride and sampling) with `clips` views per video."""
+    (its clip length, stride and sampling) with `clips` views per video; [(T_i, C)] for a head that labels
+    frames."""
     return predict_store(
         ckpt.model(device),
         store,
@@ -205,10 +264,11 @@ def train_head(
 ) -> TrainResult:
     """Train a head on the labelled videos of `cache`; write the run folder `out` (see docs/train-head.md).
 
-    Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, ...). Raises SplitError for
-    unusable labels or splits, ValueError for settings that do not fit the cache.
-    `data` (from `load_labelled`) skips reading the cache, and its split settings replace cfg's. `on_epoch` is
-    called with each epoch's metrics row after its checkpoints are written; an exception it raises stops the run.
+    Options are TrainConfig fields (head="gru", clip_len=16, epochs=20, val_fraction=0.2, target="frames",
+    frame_labels="gt/", ...). Raises SplitError for unusable labels or splits, ValueError for settings that do not
+    fit the cache. `data` (from `load_labelled`) skips reading the cache, and its split settings replace cfg's.
+    `on_epoch` is called with each epoch's metrics row after its checkpoints are written; an exception it raises
+    stops the run.
     """
     cfg = build_config(out, config, **options)
     started = time.perf_counter()
@@ -227,7 +287,7 @@ def train_head(
                 batches(data.store, run.epoch_plans(epoch), run.workers),
                 run.optimizer,
                 run.scheduler,
-                run.loss_fn,
+                run.objective,
                 device,
             )
             t1 = time.perf_counter()
@@ -262,6 +322,9 @@ class HeadRun:
         self.workers = 0 if data.store.in_memory else cfg.workers
         store, y, split = data.store, data.y, data.split
         classes = data.classes
+        if data.target != cfg.target:
+            raise ValueError(f"the data was loaded for a head that labels {data.target}, not {cfg.target}")
+        self.frames = cfg.target == "frames"
 
         torch.manual_seed(cfg.seed)
         self.dims = HeadDims(
@@ -272,6 +335,8 @@ class HeadRun:
             layers=cfg.layers,
             dropout=cfg.dropout,
             activation=cfg.activation,
+            target=cfg.target,
+            stages=cfg.stages if cfg.head == "tcn" and self.frames else 1,
         )
         model = build_head(self.dims)
         model.proj[0].set_stats(*data.train_stats())
@@ -282,13 +347,21 @@ class HeadRun:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(warmup, cfg.epochs * steps_per_epoch)
         )
-        weight = class_weight_tensor(y[data.train_idx], len(classes)).to(device) if cfg.class_weights else None
-        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+        if self.frames:
+            train_rows = data.row_y[: int(store.lengths[data.train_idx].sum())]
+            train_rows = train_rows[train_rows >= 0]
+            weight = class_weight_tensor(train_rows, len(classes)).to(device) if cfg.class_weights else None
+            self.objective = LabelFrames(cfg.smoothing, weight, cfg.label_smoothing)
+            self.background = [classes.index(data.background)] if data.background in classes else []
+        else:
+            weight = class_weight_tensor(y[data.train_idx], len(classes)).to(device) if cfg.class_weights else None
+            self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+            self.objective = ClassifyVideos(self.loss_fn)
 
         self.out = cfg.out
         self.run_info = {
             "cache": str(data.cache),
-            "split": split_info(split, data.labels, classes),
+            "split": split_info(split, data.labels, classes, count_classes=not self.frames),
             "classes": classes,
             "feature_spec_id": data.spec.id,
             "feature_dim": data.spec.dim,
@@ -304,13 +377,15 @@ class HeadRun:
             overwrite=cfg.overwrite,
             patience=cfg.patience,
             on_epoch=on_epoch,
+            scores=FRAME_METRICS if self.frames else VIDEO_METRICS,
+            metric=cfg.metric,
         )
 
     def epoch_plans(self, epoch: int) -> list:
         """The epoch's training batches: one random clip of each train video, shuffled ([seed, epoch] stream)."""
         cfg, data = self.cfg, self.data
         rng = np.random.default_rng([cfg.seed, epoch])
-        return train_plans(
+        plans = train_plans(
             data.store.lengths[data.train_idx],
             data.y[data.train_idx],
             cfg.batch_size,
@@ -319,9 +394,10 @@ class HeadRun:
             rng,
             cfg.sampling,
         )
+        return with_row_targets(plans, data.row_y, data.row_offsets) if self.frames else plans
 
-    def validate(self) -> np.ndarray:
-        """(val videos, C) probabilities of the model as it is."""
+    def validate(self) -> np.ndarray | list[np.ndarray]:
+        """The val videos' probabilities under the model as it is: (val videos, C), or [(T_i, C)] per row."""
         cfg = self.cfg
         return predict_store(
             self.model,
@@ -334,6 +410,22 @@ class HeadRun:
             device=self.device,
             workers=self.workers,
             sampling=cfg.sampling,
+        )
+
+    def report(self, probs: np.ndarray | list[np.ndarray]) -> dict:
+        """The val metrics of `validate`'s probabilities: classification_report, or segmentation_report."""
+        data = self.data
+        if not self.frames:
+            return classification_report(probs, data.y[data.val_idx], data.classes)
+        offsets, lengths = data.row_offsets, data.store.lengths
+        trues = [data.row_y[offsets[v] : offsets[v] + lengths[v]] for v in data.val_idx]
+        return segmentation_report(
+            [p.argmax(1) for p in probs],
+            trues,
+            data.classes,
+            [data.store.keys[v] for v in data.val_idx],
+            self.background,
+            probs,
         )
 
     def checkpoint(self, epoch: int, metrics: dict) -> HeadCheckpoint:
@@ -352,25 +444,41 @@ class HeadRun:
             config={"train": cfg.to_dict(), **self.run_info},
             train_videos=self.data.train_sources,
             sampling=cfg.sampling,
+            background=self.data.background,
         )
 
     def end_epoch(
-        self, epoch: int, stats: dict, probs: np.ndarray, lr: float, train_seconds: float, val_seconds: float
+        self,
+        epoch: int,
+        stats: dict,
+        probs: np.ndarray | list[np.ndarray],
+        lr: float,
+        train_seconds: float,
+        val_seconds: float,
     ) -> bool:
         """Record an epoch (train metrics, val probabilities): metrics.csv, best.pt when better, last.pt, then
         `on_epoch` (whose exception stops the run). False when the patience has run out."""
-        report = classification_report(probs, self.data.y[self.data.val_idx], self.data.classes)
         return self.recorder.end_epoch(
-            epoch, stats, report, lr, (train_seconds, val_seconds), lambda metrics: self.checkpoint(epoch, metrics)
+            epoch,
+            stats,
+            self.report(probs),
+            lr,
+            (train_seconds, val_seconds),
+            lambda metrics: self.checkpoint(epoch, metrics),
         )
 
     @property
     def best(self) -> dict:
+        """The best epoch so far: {"score": its val --metric, "loss", "epoch"}."""
         return self.recorder.best
 
     def postfix(self) -> dict:
-        row = self.recorder.rows[-1]
-        return {"loss": f"{row['train_loss']:.3f}", "val": f"{row['val_top1']:.1%}", "best": f"{self.best['top1']:.1%}"}
+        row, metric = self.recorder.rows[-1], self.cfg.metric
+        return {
+            "loss": f"{row['train_loss']:.3f}",
+            "val": f"{row['val_' + metric]:.1%}",
+            "best": f"{self.best['score']:.1%}",
+        }
 
     def close(self) -> None:
         self.recorder.close()
@@ -380,12 +488,14 @@ class HeadRun:
         cfg, data = self.cfg, self.data
         self.close()
         self.model.load_state_dict(load_checkpoint(self.out / "best.pt").state_dict)
-        report = classification_report(self.validate(), data.y[data.val_idx], data.classes)
+        probs = self.validate()
+        report = self.report(probs)
         summary = self.recorder.finish(
             {
                 "head": cfg.head,
+                "target": cfg.target,
                 "split": self.run_info["split"],
-                "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling),
+                "eval": eval_description(cfg.clip_len, cfg.clip_stride, cfg.eval_clips, cfg.sampling, cfg.target),
                 "seconds": time.perf_counter() - self.started,
                 "parameters": sum(p.numel() for p in self.model.parameters()),
                 "feature_spec_id": data.spec.id,
@@ -395,15 +505,31 @@ class HeadRun:
             cfg.head,
             cfg.plots,
         )
+        if cfg.plots and self.frames:
+            offsets, lengths = data.row_offsets, data.store.lengths
+            shown = data.val_idx[:STRIP_VIDEOS]
+            plot_strips(
+                [
+                    (data.store.keys[v], data.row_y[offsets[v] : offsets[v] + lengths[v]], p.argmax(1))
+                    for v, p in zip(shown, probs, strict=False)
+                ],
+                data.classes,
+                self.out / "strips.png",
+                f"{cfg.head}: ground truth (upper) and prediction (lower) of {len(shown)} val videos",
+            )
         return TrainResult(out=self.out, summary=summary)
 
 
-def split_info(split: Split, labels: dict[str, str], classes: list[str]) -> dict:
-    return {
+def split_info(split: Split, labels: dict[str, str], classes: list[str], count_classes: bool = True) -> dict:
+    """The split's sizes (for config.json and summary.json); `count_classes`: how many classes the val side has
+    (video labels; not for a head that labels frames)."""
+    info = {
         "method": split.method,
         "train": len(split.train),
         "val": len(split.val),
         "excluded": len(split.excluded),
         "classes": len(classes),
-        "val_classes": len({labels[k] for k in split.val}),
     }
+    if count_classes:
+        info["val_classes"] = len({labels[k] for k in split.val})
+    return info

@@ -104,3 +104,35 @@ def feature_cache(path: Path, videos: list[tuple], dtype: str = "float16", **spe
 TINY_HEAD = dict(
     hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False, threads=2
 )
+
+
+def segment_videos(
+    seed: int = 0, videos: int = 16, classes: int = 3, dim: int = 16, rows: tuple[int, int] = (30, 50), noise: float = 1.0
+) -> tuple[list[tuple], dict[str, list[str]]]:
+    """Videos made of segments (4-12 rows each) of classes act0, act1, ... in a random order: (key, features (T, D),
+    None, None) tuples whose rows show their segment's class (a class mean plus noise), and key -> the label of
+    every row."""
+    rng = np.random.default_rng(seed)
+    means = np.random.default_rng(4321).normal(0, 2.0, (classes, dim))
+    out, labels = [], {}
+    for v in range(videos):
+        n = int(rng.integers(rows[0], rows[1] + 1))
+        row_class = []
+        while len(row_class) < n:
+            c = int(rng.integers(classes))
+            if row_class and c == row_class[-1]:
+                continue
+            row_class += [c] * int(rng.integers(4, 13))
+        row_class = np.array(row_class[:n])
+        key = f"vid_{v:03d}.mp4"
+        out.append((key, means[row_class] + rng.normal(0, noise, (n, dim)), None, None))
+        labels[key] = [f"act{c}" for c in row_class]
+    return out, labels
+
+
+def write_label_folder(folder: Path, labels: dict[str, list[str]]) -> Path:
+    """One file per video, KEY-without-extension.txt, one label per line (the segmentation datasets' format)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, rows in labels.items():
+        (folder / (Path(key).stem + ".txt")).write_text("\n".join(rows) + "\n")
+    return folder

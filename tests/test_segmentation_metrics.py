@@ -167,8 +167,8 @@ def test_merge_segments_takes_frames_from_frame_indices():
     # Every 2nd frame at 25 fps: rows at frames 0 2 4 6, 0.08 s apart.
     runs = merge_segments(a(0, 0, 1, 1), a(0, 2, 4, 6), np.array([0.0, 0.08, 0.16, 0.24]), ["walk", "run"])
     assert [(r["label"], r["start_row"], r["end_row"], r["start_frame"], r["end_frame"]) for r in runs] == [
-        ("walk", 0, 2, 0, 3),  # last row at frame 2 -> exclusive end 3
-        ("run", 2, 4, 4, 7),
+        ("walk", 0, 2, 0, 4),  # ends where the next run starts: frame 4 (frames 0-3 are walking)
+        ("run", 2, 4, 4, 8),  # the last run: last row's frame 6 + the frame step 2
     ]
     assert runs[0]["start_s"] == 0.0 and runs[0]["end_s"] == pytest.approx(0.16)  # where the next row starts
     assert runs[1]["start_s"] == pytest.approx(0.16)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import FRAME_OVERLAPS
+from pipeline.config import FRAME_METRICS, FRAME_OVERLAPS
 from pipeline.train_head.metrics import confusion_matrix, pyplot
 
-F1_KEYS = tuple(f"f1@{round(o * 100)}" for o in FRAME_OVERLAPS)
-SEGMENT_METRICS = ("acc", "edit", *F1_KEYS)
+SEGMENT_METRICS = FRAME_METRICS  # acc, edit, then F1 at each of FRAME_OVERLAPS
+F1_KEYS = FRAME_METRICS[2:]
 
 
 def segments(labels: np.ndarray, background: Collection[int] = ()) -> list[tuple[int, int, int]]:
@@ -172,14 +172,15 @@ def merge_segments(
     labels: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray, classes: list[str]
 ) -> list[dict]:
     """The runs of a per-row prediction, with their rows, frames and seconds (ends exclusive). Rows may be a
-    subsample of the decoded frames, so frames come from frame_indices; a run ends, in seconds, where the next
-    row starts, and the last one a median step after its last row.
+    subsample of the decoded frames, so frames come from frame_indices; a run ends (in frames and in seconds) where
+    the next row starts, and the last one a median step after its last row (a single row: one frame, 0 s).
 
     Shapes: labels, frame_indices, timestamps (T,).
     """
     frame_indices = np.asarray(frame_indices).reshape(-1)
     timestamps = np.asarray(timestamps, dtype=np.float64).reshape(-1)
     step = float(np.median(np.diff(timestamps))) if timestamps.size > 1 else 0.0
+    frame_step = int(np.median(np.diff(frame_indices))) if frame_indices.size > 1 else 1
     out = []
     for label, start, end in segments(labels):
         end_s = timestamps[end] if end < timestamps.size else timestamps[-1] + step
@@ -189,7 +190,9 @@ def merge_segments(
                 "start_row": start,
                 "end_row": end,
                 "start_frame": int(frame_indices[start]),
-                "end_frame": int(frame_indices[end - 1]) + 1,
+                "end_frame": int(frame_indices[end])
+                if end < frame_indices.size
+                else int(frame_indices[-1]) + frame_step,
                 "start_s": float(timestamps[start]),
                 "end_s": float(end_s),
             }

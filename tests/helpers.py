@@ -107,7 +107,12 @@ TINY_HEAD = dict(
 
 
 def segment_videos(
-    seed: int = 0, videos: int = 16, classes: int = 3, dim: int = 16, rows: tuple[int, int] = (30, 50), noise: float = 1.0
+    seed: int = 0,
+    videos: int = 16,
+    classes: int = 3,
+    dim: int = 16,
+    rows: tuple[int, int] = (30, 50),
+    noise: float = 1.0,
 ) -> tuple[list[tuple], dict[str, list[str]]]:
     """Videos made of segments (4-12 rows each) of classes act0, act1, ... in a random order: (key, features (T, D),
     None, None) tuples whose rows show their segment's class (a class mean plus noise), and key -> the label of

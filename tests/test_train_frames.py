@@ -130,7 +130,7 @@ def test_evaluate_frames_and_refusals(segmented, tmp_path):
 
 
 def test_video_head_refuses_frame_labels(tiny_run, tmp_path):
-    run, cache = tiny_run
+    cache, run = tiny_run
     gt = write_label_folder(tmp_path / "gt", {})
     r = CliRunner().invoke(app, ["evaluate", str(run / "best.pt"), str(cache), "--frame-labels", str(gt), "-q"])
     assert r.exit_code == 2 and "labels whole videos" in r.output

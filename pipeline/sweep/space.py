@@ -28,6 +28,11 @@ SWEEP_WIDE = {
     "val_fraction": "--val-fraction",
     "split_seed": "--split-seed",
     "group_regex": "--group-regex",
+    "target": "--target",
+    "metric": "--metric",
+    "frame_labels": "--frame-labels",
+    "label_units": "--label-units",
+    "background": "--background",
 }
 NOT_SEARCHED = {
     "out": "--out",
@@ -39,6 +44,7 @@ NOT_SEARCHED = {
     "progress": "--quiet",
     "overwrite": None,
     "splitting": None,
+    "frame_labelling": None,
     "runtime": None,
 }  # groups: their settings are named above
 RANGE_KEYS = ("low", "high", "step", "log")
@@ -263,7 +269,7 @@ def _check_name(name: str, source: str) -> None:
         return
     if name in SWEEP_WIDE:
         raise SpaceError(
-            f"{source}: {name} is the same for every trial (all trials must share one split): "
+            f"{source}: {name} is the same for every trial (all trials share one split and one data set): "
             f"set it with `pipeline sweep {SWEEP_WIDE[name]}`"
         )
     if name in NOT_SEARCHED:

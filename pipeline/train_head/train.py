@@ -34,8 +34,9 @@ from pipeline.data.sequences import (
 from pipeline.data.splits import Split
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
+from pipeline.train_head.losses import frame_loss
 from pipeline.train_head.metrics import classification_report
-from pipeline.train_head.model import Head, HeadDims, build_head, frame_loss
+from pipeline.train_head.model import Head, HeadDims, build_head
 from pipeline.train_head.recorder import RunRecorder
 from pipeline.train_head.segmentation import plot_strips, segmentation_report
 

@@ -435,6 +435,8 @@ class TrainConfig(_Settings):
             object.__setattr__(self, "sampling", "whole" if target == "frames" else "segments")
         _one_of("--sampling", self.sampling, (*CLIP_SAMPLINGS, "auto"))
         if target == "frames":
+            if self.splitting.labels is not None:
+                raise ValueError("--labels gives one label per video; with --frame-labels, drop it")
             if self.sampling == "segments":
                 raise ValueError(
                     "--sampling segments takes scattered rows: a head that labels frames trains on whole videos "

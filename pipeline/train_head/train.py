@@ -54,6 +54,7 @@ class TrainResult:
 
     @property
     def top1(self) -> float:
+        """Val top-1 of a head that labels videos."""
         return self.summary["top1"]
 
     @property

@@ -24,7 +24,7 @@ from common import ensure_cache, machine  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import TrainConfig, default_of
+from pipeline.config import HEAD_HIDDEN, TrainConfig, default_of
 from pipeline.data.cache import open_cache, video_id
 from pipeline.data.sequences import batches, feature_stats, load_sequences, train_plans
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--videos", type=int, default=UCF101_VIDEOS, help="videos in the synthetic cache")
     p.add_argument("--dim", type=int, default=2048, help="feature size (ResNet-50: 2048)")
     p.add_argument("--classes", type=int, default=UCF101_CLASSES)
-    p.add_argument("--hidden", type=int, default=default_of(TrainConfig, "hidden"), help="LSTM head width")
+    p.add_argument("--hidden", type=int, default=HEAD_HIDDEN, help="LSTM head width")
     p.add_argument("--clip-len", type=int, default=default_of(TrainConfig, "clip_len"))
     p.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (the first one also warms oneDNN up)")

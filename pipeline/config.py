@@ -31,6 +31,8 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXTRACT_BATCH_CPU = 8  # frames per forward pass on a CPU (measured fastest on 2-16 cores)
 EXTRACT_BATCH_GPU = 256  # ... and on an accelerator (it needs wide batches)
 HEAD_BATCH = 64  # clips per step of a head that labels videos, and per forward pass when predict scores videos
+HEAD_HIDDEN = 256  # width of a head when --hidden is not given ...
+TCN_HIDDEN = 64  # ... and of a tcn head (MS-TCN's width: a conv layer costs 4 times a linear one of its width)
 TCN_LAYERS = 10  # dilated layers per stage of a tcn head when --layers is not given (dilations 1, 2, ..., 512)
 FRAME_BATCH = 8  # whole videos per step when a head labels frames (segmentation videos can be thousands of rows)
 FRAME_OVERLAPS = (0.10, 0.25, 0.50)  # IoU thresholds of the segmental F1 scores (F1@10, F1@25, F1@50)
@@ -361,8 +363,8 @@ class TrainConfig(_Settings):
     metric: str = "auto"
     """The val metric that picks the best epoch (ties: the lower val loss) and that sweeps maximise: top1 or top5
     for videos (default top1); acc, edit, f1@10, f1@25 or f1@50 for frames (default f1@50)."""
-    hidden: int = 256
-    """Width of the input projection and of the temporal layers."""
+    hidden: int | None = None
+    """Width of the input projection and of the temporal layers; default: HEAD_HIDDEN, TCN_HIDDEN for tcn."""
     layers: int | None = None
     """Recurrent or transformer layers, or tcn layers per stage (meanpool has none); default: 1, TCN_LAYERS for
     tcn."""
@@ -427,6 +429,8 @@ class TrainConfig(_Settings):
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "metric", resolve_metric(self.metric, target))
         _one_of("--head", self.head, HEADS)
+        if self.hidden is None:
+            object.__setattr__(self, "hidden", TCN_HIDDEN if self.head == "tcn" else HEAD_HIDDEN)
         if self.layers is None:
             object.__setattr__(self, "layers", TCN_LAYERS if self.head == "tcn" else 1)
         if self.batch_size is None:

@@ -167,3 +167,46 @@ def test_sweep_frames_ranks_by_f1(segmented, tmp_path):
         header = next(csv.reader(f))
     assert header[3:8] == ["f1@50", "acc", "edit", "f1@10", "f1@25"]
     assert load_checkpoint(tmp_path / "sweep" / "best.pt").target == "frames"
+
+
+def test_predict_writes_segments_and_row_labels_of_real_videos(tmp_path):
+    from helpers import FAST, make_video
+
+    from pipeline.extract.run import extract_videos
+    from pipeline.predict import predict
+
+    # Four real videos of 20 frames at 25 fps; frames 0-9 are "open", 10-19 "closed"; extracted every 2nd frame.
+    for i in range(4):
+        make_video(tmp_path / "videos" / f"v{i}.mp4", 20, offset=3 * i)
+    gt = write_label_folder(tmp_path / "gt", {f"v{i}.mp4": ["open"] * 10 + ["closed"] * 10 for i in range(4)})
+    extract_videos([tmp_path / "videos"], tmp_path / "cache.h5", stride=2, **FAST)
+    run = train_head(
+        tmp_path / "cache.h5", tmp_path / "run", head="gru", frame_labels=gt, val_fraction=0.25,
+        **{**FRAME_HEAD, "epochs": 3, "plots": True},
+    )  # fmt: skip
+    assert (tmp_path / "run" / "strips.png").stat().st_size > 1000  # ground truth vs prediction of the val video
+
+    make_video(tmp_path / "new" / "clip.mp4", 20, offset=50)
+    report = predict(tmp_path / "run" / "best.pt", [tmp_path / "new"], tmp_path / "segments.csv", json=True,
+                     progress=False, workers=0)  # fmt: skip
+    assert report.frames_output == tmp_path / "segments.frames.csv"
+    with open(tmp_path / "segments.frames.csv") as f:
+        rows = list(csv.DictReader(f))
+    # One row per cached row: decoded frames 0, 2, ..., 18 at their own times.
+    assert [int(r["frame"]) for r in rows] == list(range(0, 20, 2))
+    assert [float(r["time_s"]) for r in rows] == pytest.approx([f / 25 for f in range(0, 20, 2)], abs=1e-3)
+    assert {r["label"] for r in rows} <= {"open", "closed"} and all(0 < float(r["prob"]) <= 1 for r in rows)
+    with open(tmp_path / "segments.csv") as f:
+        segments = list(csv.DictReader(f))
+    # The segments are the runs of the row labels: they tile the video, each ending where the next one starts.
+    labels = [r["label"] for r in rows]
+    runs = [labels[0]] + [b for a, b in zip(labels, labels[1:]) if a != b]
+    assert [s["label"] for s in segments] == runs
+    assert int(segments[0]["start_frame"]) == 0 and int(segments[-1]["end_frame"]) == 20
+    for a, b in zip(segments, segments[1:]):
+        assert a["end_frame"] == b["start_frame"] and a["end_s"] == b["start_s"]
+    for s in segments:
+        assert float(s["start_s"]) == pytest.approx(int(s["start_frame"]) / 25, abs=1e-3)
+    saved = json.loads((tmp_path / "segments.json").read_text())
+    assert len(saved) == 1 and len(saved[0]["frames"]) == 10 and saved[0]["segments"][0]["start_frame"] == 0
+    assert run.summary["target"] == "frames"

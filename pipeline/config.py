@@ -229,7 +229,7 @@ def resolve_metric(metric: str, target: str) -> str:
     """--metric auto: top1 for a head that labels videos, f1@50 for one that labels frames."""
     choices = FRAME_METRICS if target == "frames" else VIDEO_METRICS
     if metric == "auto":
-        return choices[0] if target == "videos" else "f1@50"
+        return "f1@50" if target == "frames" else "top1"
     _check("--metric", metric in choices, metric, f"one of {', '.join(choices)} with --target {target}")
     return metric
 
@@ -437,7 +437,7 @@ class TrainConfig(_Settings):
             object.__setattr__(self, "batch_size", FRAME_BATCH if target == "frames" else HEAD_BATCH)
         if self.sampling == "auto":
             object.__setattr__(self, "sampling", "whole" if target == "frames" else "segments")
-        _one_of("--sampling", self.sampling, (*CLIP_SAMPLINGS, "auto"))
+        _one_of("--sampling", self.sampling, CLIP_SAMPLINGS)
         if target == "frames":
             if self.splitting.labels is not None:
                 raise ValueError("--labels gives one label per video; with --frame-labels, drop it")
@@ -614,7 +614,10 @@ class SweepConfig(_Settings):
         _at_least(0, refit=self.refit)
         if self.timeout is not None:
             _check("--timeout", self.timeout > 0, self.timeout, "> 0 seconds")
-        if self.reduce_dim is not None and resolve_target(self.target, self.frame_labelling) == "frames":
+        target = resolve_target(self.target, self.frame_labelling)
+        object.__setattr__(self, "target", target)
+        object.__setattr__(self, "metric", resolve_metric(self.metric, target))
+        if self.reduce_dim is not None and target == "frames":
             raise ValueError("--reduce-dim is for heads that label videos; sweep frame heads on the full features")
         if self.refit and self.reduce_dim is None:
             raise ValueError(
@@ -623,9 +626,6 @@ class SweepConfig(_Settings):
             )
         if self.study is not None and not self.study.strip():
             raise ValueError("--study must not be empty")
-        target = resolve_target(self.target, self.frame_labelling)
-        object.__setattr__(self, "target", target)
-        object.__setattr__(self, "metric", resolve_metric(self.metric, target))
         # The split and data settings are TrainConfig's: let it check them, with its own flag names.
         self.train_config(self.out)
 

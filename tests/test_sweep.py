@@ -115,7 +115,7 @@ def test_space_file_and_inline_params(tmp_path):
         ("lr: {low: 0, high: 0.1, log: true}", "lr: a log range needs low > 0"),
         ("lr: {low: 0.001, high: 0.1, stepp: 0.01}", "unknown range key 'stepp'"),
         ("hidden: {low: 8, high: 64, step: 0.5}", "hidden takes whole numbers, got 0.5"),
-        ("hidden: [64, big]", "hidden takes whole numbers, got 'big'"),
+        ("hidden: [64, big]", "hidden takes whole numbers or none, got 'big'"),
         ("head: {low: 1, high: 2}", "head takes choices"),
         ("head: [lstm, transformer]", "--head must be one of"),
         ("dropout: [0.1, 1.5]", "--dropout must be in \\[0, 1\\), got 1.5"),

@@ -593,17 +593,41 @@ def finetune(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Working folder for the sample videos and the cache.")] = Path("demo_out"),
+    out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            help="Working folder for the sample videos and the caches \\[default: demo_out, or demo_frames with "
+            "--frames].",
+            show_default=False,
+        ),
+    ] = None,
     backbone: Annotated[str, typer.Option(help="torchvision classification model.")] = "resnet18",
     weights: Annotated[str, typer.Option(help="Weights for the backbone ('none' needs no download).")] = "none",
+    frames: Annotated[
+        bool,
+        typer.Option(
+            "--frames",
+            help="Label every frame instead (temporal action segmentation): a tcn head against the per-row meanpool "
+            "baseline, scored by frame accuracy, edit score and F1@{10,25,50}, and segments predicted for new videos.",
+            metavar="",
+        ),
+    ] = False,
     quiet: Quiet = False,
 ) -> None:
-    """Run the pipeline on a generated sample whose classes differ only in frame order."""
+    """Run the pipeline on a generated sample whose classes differ only in frame order (--frames: a label per
+    frame)."""
     _setup_logging(quiet)
-    from pipeline.demo import run_demo
+    from pipeline.demo import run_demo, run_frames_demo
 
+    run = run_frames_demo if frames else run_demo
     with _errors():
-        run_demo(out, backbone=backbone, weights=weights, progress=not quiet, echo=typer.echo)
+        run(
+            out or Path("demo_frames" if frames else "demo_out"),
+            backbone=backbone,
+            weights=weights,
+            progress=not quiet,
+            echo=typer.echo,
+        )
 
 
 def main() -> None:

@@ -1,16 +1,27 @@
-"""A generated sample dataset whose classes differ only in the ORDER of their frames.
+"""Generated sample datasets (real short videos) for the demos: one whose classes differ only in the ORDER of their
+frames, and one with a label per frame whose segments differ only in the order of their frames.
 
-Every clip shows a bright square at n positions across a dark frame, growing from left to right as if it approached
-(random colours, height and path per clip). The four classes play the very same frames in four orders (the square goes
-right, goes left, goes out and comes back, comes back and goes out), so any order-blind model (a mean over frames) is at
-chance, while a temporal model can tell them apart. The growth makes the order visible even to a randomly initialised
-CNN, whose pooled features barely register where a square is but do register how much of the frame it covers.
+The order sample (`make_order_sample`): every clip shows a bright square at n positions across a dark frame, growing
+from left to right as if it approached (random colours, height and path per clip). The four classes play the very same
+frames in four orders (the square goes right, goes left, goes out and comes back, comes back and goes out), so any
+order-blind model (a mean over frames) is at chance, while a temporal model can tell them apart. The growth makes the
+order visible even to a randomly initialised CNN, whose pooled features barely register where a square is but do
+register how much of the frame it covers.
 
-    pipeline demo            # generates this sample, extracts it, trains an LSTM and a mean-pool head
+The segment sample (`make_segment_sample`): every video (40-80 frames) is a random sequence of segments of 8-20
+frames, each labelled idle (the dark, noisy background alone), approach (a bright square grows from a small to a large
+side) or leave (a square shrinks: the same sizes played backwards), never one class twice in a row. Each segment draws
+its own square (shade, centre, sizes), so approach and leave show the same kind of frames in opposite orders: a head
+that labels each frame alone (meanpool) confuses them, while a temporal head (tcn, bilstm) reads the direction of the
+change. Ground truth comes as per-frame label files (groundTruth/<video>.txt) and as a segments CSV (frames).
+
+    pipeline demo            # the order sample: an LSTM and a mean-pool head
+    pipeline demo --frames   # the segment sample: a tcn and a per-frame mean-pool head
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import cv2
@@ -86,4 +97,102 @@ def make_order_sample(
             path = out / label / f"clip_{k:03d}.avi"
             write_video(path, [base[j] for j in class_order(label, frames)])
             paths.append(path)
+    return paths
+
+
+SEGMENT_CLASSES = ("idle", "approach", "leave")
+
+
+def segment_plan(
+    rng: np.random.Generator, frames: tuple[int, int], segment: tuple[int, int], classes: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    """A random sequence of (class, length) segments: n frames in all (n drawn from `frames`), each segment of
+    `segment[0]`..`segment[1]` frames, and no class twice in a row (neighbours of one class would be one segment)."""
+    low, high = segment
+    if low < 1 or high < 2 * low - 1:
+        raise ValueError(f"segment lengths {segment}: need 1 <= low and high >= 2 * low - 1, so any total can be cut")
+    if frames[0] < low or frames[1] < frames[0]:
+        raise ValueError(f"video lengths {frames}: need {low} <= the shortest <= the longest")
+    n = int(rng.integers(frames[0], frames[1] + 1))
+    plan: list[tuple[str, int]] = []
+    total = 0
+    while total < n:
+        rest = n - total
+        # the last segment takes what is left; before it, leave at least `low` frames for it
+        length = rest if rest <= high else int(rng.integers(low, min(high, rest - low) + 1))
+        previous = plan[-1][0] if plan else None
+        label = str(rng.choice([c for c in classes if c != previous]))
+        plan.append((label, length))
+        total += length
+    return plan
+
+
+def segment_frames(
+    rng: np.random.Generator, plan: list[tuple[str, int]], width: int, height: int
+) -> tuple[list[np.ndarray], list[str]]:
+    """The RGB frames (H, W, 3) uint8 of one video that plays `plan`, and the label of every frame.
+
+    One background colour and noise pattern per video (plus a little fresh noise per frame). Each approach or leave
+    segment has its own square (a bright shade, its centre, its smallest and largest side): approach grows it from
+    the smallest to the largest side over the segment, leave plays the very same sizes backwards."""
+    background = rng.integers(16, 72, 3)
+    still = rng.integers(-12, 13, (height, width, 3))
+    frames, labels = [], []
+    for label, length in plan:
+        sides = np.zeros(length, dtype=int)
+        if label != "idle":
+            small = rng.uniform(0.15, 0.25) * height
+            large = rng.uniform(0.6, 0.9) * height
+            sides = np.linspace(small, large, length).round().astype(int)
+            if label == "leave":
+                sides = sides[::-1]
+            elif label != "approach":
+                raise ValueError(f"unknown segment class {label!r}")
+            colour = rng.integers(220, 256, 3)
+            cx = rng.uniform(0.3, 0.7) * width
+            cy = rng.uniform(0.3, 0.7) * height
+        for side in sides:
+            noise = still + rng.integers(-6, 7, (height, width, 3))
+            frame = np.clip(background[None, None, :] + noise, 0, 255).astype(np.uint8)
+            if side > 0:
+                x = min(max(round(cx - side / 2), 0), width - side)
+                y = min(max(round(cy - side / 2), 0), height - side)
+                frame[y : y + side, x : x + side] = colour
+            frames.append(frame)
+            labels.append(label)
+    return frames, labels
+
+
+def make_segment_sample(
+    out: str | Path,
+    videos: int = 24,
+    seed: int = 0,
+    frames: tuple[int, int] = (40, 80),
+    segment: tuple[int, int] = (8, 20),
+    width: int = 96,
+    height: int = 72,
+    fps: float = 10.0,
+) -> list[Path]:
+    """Write out/videos/video_<k>.avi, their per-frame labels out/groundTruth/video_<k>.txt (one label per frame,
+    one per line) and the same as segments, out/segments.csv (key,start,end,label in frame numbers, end exclusive);
+    returns the video paths. Same seed -> same files."""
+    out = Path(out)
+    rng = np.random.default_rng(seed)
+    (out / "groundTruth").mkdir(parents=True, exist_ok=True)
+    paths, rows = [], []
+    for k in range(videos):
+        plan = segment_plan(rng, frames, segment, SEGMENT_CLASSES)
+        images, labels = segment_frames(rng, plan, width, height)
+        path = out / "videos" / f"video_{k:03d}.avi"
+        write_video(path, images, fps=fps)
+        (out / "groundTruth" / f"{path.stem}.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        start = 0
+        for label, length in plan:
+            rows.append((path.name, start, start + length, label))
+            start += length
+        paths.append(path)
+    with open(out / "segments.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["key", "start", "end", "label"])
+        writer.writerows(rows)
     return paths

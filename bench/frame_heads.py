@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from common import ensure_cache, load_average, machine  # bench/common.py, beside this script
 
-from pipeline.config import HEADS, TrainConfig, default_of
+from pipeline.config import HEADS
 from pipeline.data.labelled import load_labelled
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 from pipeline.runtime import cpu_count, pick_device
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dim", type=int, default=2048, help="feature size (ResNet-50: 2048)")
     p.add_argument("--epochs", type=int, default=2, help="epochs per head (the first one also warms up)")
     p.add_argument("--heads", nargs="+", default=list(BENCH_HEADS), choices=HEADS, help="head kinds, in order")
-    p.add_argument("--hidden", type=int, default=default_of(TrainConfig, "hidden"), help="width of the heads")
+    p.add_argument("--hidden", type=int, default=None, help="width of the heads; default: train-head's")
     p.add_argument("--tcn-hidden", type=int, default=None, help="width of the tcn head; default: --hidden")
     p.add_argument("--batch-size", type=int, default=None, help="whole videos per step; default: train-head's")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(
                 {
                     "head": head,
-                    "shape": f"{hidden}" + (f" x {cfg.layers} x {cfg.stages}" if head == "tcn" else ""),
+                    "shape": f"{cfg.hidden}" + (f" x {cfg.layers} x {cfg.stages}" if head == "tcn" else ""),
                     "params": s["parameters"],
                     "epoch_s": min(seconds[1:]) if len(seconds) > 1 else seconds[0],
                     "epochs": seconds,

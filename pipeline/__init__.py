@@ -5,6 +5,7 @@ report = pipeline.extract_videos(["videos/"], "cache.h5", backbone="resnet18", f
 cache = pipeline.open_cache("cache.h5")
 x = cache.features(cache.keys()[0])  # (T, D)
 run = pipeline.train_head("cache.h5", "runs/lstm", head="lstm", clip_len=16)
+pipeline.train_head("cache.h5", "runs/tcn", head="tcn", frame_labels="groundTruth/")  # a label per frame
 pipeline.evaluate("runs/lstm/best.pt", "test.h5").metrics["top1"]
 pipeline.predict("runs/lstm/best.pt", ["new_videos/"], "preds.csv")
 pipeline.sweep("cache.h5", "runs/sweep", space={"head": ["lstm", "gru"], "hidden": [128, 256]}, trials=8)

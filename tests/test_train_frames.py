@@ -11,6 +11,7 @@ import pytest
 from helpers import feature_cache, segment_videos, write_label_folder
 from typer.testing import CliRunner
 
+import pipeline
 from pipeline.cli import app
 from pipeline.data.splits import SplitError
 from pipeline.train_head.checkpoint import load_checkpoint
@@ -127,6 +128,8 @@ def test_evaluate_frames_and_refusals(segmented, tmp_path):
     r = runner.invoke(app, ["evaluate", str(ckpt), str(cache), "--frame-labels", str(gt), "-q"])
     assert r.exit_code == 0, r.output
     assert "F1@50" in r.output and "edit" in r.output
+    with pytest.raises(ValueError, match="labels frames: finetune trains heads that label whole videos"):
+        pipeline.finetune([tmp_path], ckpt, tmp_path / "ft", progress=False)
 
 
 def test_video_head_refuses_frame_labels(tiny_run, tmp_path):

@@ -33,7 +33,7 @@ def video_labels(cache: FeatureCache, labels_csv: Path | None = None) -> dict[st
     if not labels:
         raise SplitError(
             f"no video of {cache.path} has a label; extract from class folders (videos/<class>/...), a "
-            f"CSV manifest with labels, or pass --labels CSV"
+            f"CSV manifest with labels, or pass --labels CSV (or --frame-labels for a label per frame)"
         )
     unlabelled = len(cache) - len(labels)
     if unlabelled:

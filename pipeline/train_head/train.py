@@ -57,11 +57,6 @@ class TrainResult:
         """Val top-1 of a head that labels videos."""
         return self.summary["top1"]
 
-    @property
-    def score(self) -> float:
-        """The val --metric the run was judged by (top1, f1@50, ...)."""
-        return self.summary[self.summary["metric"]]
-
     def summary_line(self) -> str:
         s = self.summary
         if s.get("target") == "frames":

@@ -8,12 +8,15 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
+from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 from pipeline.runtime import cpu_count
+
+PROGRESS_EVERY = 500  # generated videos between two progress lines
 
 
 def machine(device: torch.device | None = None) -> str:
@@ -38,6 +41,20 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
+
+
+def write_resnet50_sized(path: Path, videos: Iterable[tuple], dim: int, total: int | None = None) -> None:
+    """Write generated (key, features (T, dim), label, split) videos as a float16 cache whose spec names ResNet-50
+    (the default backbone), streamed video by video, with a progress line every PROGRESS_EVERY videos."""
+
+    def counted():
+        for i, video in enumerate(videos, start=1):
+            yield video
+            if i % PROGRESS_EVERY == 0:
+                print(f"  generated {i}/{total or '?'} videos", file=sys.stderr, flush=True)
+
+    spec = synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2")
+    write_feature_cache(path, counted(), spec, dtype="float16")
 
 
 def ensure_cache(path: Path, what: str, generate: Callable[[Path], None]) -> None:

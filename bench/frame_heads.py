@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ensure_cache, load_average, machine  # bench/common.py, beside this script
+from common import ensure_cache, load_average, machine, write_resnet50_sized  # bench/common.py, beside this script
 
 from pipeline.config import HEADS
 from pipeline.data.labelled import load_labelled
-from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.train import build_config, train_head
 
@@ -95,15 +94,8 @@ def generate(path: Path, videos: int, dim: int, seed: int = 0) -> None:
             key = f"video_{i:05d}"
             (folder / f"{key}.txt").write_text("\n".join(CLASSES[c] for c in rows) + "\n")
             yield key, bank[start : start + t] + row_means(rows, means, drifts), None, None
-            if (i + 1) % 500 == 0:
-                print(f"  generated {i + 1}/{videos} videos", file=sys.stderr, flush=True)
 
-    write_feature_cache(
-        path,
-        sequences(),
-        synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2"),
-        dtype="float16",
-    )
+    write_resnet50_sized(path, sequences(), dim, videos)
 
 
 # ---------------------------------------------------------------------------------------------------------- main

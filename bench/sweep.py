@@ -20,10 +20,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import ensure_cache, load_average, machine  # bench/common.py, beside this script
+from common import ensure_cache, load_average, machine, write_resnet50_sized  # bench/common.py, beside this script
 
 from pipeline.config import TrainConfig, default_of
-from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 from pipeline.runtime import cpu_count
 
 UCF101_CLASSES, MIN_ROWS, MAX_ROWS = 101, 120, 240  # UCF101 clips: ~7 s, 120-240 rows at 25 fps
@@ -54,12 +53,7 @@ def generate(path: Path, classes: int, per_class: int, dim: int, seed: int = 0) 
             x = z @ mix + NOISE * rng.standard_normal((t, dim), dtype=np.float32)
             yield f"class{c:03d}/video_{i:05d}", x, f"class{c:03d}", None
 
-    write_feature_cache(
-        path,
-        videos(),
-        synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2"),
-        dtype="float16",
-    )
+    write_resnet50_sized(path, videos(), dim, classes * per_class)
 
 
 def run(args: list[str]) -> float:

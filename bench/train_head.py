@@ -20,17 +20,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from common import ensure_cache, machine  # bench/common.py, beside this script
+from common import ensure_cache, machine, write_resnet50_sized  # bench/common.py, beside this script
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.config import HEAD_HIDDEN, TrainConfig, default_of
+from pipeline.config import HEAD_BATCH, HEAD_HIDDEN, TrainConfig, default_of
 from pipeline.data.cache import open_cache, video_id
 from pipeline.data.sequences import batches, feature_stats, load_sequences, train_plans
-from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 from pipeline.runtime import cpu_count
 from pipeline.train_head.model import HeadDims, build_head
-from pipeline.train_head.train import make_optimizer, train_one_epoch, warmup_cosine
+from pipeline.train_head.train import ClassifyVideos, make_optimizer, train_one_epoch, warmup_cosine
 
 UCF101_VIDEOS, UCF101_CLASSES, MEAN_ROWS = 9_500, 101, 180  # UCF101 split 1 train+test: 13,320 clips of ~7 s
 NOISE_BANK_ROWS = 8192  # generated rows are slices of one random bank plus a class mean: fast, still learnable
@@ -49,15 +48,8 @@ def generate(path: Path, videos: int, dim: int, classes: int, seed: int = 0) -> 
             t = int(rng.integers(MEAN_ROWS - 60, MEAN_ROWS + 61))
             start = int(rng.integers(0, NOISE_BANK_ROWS - t))
             yield f"class{c:03d}/video_{i:05d}", bank[start : start + t] + means[c], f"class{c:03d}", None
-            if (i + 1) % 500 == 0:
-                print(f"  generated {i + 1}/{videos} videos", file=sys.stderr, flush=True)
 
-    write_feature_cache(
-        path,
-        rows(),
-        synthetic_spec(dim, backbone="resnet50", weights="ResNet50_Weights.IMAGENET1K_V2"),
-        dtype="float16",
-    )
+    write_resnet50_sized(path, rows(), dim, videos)
 
 
 # ---------------------------------------------------------------------------------------------------- measures
@@ -109,12 +101,12 @@ def time_epochs(store, y: np.ndarray, args, epochs: int) -> list[float]:
     optimizer = make_optimizer(model, 1e-3, 0.01)
     steps = math.ceil(len(store.keys) / args.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, steps * epochs))
-    loss_fn = nn.CrossEntropyLoss()
+    objective = ClassifyVideos(nn.CrossEntropyLoss())
     seconds = []
     for epoch in range(epochs):
         plans = train_plans(store.lengths, y, args.batch_size, args.clip_len, 1, np.random.default_rng([0, epoch]))
         t = time.perf_counter()
-        stats = train_one_epoch(model, batches(store, plans), optimizer, scheduler, loss_fn, torch.device("cpu"))
+        stats = train_one_epoch(model, batches(store, plans), optimizer, scheduler, objective, torch.device("cpu"))
         seconds.append(time.perf_counter() - t)
         print(
             f"  epoch {epoch + 1}: {seconds[-1]:.2f} s, loss {stats['train_loss']:.3f}, clip accuracy "
@@ -206,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--classes", type=int, default=UCF101_CLASSES)
     p.add_argument("--hidden", type=int, default=HEAD_HIDDEN, help="LSTM head width")
     p.add_argument("--clip-len", type=int, default=default_of(TrainConfig, "clip_len"))
-    p.add_argument("--batch-size", type=int, default=default_of(TrainConfig, "batch_size"))
+    p.add_argument("--batch-size", type=int, default=HEAD_BATCH)
     p.add_argument("--epochs", type=int, default=3, help="timed epochs (the first one also warms oneDNN up)")
     p.add_argument("--naive-batches", type=int, default=40, help="naive loader batches to time (0: a whole epoch)")
     p.add_argument("--naive-workers", type=int, default=2, help="DataLoader workers of the naive loader")

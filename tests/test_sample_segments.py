@@ -5,23 +5,11 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
+from helpers import decode_all_rgb
 
 from pipeline.sample import SEGMENT_CLASSES, make_segment_sample, segment_plan
-
-
-def _decoded_frames(path: Path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(bgr)
-    cap.release()
-    return frames
 
 
 def _segments(folder: Path) -> dict[str, list[tuple[str, int, int]]]:
@@ -46,7 +34,7 @@ def test_labels_segments_and_decoded_frames_agree(sample):
     assert len(paths) == 4 and sorted(segments) == sorted(p.name for p in paths)
     for path in paths:
         labels = (out / "groundTruth" / f"{path.stem}.txt").read_text().splitlines()
-        frames = _decoded_frames(path)
+        frames = decode_all_rgb(path)
         assert 40 <= len(labels) <= 80
         assert len(frames) == len(labels), path.name  # one label per frame that OpenCV decodes
         assert frames[0].shape == (72, 96, 3)
@@ -66,7 +54,7 @@ def test_approach_grows_and_leave_shrinks(sample):
     seen = set()
     for path in paths:
         # the square is bright (every channel >= 220), the background dark: count its pixels in every frame
-        bright = np.array([int((f.min(axis=2) > 160).sum()) for f in _decoded_frames(path)])
+        bright = np.array([int((f.min(axis=2) > 160).sum()) for f in decode_all_rgb(path)])
         for label, start, end in _segments(out)[path.name]:
             steps = np.diff(bright[start:end])
             seen.add(label)
@@ -88,7 +76,7 @@ def test_same_seed_same_sample(sample, tmp_path):
         assert (tmp_path / "again" / "groundTruth" / f"{b.stem}.txt").read_bytes() == (
             out / "groundTruth" / f"{a.stem}.txt"
         ).read_bytes()
-        assert np.array_equal(np.stack(_decoded_frames(a)), np.stack(_decoded_frames(b)))
+        assert np.array_equal(np.stack(decode_all_rgb(a)), np.stack(decode_all_rgb(b)))
     assert (tmp_path / "other" / "segments.csv").read_bytes() != (out / "segments.csv").read_bytes()
     assert len(other) == 4
 
@@ -122,7 +110,7 @@ def test_frames_demo_end_to_end_at_reduced_size(tmp_path):
 
     # the prediction: segments that cover the new video's every frame, and a label per frame beside them
     (prediction,) = result["predictions"].predictions
-    frames = len(_decoded_frames(Path(prediction.path)))
+    frames = len(decode_all_rgb(Path(prediction.path)))
     assert prediction.error is None and len(prediction.rows) == frames
     with open(tmp_path / "demo" / "segments.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -123,6 +123,11 @@ class LabelledData:
         lengths = self.store.lengths
         return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
+    def row_labels(self, video: int) -> np.ndarray:
+        """(rows,) the class index of every row of store video `video` (frames)."""
+        start = int(self.row_offsets[video])
+        return self.row_y[start : start + int(self.store.lengths[video])]
+
     @property
     def train_idx(self) -> np.ndarray:
         return np.arange(len(self.split.train))
@@ -142,8 +147,6 @@ def frame_labels_of(cache: FeatureCache, cfg) -> dict[str, np.ndarray]:
     """key -> (rows,) class name of every row, for the videos of `cache` that cfg.frame_labelling's file labels
     (cfg: a TrainConfig or EvalConfig). Raises SplitError when it labels none."""
     fl = cfg.frame_labelling
-    if fl.frame_labels is None:
-        raise SplitError("a head that labels frames needs per-frame labels: pass --frame-labels FOLDER or CSV")
     got = read_frame_labels(fl.frame_labels, cache, units=fl.label_units, background=fl.background)
     if not got.rows:
         example = next(iter(cache.keys()), "")

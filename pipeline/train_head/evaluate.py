@@ -14,14 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import FRAME_METRICS, EvalConfig, config_with
+from pipeline.config import EvalConfig, config_with, resolve_metric
 from pipeline.data.cache import FeatureCache, open_cache
 from pipeline.data.labelled import among_classes, class_indices, frame_labels_of, row_indices, video_labels
 from pipeline.data.sequences import load_sequences
 from pipeline.data.splits import SPLIT_FILE, KeyMatcher, SplitError, read_list, read_split
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
-from pipeline.train_head.metrics import classification_report, plot_confusion, to_json
+from pipeline.train_head.metrics import classification_report, plot_confusion, scores_line, to_json
 from pipeline.train_head.segmentation import plot_strips, segmentation_report
 from pipeline.train_head.train import STRIP_VIDEOS, score_store
 
@@ -48,15 +48,11 @@ class EvalReport:
 
     @property
     def main(self) -> str:
-        """The headline metric: top1, or f1@50 for a head that labels frames."""
-        return "f1@50" if self.target == "frames" else "top1"
+        """The headline metric: --metric's default for what the head labels (top1, f1@50)."""
+        return resolve_metric("auto", self.target)
 
     def scores(self, m: dict) -> str:
-        if self.target == "frames":
-            return f"frame acc {m['acc']:.1%}, edit {m['edit']:.1%}, " + ", ".join(
-                f"F1@{k[3:]} {m[k]:.1%}" for k in FRAME_METRICS[2:]
-            )
-        return f"top-1 {m['top1']:.1%}, top-5 {m['top5']:.1%}"
+        return scores_line(m, self.target)
 
     def summary_line(self) -> str:
         m = self.metrics

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import FRAME_METRICS
+
 log = logging.getLogger(__name__)
 
 TOP_K = 5
@@ -45,6 +47,16 @@ def classification_report(probs: np.ndarray, y: np.ndarray, classes: list[str]) 
         "confusion_matrix": cm.tolist(),
         "classes": list(classes),
     }
+
+
+def scores_line(report: dict, target: str = "videos") -> str:
+    """The scores of a report in words: 'top-1 x, top-5 y', or for a head that labels frames 'frame acc x, edit y,
+    F1@10 ..., F1@25 ..., F1@50 ...'."""
+    if target == "frames":
+        return f"frame acc {report['acc']:.1%}, edit {report['edit']:.1%}, " + ", ".join(
+            f"F1@{k[3:]} {report[k]:.1%}" for k in FRAME_METRICS[2:]
+        )
+    return f"top-1 {report['top1']:.1%}, top-5 {report['top5']:.1%}"
 
 
 def to_json(obj) -> str:

@@ -111,30 +111,53 @@ def length_mask(lengths: torch.Tensor, steps: int, device: torch.device) -> torc
     return torch.arange(steps, device=device)[None, :] < lengths.to(device)[:, None]
 
 
-class Head(nn.Module):
-    """Base of every videos-target head: `forward_features` pools a padded batch into one vector per sequence,
-    `forward_head` classifies it.
-
-    Shapes: x (B, T, in_dim) float32, lengths (B,) int64 with 1 <= lengths <= T -> logits (B, num_classes).
-    """
+class Projected(nn.Module):
+    """What every head has: its dims, the input projection (`proj`), and the dropout and linear classifier that
+    `_classifier` adds once the width of what it classifies is known."""
 
     def __init__(self, dims: HeadDims):
         super().__init__()
         self.dims = dims
         self.proj = InputProjection(dims.in_dim, dims.hidden, dims.activation, dims.dropout)
 
+    def _classifier(self, width: int) -> None:
+        self.drop = Dropout(self.dims.dropout)
+        self.classifier = nn.Linear(width, self.dims.num_classes)
+
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """(..., width) -> (..., C): dropout, then the linear classifier (at every step, for a frame head)."""
+        return self.classifier(self.drop(z))
+
+
+def recurrent_layers(dims: HeadDims) -> nn.LSTM | nn.GRU:
+    """The recurrent part of an lstm, gru or bilstm head: `dims.layers` layers of `dims.hidden` units, batch first,
+    dropout between layers."""
+    rnn = nn.GRU if dims.head == "gru" else nn.LSTM
+    return rnn(
+        dims.hidden,
+        dims.hidden,
+        num_layers=dims.layers,
+        batch_first=True,
+        dropout=dims.dropout if dims.layers > 1 else 0.0,
+        bidirectional=dims.head == "bilstm",
+    )
+
+
+class Head(Projected):
+    """Base of every videos-target head: `forward_features` pools a padded batch into one vector per sequence,
+    `forward_head` classifies it.
+
+    Shapes: x (B, T, in_dim) float32, lengths (B,) int64 with 1 <= lengths <= T -> logits (B, num_classes).
+    """
+
     def forward_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.drop(pooled))
+        return self.classify(pooled)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, lengths))
-
-    def _classifier(self, pooled_dim: int) -> None:
-        self.drop = Dropout(self.dims.dropout)
-        self.classifier = nn.Linear(pooled_dim, self.dims.num_classes)
 
 
 class RecurrentHead(Head):
@@ -142,16 +165,8 @@ class RecurrentHead(Head):
 
     def __init__(self, dims: HeadDims):
         super().__init__(dims)
-        rnn = nn.GRU if dims.head == "gru" else nn.LSTM
         self.bidirectional = dims.head == "bilstm"
-        self.rnn = rnn(
-            dims.hidden,
-            dims.hidden,
-            num_layers=dims.layers,
-            batch_first=True,
-            dropout=dims.dropout if dims.layers > 1 else 0.0,
-            bidirectional=self.bidirectional,
-        )
+        self.rnn = recurrent_layers(dims)
         self._classifier(dims.hidden * (2 if self.bidirectional else 1))
 
     def forward_features(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -290,7 +305,7 @@ class TCNHead(Head):
         return z.sum(2) / mask.sum(2)
 
 
-class FrameHead(nn.Module):
+class FrameHead(Projected):
     """Base of every frames-target head: one class per row.
 
     Shapes: x (B, T, in_dim) float32 zero-padded, lengths (B,) int64 with 1 <= lengths <= T.
@@ -299,24 +314,11 @@ class FrameHead(nn.Module):
     meaningless: rows past a sequence's length never change the logits at its real rows.
     """
 
-    def __init__(self, dims: HeadDims):
-        super().__init__()
-        self.dims = dims
-        self.proj = InputProjection(dims.in_dim, dims.hidden, dims.activation, dims.dropout)
-
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     def forward_stages(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.forward(x, lengths).unsqueeze(0)
-
-    def _classifier(self, width: int) -> None:
-        self.drop = Dropout(self.dims.dropout)
-        self.classifier = nn.Linear(width, self.dims.num_classes)
-
-    def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """(B, T, width) -> (B, T, C): the same dropout and linear classifier at every step."""
-        return self.classifier(self.drop(z))
 
 
 class FrameRecurrentHead(FrameHead):
@@ -325,16 +327,8 @@ class FrameRecurrentHead(FrameHead):
 
     def __init__(self, dims: HeadDims):
         super().__init__(dims)
-        rnn = nn.GRU if dims.head == "gru" else nn.LSTM
         self.bidirectional = dims.head == "bilstm"
-        self.rnn = rnn(
-            dims.hidden,
-            dims.hidden,
-            num_layers=dims.layers,
-            batch_first=True,
-            dropout=dims.dropout if dims.layers > 1 else 0.0,
-            bidirectional=self.bidirectional,
-        )
+        self.rnn = recurrent_layers(dims)
         self._classifier(dims.hidden * (2 if self.bidirectional else 1))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

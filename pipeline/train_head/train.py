@@ -35,7 +35,7 @@ from pipeline.data.splits import Split
 from pipeline.runtime import cpu_count, pick_device
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.losses import frame_loss
-from pipeline.train_head.metrics import classification_report
+from pipeline.train_head.metrics import classification_report, scores_line
 from pipeline.train_head.model import Head, HeadDims, build_head
 from pipeline.train_head.recorder import RunRecorder
 from pipeline.train_head.segmentation import plot_strips, segmentation_report
@@ -59,14 +59,9 @@ class TrainResult:
 
     def summary_line(self) -> str:
         s = self.summary
-        if s.get("target") == "frames":
-            scores = f"val frame acc {s['acc']:.1%}, edit {s['edit']:.1%}, " + ", ".join(
-                f"F1@{k[3:]} {s[k]:.1%}" for k in FRAME_METRICS[2:]
-            )
-        else:
-            scores = f"val top-1 {s['top1']:.1%}, top-5 {s['top5']:.1%}"
         return (
-            f"{s['head']}: {scores} at epoch {s['best_epoch']}/{s['epochs_run']} ({s['split']['train']} train / "
+            f"{s['head']}: val {scores_line(s, s.get('target', 'videos'))} at epoch {s['best_epoch']}/"
+            f"{s['epochs_run']} ({s['split']['train']} train / "
             f"{s['split']['val']} val, {s['seconds']:.1f}s) -> {self.out}"
         )
 
@@ -414,8 +409,7 @@ class HeadRun:
         data = self.data
         if not self.frames:
             return classification_report(probs, data.y[data.val_idx], data.classes)
-        offsets, lengths = data.row_offsets, data.store.lengths
-        trues = [data.row_y[offsets[v] : offsets[v] + lengths[v]] for v in data.val_idx]
+        trues = [data.row_labels(v) for v in data.val_idx]
         return segmentation_report(
             [p.argmax(1) for p in probs],
             trues,
@@ -503,13 +497,9 @@ class HeadRun:
             cfg.plots,
         )
         if cfg.plots and self.frames:
-            offsets, lengths = data.row_offsets, data.store.lengths
             shown = data.val_idx[:STRIP_VIDEOS]
             plot_strips(
-                [
-                    (data.store.keys[v], data.row_y[offsets[v] : offsets[v] + lengths[v]], p.argmax(1))
-                    for v, p in zip(shown, probs, strict=False)
-                ],
+                [(data.store.keys[v], data.row_labels(v), p.argmax(1)) for v, p in zip(shown, probs, strict=False)],
                 data.classes,
                 self.out / "strips.png",
                 f"{cfg.head}: ground truth (upper) and prediction (lower) of {len(shown)} val videos",

@@ -601,6 +601,7 @@ def _run(
                 if not busy and not (nvdec is not None and nvdec.pending):
                     break
                 quick = releases or (nvdec is not None and nvdec.pending)
+                pool.kill_stalled(cfg.decode_timeout)
                 messages, crashes = pool.poll(0.002 if quick else 0.5)
                 for w, message in messages:
                     handle(message, from_pool(w))

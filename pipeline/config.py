@@ -294,9 +294,10 @@ class ExtractConfig(_Settings):
     """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes
     in-process."""
     decoder: str = "auto"
-    """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for
-    H.264, HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is
-    measured faster on the machine: see docs/performance.md)."""
+    """Video decoding: cpu (OpenCV/FFmpeg in the decode workers), nvdec (the GPU's decoder through PyNvVideoCodec,
+    `pip install 'framecache[nvdec]'`, for H.264, HEVC, AV1 and VP9 files; anything else, or any failure, goes to
+    the CPU decoder), or auto (on a CUDA device with PyNvVideoCodec installed, both at once: NVDEC and the CPU
+    decoder share the videos; else cpu)."""
     preprocess: str = "auto"
     """Where frames are resized and cropped: workers (each frame in its decode worker), device (whole chunks
     on the model's device) or auto (device on CUDA, workers elsewhere). Same operations either way."""

@@ -27,7 +27,7 @@ from pipeline.extract.batcher import Batcher, Owner
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
 from pipeline.extract.sink import PartSink
-from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows
+from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows, WorkQueue
 from pipeline.extract.workers import DecodeJob, DecodePool
 from pipeline.runtime import cpu_count, default_workers, pick_device
 from pipeline.spec import FeatureSpec
@@ -276,15 +276,17 @@ class _Progress:
 
 
 def _nvdec_usable(decoder: str, device: torch.device) -> bool:
-    """Whether --decoder asks for NVDEC and it can run here (the reason is logged when it cannot).
-    auto is cpu until NVDEC has been measured faster on the target (docs/performance.md)."""
-    if decoder != "nvdec":
+    """Whether NVDEC decodes in this run: --decoder nvdec when it can run here (else a warning says why), auto when
+    it is a CUDA run and PyNvVideoCodec is installed."""
+    if decoder == "cpu":
         return False
     from pipeline.extract import nvdec
 
     reason = nvdec.unavailable_reason(device)
-    if reason is not None:
+    if reason is not None and decoder == "nvdec":
         log.warning("--decoder nvdec is unavailable: %s; decoding on the CPU", reason)
+    elif reason is not None and device.type == "cuda":
+        log.info("NVDEC is not used: %s", reason)
     return reason is None
 
 
@@ -296,22 +298,26 @@ def _nvdec_decoders(device: torch.device):
 
 
 def _frame_sources(todo: list[VideoItem], jobs: list[DecodeJob], cfg: ExtractConfig, workers: int, device, native):
-    """The run's frame sources, each video given to one: NVDEC for videos when it is asked for and can run here,
-    the decode workers (or this process) for everything else; the CPU source also takes NVDEC's give-ups."""
+    """The run's frame sources over one work queue: NVDEC, when it runs, takes videos (and the CPU decoder takes
+    videos too with --decoder auto); the decode workers (or this process) take frame folders and NVDEC's
+    give-ups."""
+    use_nvdec = _nvdec_usable(cfg.decoder, device)
+    work = WorkQueue(shared=not (use_nvdec and cfg.decoder == "nvdec"))
+    for i, item in enumerate(todo):
+        (work.videos if use_nvdec and item.kind == "video" else work.cpu).append(i)
     cpu: PoolSource | InProcessSource
     if workers > 0:
         pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
         if device.type == "cuda" and native:
             pool.pin()
-        cpu = PoolSource(pool, jobs, native, cfg.decode_timeout)
+        cpu = PoolSource(pool, jobs, work, native, cfg.decode_timeout)
     else:
-        cpu = InProcessSource(jobs, native)
-    nvdec = NvdecSource(_nvdec_decoders(device)) if _nvdec_usable(cfg.decoder, device) else None
-    for i, item in enumerate(todo):
-        if nvdec is not None and item.kind == "video":
-            nvdec.add(jobs[i])
-        else:
-            cpu.add(i)
+        cpu = InProcessSource(jobs, work, native)
+    try:
+        nvdec = NvdecSource(_nvdec_decoders(device), jobs, work) if use_nvdec else None
+    except BaseException:
+        cpu.close(device)
+        raise
     return cpu, nvdec
 
 
@@ -375,7 +381,7 @@ class _Loop:
             self.batcher.drop(i)
             self.sink.discard(i)
             self.attempt[i] = self.attempt.get(i, 0) + 1
-            self.cpu.add(i)
+            self.cpu.work.cpu.append(i)
         else:
             self.fail(i, event.reason)
 
@@ -438,12 +444,12 @@ class _Loop:
                 self.progress.video_done(outcome.video)
 
     # -- the run
-    def run(self, jobs: list[DecodeJob], workers: int, native: bool) -> None:
-        nvdec = None
+    def run(self, cpu, nvdec=None) -> None:
+        """Run until both sources are drained. `cpu` takes NVDEC's give-ups; both are closed at the end."""
+        self.cpu = cpu
         last_index = time.monotonic()
         try:
-            self.cpu, nvdec = _frame_sources(self.todo, jobs, self.cfg, workers, self.device, native)
-            sources = [s for s in (nvdec, self.cpu) if s is not None]
+            sources = [s for s in (nvdec, cpu) if s is not None]
             while any(s.busy for s in sources):
                 # Wait long for the decode workers only when nothing else needs attention soon.
                 quick = (nvdec is not None and nvdec.busy) or self.cpu.in_flight_copies
@@ -495,4 +501,5 @@ def _run(
         DecodeJob(i, item.path, cfg.sampling, None if native else embed.pre, cfg.max_pixels)
         for i, item in enumerate(todo)
     ]
-    _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device).run(jobs, workers, native)
+    loop = _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device)
+    loop.run(*_frame_sources(todo, jobs, cfg, workers, device, native))

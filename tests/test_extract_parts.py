@@ -97,3 +97,15 @@ def test_the_sink_fails_a_video_with_non_finite_features_and_records_why(tmp_pat
     writer.close()
     cache = pipeline.open_cache(tmp_path / "c.h5")
     assert len(cache) == 0 and "non-finite" in cache.failures()[0]["reason"]
+
+
+def test_the_report_separates_start_up_from_the_steady_state(tmp_path):
+    from helpers import FAST, make_video
+
+    for k in range(3):
+        make_video(tmp_path / "v" / f"v{k}.avi", 12, offset=k)
+    report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "c.h5", **{**FAST, "batch_size": 4})
+    start = report.startup
+    assert set(start) == {"process", "setup", "first_batch", "first_frames"} and start["first_frames"] == 4
+    assert 0 < start["setup"] + start["first_batch"] < report.seconds and start["process"] > 0
+    assert report.steady_fps > 0

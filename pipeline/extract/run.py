@@ -29,7 +29,7 @@ from pipeline.extract.preprocess import crop_batch, resolve_mode
 from pipeline.extract.sink import PartSink
 from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows, WorkQueue
 from pipeline.extract.workers import DecodeJob, DecodePool
-from pipeline.runtime import cpu_count, default_workers, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device, process_age
 from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -54,10 +54,20 @@ class ExtractReport:
     seconds: float = 0.0
     device_busy_seconds: float = 0.0  # CUDA: device time of the forward passes (normalise, model, copy back)
     worker_restarts: int = 0  # decode workers replaced after they died
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds before the first features: `process` (interpreter start and imports, before extract_videos was
+    called), `setup` (inputs, backbone, device, cache, resume check), `first_batch` (workers, first decode and
+    forward pass); the rest of `seconds` is the steady state."""
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def steady_fps(self) -> float:
+        """Frames per second after the first features came back (start-up excluded)."""
+        after = self.seconds - self.startup.get("setup", 0.0) - self.startup.get("first_batch", 0.0)
+        return (self.frames - self.startup.get("first_frames", 0)) / after if after > 0 else 0.0
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
@@ -113,6 +123,7 @@ def extract_videos(
     """
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
+    report_startup = {"process": process_age()}
     dist = Distributed.from_env(cfg.shard)
     unreadable: dict[str, str] = {}
     items = discover(inputs, unreadable)
@@ -144,7 +155,7 @@ def extract_videos(
             "--overwrite cannot be used by several ranks at once; delete the cache and its .parts folder first"
         )
     writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
-    report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
+    report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard, startup=report_startup)
     report.failed.update({folder: (folder, reason) for folder, reason in unreadable.items()})
     try:
         todo, signatures = [], {}
@@ -158,6 +169,7 @@ def extract_videos(
         log.info("%d videos: %d to extract, %d already in %s", len(items), len(todo), len(report.skipped), cfg.output)
         if todo:
             embedder = FrameEmbedder(loaded, device, compile=cfg.compile)
+            report.startup["setup"] = time.perf_counter() - started
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
         if cfg.prune and not dist.shard:
             report.pruned = writer.prune_missing_sources()
@@ -182,6 +194,14 @@ def extract_videos(
     elif cfg.pack:
         report.packed = bool(pack(cfg.output))
     report.seconds = time.perf_counter() - started
+    if report.startup.get("first_batch") is not None:
+        log.info(
+            "start-up: %.2fs process and imports, %.2fs setup, %.2fs to the first features; then %.0f frames/s",
+            report.startup["process"],
+            report.startup["setup"],
+            report.startup["first_batch"],
+            report.steady_fps,
+        )
     return report
 
 
@@ -347,6 +367,7 @@ class _Loop:
         self.attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
         self.inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
         self.cpu = None
+        self.started = time.perf_counter()
 
     def _attrs(self, i: int, signatures: dict) -> dict:
         item = self.todo[i]
@@ -421,6 +442,9 @@ class _Loop:
         while self.inflight and (len(self.inflight) > keep or self.inflight[0][0].ready()):
             pending, owners = self.inflight.popleft()
             feats = pending.result().numpy()  # (rows, D)
+            if "first_batch" not in self.report.startup:
+                self.report.startup["first_batch"] = time.perf_counter() - self.started
+                self.report.startup["first_frames"] = len(feats)
             self.progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
             self.sink.features(feats, owners, self.alive)
             self.report.frames += len(feats)

@@ -168,7 +168,7 @@ def extract_videos(
                 signatures[item.key] = sig
         log.info("%d videos: %d to extract, %d already in %s", len(items), len(todo), len(report.skipped), cfg.output)
         if todo:
-            embedder = FrameEmbedder(loaded, device, compile=cfg.compile)
+            embedder = FrameEmbedder(loaded, device, compile=cfg.compile, graph=cfg.cuda_graph)
             report.startup["setup"] = time.perf_counter() - started
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
         if cfg.prune and not dist.shard:

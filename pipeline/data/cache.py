@@ -116,10 +116,13 @@ class PartWriter:
 
     Rows are buffered up to CONTIGUOUS_MAX_ROWS so short videos get one exact contiguous dataset; past that the
     buffer moves into a resizable (CHUNK_ROWS, D) dataset and memory stays bounded however long the video is.
+    `windows`: the rows are windows of frames (a video backbone) and each has a frame span (`frame_spans`).
     """
 
-    def __init__(self, final: Path, dim: int, dtype: str, tag: str = ""):
+    def __init__(self, final: Path, dim: int, dtype: str, tag: str = "", windows: bool = False):
         self.final = final
+        self.windows = windows
+        self._spans: list[np.ndarray] = []
         self.tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
         self.dim, self.dtype = dim, np.dtype(dtype)
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -127,13 +130,20 @@ class PartWriter:
         self._file: h5py.File | None = None
         self.rows = 0
 
-    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray) -> None:
-        """Shapes: features (n, D) float32; frame_indices (n,); timestamps (n,) seconds."""
+    def append(
+        self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray, spans: np.ndarray | None = None
+    ) -> None:
+        """Shapes: features (n, D) float32; frame_indices (n,); timestamps (n,) seconds; spans (n, 2) (window rows:
+        first and last decoded frame of each window)."""
+        if self.windows != (spans is not None):
+            raise ValueError("window rows need their frame spans, and only window rows have them")
         feats = features.astype(self.dtype)
         if not np.isfinite(feats).all():
             hint = " (they overflow float16: use --dtype float32)" if self.dtype == np.float16 else ""
             raise ValueError(f"the backbone produced non-finite features{hint}")
         self._buf.append((feats, np.asarray(frame_indices, np.int64), np.asarray(timestamps, np.float64)))
+        if spans is not None:
+            self._spans.append(np.asarray(spans, np.int64).reshape(len(feats), 2))
         self._buffered += len(feats)
         self.rows += len(feats)
         if self._buffered > CONTIGUOUS_MAX_ROWS:
@@ -141,7 +151,8 @@ class PartWriter:
 
     def _spill(self) -> None:
         feats, idx, ts = (np.concatenate(c) for c in zip(*self._buf))
-        self._buf, self._buffered = [], 0
+        spans = np.concatenate(self._spans) if self.windows else None
+        self._buf, self._buffered, self._spans = [], 0, []
         if self._file is None:
             self._file = h5py.File(self.tmp, "w")
             self._file.create_dataset(
@@ -153,7 +164,12 @@ class PartWriter:
             )
             self._file.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             self._file.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
-        for name, arr in (("features", feats), ("frame_indices", idx), ("timestamps", ts)):
+            if self.windows:
+                self._file.create_dataset(
+                    "frame_spans", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(2048, 2)
+                )
+        columns = [("features", feats), ("frame_indices", idx), ("timestamps", ts)]
+        for name, arr in columns + ([("frame_spans", spans)] if self.windows else []):
             ds = self._file[name]
             n = ds.shape[0]
             ds.resize(n + len(arr), axis=0)
@@ -170,6 +186,9 @@ class PartWriter:
             self._file.create_dataset("features", data=feats)
             self._file.create_dataset("frame_indices", data=idx)
             self._file.create_dataset("timestamps", data=ts)
+            if self.windows:
+                spans = np.concatenate(self._spans) if self._spans else np.zeros((0, 2), np.int64)
+                self._file.create_dataset("frame_spans", data=spans)
         elif self._buf:
             self._spill()
         for k, v in attrs.items():
@@ -298,7 +317,7 @@ class CacheWriter:
         return row["source_size"] == source_size and row["source_mtime_ns"] == source_mtime_ns
 
     def begin(self, key: str, dim: int) -> PartWriter:
-        return PartWriter(self.part_path(key), dim, self.dtype, self.tag)
+        return PartWriter(self.part_path(key), dim, self.dtype, self.tag, windows=self.spec.window is not None)
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
         """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),
@@ -588,12 +607,14 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
             src = f["videos"][vid]
             tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
             with h5py.File(tmp, "w") as out:
-                for name in ("features", "frame_indices", "timestamps"):
+                for name in ("features", "frame_indices", "timestamps", "frame_spans"):
+                    if name not in src:  # frame_spans: window rows only
+                        continue
                     data = src[name][()]
                     long = len(data) > CONTIGUOUS_MAX_ROWS
                     chunks = None
                     if long:  # as PartWriter writes a long video: resizable, (256, D) chunks
-                        chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096,)
+                        chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096, *data.shape[1:])
                     out.create_dataset(
                         name, data=data, chunks=chunks, maxshape=(None, *data.shape[1:]) if long else None
                     )
@@ -675,7 +696,7 @@ class FeatureCache:
     """Read access to a feature cache. Opens HDF5 lazily, so it can be handed to DataLoader worker processes.
 
     Shapes: features(key) -> (T, D) in the stored dtype; frame_indices(key) -> (T,) int64;
-    timestamps(key) -> (T,) float64 seconds.
+    timestamps(key) -> (T,) float64 seconds; frame_spans(key) -> (T, 2) int64 (caches of window rows).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -802,6 +823,8 @@ class FeatureCache:
                         bad[key] = f"features of dtype {feats.dtype}, the cache stores {self.dtype}"
                     elif any(group[c].shape != (n,) for c in ("frame_indices", "timestamps")):
                         bad[key] = "frame_indices or timestamps do not have one entry per row"
+                    elif self.spec.window is not None and group["frame_spans"].shape != (n, 2):
+                        bad[key] = f"frame_spans of shape {group['frame_spans'].shape}, the index says ({n}, 2)"
                     elif n:
                         for c in ("features", "frame_indices", "timestamps"):
                             group[c][:1], group[c][n - 1 :]
@@ -879,6 +902,13 @@ class FeatureCache:
 
     def timestamps(self, key: str) -> np.ndarray:
         return self._read(key, lambda g: g["timestamps"][()])
+
+    def frame_spans(self, key: str) -> np.ndarray | None:
+        """Window rows (a video backbone): (T, 2) first and last decoded frame of each row's window, inclusive;
+        None for a cache of per-frame rows."""
+        if self.spec.window is None:
+            return None
+        return self._read(key, lambda g: g["frame_spans"][()])
 
     def info(self, key: str) -> dict:
         """Everything recorded about the video: label, source_path, native_fps, width, height, decoded_frames, ..."""
@@ -1005,4 +1035,6 @@ def _copy_video(src, dst) -> None:
     dst.create_dataset("features", data=feats, chunks=(rows, feats.shape[1]))
     dst.create_dataset("frame_indices", data=src["frame_indices"][()])
     dst.create_dataset("timestamps", data=src["timestamps"][()])
+    if "frame_spans" in src:
+        dst.create_dataset("frame_spans", data=src["frame_spans"][()])
     _copy_attrs(src.attrs, dst.attrs)

@@ -76,6 +76,11 @@ def default_preprocessing(weights) -> Preprocessing:
     )
 
 
+def preset_crop(backbone: str) -> int:
+    """The crop size of the default weights' preset of a torchvision model."""
+    return default_preprocessing(model_weights_enum(backbone).DEFAULT).crop
+
+
 def weights_clip_len(weights) -> int:
     """Frames per clip that torchvision's video weights were evaluated on (their docs: `clip_len=16`)."""
     found = re.search(r"clip_len=(\d+)", weights.meta.get("_docs", ""))

@@ -28,6 +28,7 @@ from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
+from pipeline.extract.windows import Windower, resolve_window
 from pipeline.extract.workers import (
     JOBS_AHEAD,
     DecodeJob,
@@ -67,9 +68,10 @@ class ExtractReport:
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        rows = "windows" if self.spec.window else "frames"
         text = (
             f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-            f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+            f"{self.frames} {rows} in {self.seconds:.1f}s ({fps:.1f} {rows}/s) -> "
             f"{printable(str(self.cache))}"
         )
         if self.pruned:
@@ -132,18 +134,20 @@ def extract_videos(
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
     threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
-    batch_size = cfg.batch_size or default_batch_size(device)
-
     loaded = backbone_model or load_backbone(
         cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.runtime.progress
     )
+    window = resolve_window(loaded, cfg.backbone, cfg.window, cfg.window_stride)
+    # video backbones: windows per pass, as many as hold the default number of frames
+    batch_size = cfg.batch_size or max(1, default_batch_size(device) // (window.size if window else 1))
     spec = FeatureSpec(
-        backbone=cfg.backbone,
+        backbone=loaded.backbone or cfg.backbone,
         weights=loaded.weights,
         weights_sha256=loaded.weights_sha256,
         preprocessing=loaded.preprocessing,
         sampling=cfg.sampling,
         dim=loaded.dim,
+        window=window,
     )
     if dist.shard and cfg.overwrite:
         raise ValueError(
@@ -328,8 +332,8 @@ class _AsyncPart:
     def __init__(self, part, committer: _Committer):
         self.part, self.committer = part, committer
 
-    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray) -> None:
-        self.part.append(features, frame_indices, timestamps)
+    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray, spans=None) -> None:
+        self.part.append(features, frame_indices, timestamps, spans)
 
     def commit(self, attrs: dict) -> None:
         self.committer.submit(self.part, attrs)
@@ -387,8 +391,11 @@ def _run(
     nvdec = None
     use_nvdec = _nvdec_usable(cfg.decoder, device)
 
-    queue: deque = deque()  # (i, crops (n,3,C,C) uint8 on the host or the device, frame_indices, timestamps)
+    # (i, crops (n,3,C,C) or window clips (n,W,3,C,C) uint8 on the host or the device, frame_indices, timestamps,
+    # frame spans of window rows or None)
+    queue: deque = deque()
     queued = 0
+    windowers: dict[int, Windower] = {}  # video backbones: video i's frames not yet in a window
     outstanding: dict[int, int] = {}  # rows of video i not yet through the model
     ended: dict[int, dict] = {}
     parts = {}
@@ -430,6 +437,7 @@ def _run(
             parts.pop(i).abort()
         outstanding.pop(i, None)
         ended.pop(i, None)
+        windowers.pop(i, None)
         dead.add(i)
         report.failed[item.key] = (str(item.path), reason)
         writer.record_failure(item.key, str(item.path), reason)
@@ -448,15 +456,15 @@ def _run(
         pieces, owners = [], []
         rows = n
         while n > 0:
-            i, frames, idx, ts = queue.popleft()
+            i, frames, idx, ts, spans = queue.popleft()
             if len(frames) > n:  # split the chunk: the rest stays at the front for the next batch
-                queue.appendleft((i, frames[n:], idx[n:], ts[n:]))
-                frames, idx, ts = frames[:n], idx[:n], ts[:n]
+                queue.appendleft((i, frames[n:], idx[n:], ts[n:], None if spans is None else spans[n:]))
+                frames, idx, ts, spans = frames[:n], idx[:n], ts[:n], None if spans is None else spans[:n]
             pieces.append(frames)
-            owners.append((i, attempt.get(i, 0), idx, ts))
+            owners.append((i, attempt.get(i, 0), idx, ts, spans))
             n -= len(frames)
             queued -= len(frames)
-        batch = torch.cat(pieces)  # (rows, 3, C, C)
+        batch = torch.cat(pieces)  # (rows, 3, C, C), or (rows, W, 3, C, C) window clips
         if rows < batch_size:
             # Every forward pass has the same shape, so a frame's features are the same bytes whatever shared
             # its batch: a resumed run equals an uninterrupted one (the padding rows are computed and
@@ -473,11 +481,11 @@ def _run(
             feats = pending.result().numpy()  # (rows, D)
             progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
             row = 0
-            for i, gen, idx, ts in owners:
+            for i, gen, idx, ts, spans in owners:
                 k = len(idx)
                 if i in parts and attempt.get(i, 0) == gen:  # the video may have failed while its rows waited
                     try:
-                        parts[i].append(feats[row : row + k], idx, ts)
+                        parts[i].append(feats[row : row + k], idx, ts, spans)
                     except ValueError as e:
                         fail(i, str(e))
                     else:
@@ -497,7 +505,6 @@ def _run(
     def rows(i: int, frames: torch.Tensor, idx, ts, release, whole: bool) -> None:
         """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on
         the host or the device. `release(event)` hands their memory back (once `event` has passed)."""
-        nonlocal queued
         progress.reading(todo[i].path.name)
         if whole:
             if frames.device.type == "cpu":
@@ -512,9 +519,19 @@ def _run(
         if i not in parts:
             parts[i] = _AsyncPart(writer.begin(todo[i].key, writer.spec.dim), committer)
             outstanding[i] = 0
-        queue.append((i, crops, np.asarray(idx), np.asarray(ts)))
-        queued += len(crops)
-        outstanding[i] += len(crops)
+        if writer.spec.window is None:
+            enqueue(i, crops, np.asarray(idx), np.asarray(ts), None)
+        else:
+            clips = windowers.setdefault(i, Windower(writer.spec.window)).push(crops, idx, ts)
+            if clips is not None:
+                enqueue(i, clips.clips, clips.frame_indices, clips.timestamps, clips.spans)
+
+    def enqueue(i: int, rows: torch.Tensor, idx: np.ndarray, ts: np.ndarray, spans: np.ndarray | None) -> None:
+        """Rows of video i for the model: frames (n, 3, C, C) or window clips (n, W, 3, C, C)."""
+        nonlocal queued
+        queue.append((i, rows, idx, ts, spans))
+        queued += len(rows)
+        outstanding[i] += len(rows)
         while queued >= batch_size:
             forward(batch_size)
 
@@ -528,6 +545,9 @@ def _run(
             frames, release = frames_of(message[2])
             rows(i, frames, message[3], message[4], release, whole)
         elif kind == "end":
+            last = windowers.pop(i).finish() if i in windowers else None
+            if last is not None:  # a video shorter than one window: its one padded window
+                enqueue(i, last.clips, last.frame_indices, last.timestamps, last.spans)
             ended[i] = message[2]
             if outstanding.get(i, 0) == 0 and i in parts:
                 finish(i)
@@ -538,6 +558,7 @@ def _run(
                 parts.pop(i).abort()
             outstanding.pop(i, None)
             ended.pop(i, None)
+            windowers.pop(i, None)
             attempt[i] = attempt.get(i, 0) + 1
             waiting.append(i)
         else:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.extract.backbone import LoadedBackbone, preset_crop
 from pipeline.spec import Window
 
 
@@ -103,3 +104,29 @@ def window_count(sampled: int, window: Window) -> int:
     if sampled < window.size:
         return 1
     return (sampled - window.size) // window.stride + 1
+
+
+def resolve_window(loaded: LoadedBackbone, backbone: str, size: int | None, stride: int | None) -> Window | None:
+    """The Window of a run: --window (default: the weights' clip length) every --window-stride (default: --window)
+    frames for a video backbone; None for an image backbone, which refuses the two flags. Checks with one forward
+    pass that a window other than the weights' own fits the model (MViT takes exactly 16 frames)."""
+    if not loaded.video:
+        if size is not None or stride is not None:
+            raise ValueError(
+                f"--window and --window-stride apply to video backbones (r3d_18, s3d, mvit_v2_s, swin3d_t, ...); "
+                f"{backbone} makes one row per frame"
+            )
+        return None
+    window = Window(size or loaded.clip_len, stride or size or loaded.clip_len)
+    if window.size != loaded.clip_len or loaded.preprocessing.crop != preset_crop(backbone):
+        crop = loaded.preprocessing.crop
+        try:
+            with torch.inference_mode():
+                loaded.model.eval()(torch.zeros(1, 3, window.size, crop, crop))
+        except Exception as e:  # the model's own complaint, in one line
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(
+                f"--window {window.size} with {crop}x{crop} crops does not fit {backbone} (its weights take clips of "
+                f"{loaded.clip_len} frames at {preset_crop(backbone)}x{preset_crop(backbone)}): {detail}"
+            ) from None
+    return window

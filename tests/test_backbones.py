@@ -141,6 +141,19 @@ def test_windows_never_depend_on_their_batch_and_resume_equals_one_run(videos, w
     np.testing.assert_array_equal(pipeline.open_cache(one).features("v11.mp4"), a.features("red/v11.mp4"))
 
 
+def test_a_bad_input_fails_alone_among_window_rows(videos, window_cache, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "v11.mp4").write_bytes((videos / "red" / "v11.mp4").read_bytes())
+    (folder / "broken.mp4").write_bytes((videos / "red" / "v7.mp4").read_bytes()[:300])  # a truncated file
+    (folder / "empty.mp4").write_bytes(b"")
+    report = pipeline.extract_videos([folder], tmp_path / "c.h5", workers=1, **VIDEO)
+    assert sorted(report.failed) == ["broken.mp4", "empty.mp4"] and report.extracted == ["v11.mp4"]
+    cache = pipeline.open_cache(tmp_path / "c.h5")
+    np.testing.assert_array_equal(cache.features("v11.mp4"), pipeline.open_cache(window_cache).features("red/v11.mp4"))
+    assert {f["key"] for f in cache.failures()} == {"broken.mp4", "empty.mp4"}
+
+
 def test_another_window_is_another_spec_and_is_refused(videos, window_cache):
     with pytest.raises(CacheError, match="window"):
         pipeline.extract_videos([videos], window_cache, workers=0, **{**VIDEO, "window_stride": 4})

@@ -315,6 +315,10 @@ class ExtractConfig(_Settings):
     max_pixels: int | None = 8192 * 8192
     """Refuse frames larger than this many pixels (from the file's header where it says, before decoding): one
     frame bomb must not exhaust memory (the Python API takes None: no limit)."""
+    decode_timeout: float = 120.0
+    """Seconds a decode worker may go without a frame (while it has a video and room for frames) before it is
+    stopped and its video recorded as failed: a decoder that hangs on a corrupt stream fails its video, not the
+    run. Applies to decode workers (not to --workers 0)."""
     overwrite: bool = False
     """Discard an existing cache built with a different feature spec instead of refusing."""
     shard: str | None = None
@@ -342,6 +346,8 @@ class ExtractConfig(_Settings):
         _one_of("--decoder", self.decoder, DECODERS)
         _one_of("--preprocess", self.preprocess, PREPROCESS)
         _at_least(1, max_pixels=self.max_pixels)
+        if not self.decode_timeout > 0:  # also refuses nan
+            raise ValueError(f"--decode-timeout must be a positive number of seconds, got {self.decode_timeout}")
         for flag, value in (("--mean", self.mean), ("--std", self.std)):
             if value is not None and len(value) != 3:
                 raise ValueError(f"{flag} takes three numbers (R G B), got {value}")

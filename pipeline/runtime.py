@@ -96,3 +96,62 @@ def start_workers(source) -> Iterator:
     """iter(source) (e.g. a DataLoader, which forks its workers there), with OpenCV's pool at one thread."""
     with opencv_single_thread():
         return iter(source)
+
+
+# ------------------------------------------------------------------------ processes that die with the run
+# A forked child inherits every descriptor of its parent: the parent's ends of its own pipes (so the parent's death
+# never reaches it as end-of-file), the other workers' pipes and the cache's lock (so a child that outlives a killed
+# run keeps the cache locked). Two lines of defence, installed for every fork of this process (decode workers,
+# DataLoader workers of finetune and lazy training, anything else):
+#   1. the child closes at once what only the parent may hold (registered with `parent_only`);
+#   2. the child asks the kernel to kill it when the parent dies (PR_SET_PDEATHSIG), and exits if that happened
+#      already, between the fork and the request.
+_PARENT_ONLY: dict[int, object] = {}  # id -> an object with close(), or a raw descriptor (int)
+_PARENT = {"pid": 0, "main_thread": True}
+PR_SET_PDEATHSIG = 1
+
+
+def parent_only(resource, token: int | None = None) -> int:
+    """Register a descriptor (int) or an object with close() (a Connection) that forked children must not keep;
+    returns the token that `forget` takes once the parent has closed it."""
+    token = id(resource) if token is None else token
+    _PARENT_ONLY[token] = resource
+    return token
+
+
+def forget(token: int) -> None:
+    _PARENT_ONLY.pop(token, None)
+
+
+def _before_fork() -> None:
+    import threading
+
+    _PARENT["pid"] = os.getpid()
+    # The kernel sends the parent-death signal when the *thread* that forked exits: only ask for it when the
+    # forking thread is the main one, which lives as long as the process.
+    _PARENT["main_thread"] = threading.current_thread() is threading.main_thread()
+
+
+def _in_child() -> None:
+    resources = list(_PARENT_ONLY.values())
+    _PARENT_ONLY.clear()
+    for resource in resources:
+        with contextlib.suppress(OSError, ValueError):
+            os.close(resource) if isinstance(resource, int) else resource.close()
+    if _PARENT["main_thread"]:
+        die_with_parent(_PARENT["pid"])
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when `parent` dies (Linux), and exit now if it is gone already."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_before_fork, after_in_child=_in_child)

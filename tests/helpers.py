@@ -5,6 +5,10 @@ Imported by the tests as `from helpers import ...` (pytest puts tests/ on the pa
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import time
 from pathlib import Path
 
 import cv2
@@ -141,3 +145,60 @@ def write_label_folder(folder: Path, labels: dict[str, list[str]]) -> Path:
     for key, rows in labels.items():
         (folder / (Path(key).stem + ".txt")).write_text("\n".join(rows) + "\n")
     return folder
+
+
+# ------------------------------------------------------------------------------------------ processes of a run
+def _stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, state) of a process from /proc, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return int(fields[1]), fields[0].decode()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+            children.setdefault(stat[0], []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def survivors(pids: list[int], within_s: float) -> list[int]:
+    """The processes of `pids` still running (zombies have exited) after waiting up to `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [p for p in pids if (stat := _stat(p)) is not None and stat[1] != "Z"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def kill_mid_run(proc, ready, children: int = 1, timeout_s: float = 120) -> list[int]:
+    """SIGKILL `proc` (only the main process, as the OOM killer would) once `ready()` holds and it has at least
+    `children` processes below it; returns the processes of the run still alive 2 s later (after killing them,
+    so that a failing test leaves nothing behind)."""
+    start = time.monotonic()
+    below: list[int] = []
+    while proc.poll() is None and time.monotonic() - start < timeout_s:
+        below = descendants(proc.pid)
+        if len(below) >= children and ready():
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be killed mid-run"
+    proc.kill()
+    proc.wait()
+    left = survivors(below, within_s=2.0)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return left

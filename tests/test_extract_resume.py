@@ -12,7 +12,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from helpers import FAST, make_video
+from helpers import FAST, descendants, make_video, survivors
 
 import pipeline
 from pipeline.data.cache import CacheError, parts_dir
@@ -123,7 +123,7 @@ CRASH_ARGS = [
     "--threads",
     "1",
     "--workers",
-    "1",
+    "2",
     "-q",
 ]
 
@@ -140,28 +140,24 @@ def _launch(videos: Path, out: Path) -> subprocess.Popen:
 
 
 def _kill_when(proc: subprocess.Popen, out: Path, parts: int | None, after_s: float | None = None) -> int:
-    """SIGKILL the extraction process once `parts` videos are committed (or after `after_s` seconds)."""
+    """SIGKILL the extraction process once `parts` videos are committed (or after `after_s` seconds); every
+    process it started must be gone 2 s later."""
     start = time.monotonic()
     pdir = parts_dir(out)
+    below = []
     while proc.poll() is None and time.monotonic() - start < 120:
+        below = descendants(proc.pid) or below  # its decode workers, once started
         done = len(list(pdir.glob("*.h5"))) if pdir.is_dir() else -1
         if (parts is not None and done >= parts) or (after_s is not None and time.monotonic() - start >= after_s):
             break
         time.sleep(0.005)
     proc.kill()  # kill -9 of the main process only, as a user or the OOM killer would
     proc.wait()
-    time.sleep(0.2)
-    if _group_alive(proc.pid):  # reap decode workers orphaned by the kill
+    left = survivors(below, within_s=2.0)
+    if left:
         os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"decode workers {left} outlived the killed run"
     return len(list(pdir.glob("*.h5"))) if pdir.is_dir() else 0
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.mark.slow

@@ -210,7 +210,7 @@ def fake_torchcodec(monkeypatch):
     monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
     # As on a GPU, where torchcodec would be importable:
     monkeypatch.setattr(run, "_nvdec_usable", lambda decoder, device: decoder == "nvdec")
-    monkeypatch.setattr(run, "_nvdec_decoders", lambda decoder, device: nvdec.NvdecDecoders(device, threads=2))
+    monkeypatch.setattr(run, "_nvdec_decoders", lambda device: nvdec.NvdecDecoders(device, threads=2))
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -36,10 +36,25 @@ SPEC_FILE = "spec.json"
 # `layout` attribute of CACHE.h5: an index beside a parts folder (caches without the attribute are of this
 # kind), or one self-contained file made by `pack` whose /videos/<id> are groups holding the data.
 LAYOUT_PARTS, LAYOUT_PACKED = "parts", "packed"
-PACK_CHUNK_ROWS = 256
-# A video of at most this many rows is written as one contiguous dataset; longer ones stream into a chunked one.
+# A video of at most this many rows is written in one go, sized exactly; longer ones stream into a resizable dataset.
 CONTIGUOUS_MAX_ROWS = 1024
 CHUNK_ROWS = 256  # (256, D) chunks: 1 MiB for D=2048 in float16, the size h5py's docs recommend for hot data
+# Every chunk carries a Fletcher-32 checksum: a damaged byte fails the read of its chunk instead of reaching training.
+# Caches written before it (no filter) read as before.
+CHECKSUM = {"fletcher32": True}
+CHECK_ROWS = 16 * CHUNK_ROWS  # `info --check` reads this many rows at a time
+DAMAGED_SUFFIX = ".h5.damaged"  # a part whose checksum failed, set aside: the next extraction redoes the video
+DAMAGED_CHUNK = "filter returned failure"  # HDF5's words when a chunk's checksum (our only filter) fails
+
+
+def _create(group, name: str, data=None, **options):
+    """A dataset with checksummed chunks of at most CHUNK_ROWS rows (4096 for 1-d columns), unless given."""
+    shape = data.shape if data is not None else options["shape"]
+    if "chunks" not in options:
+        if shape[0] == 0:  # nothing to checksum (and HDF5 has no empty chunks)
+            return group.create_dataset(name, data=data, **options)
+        options["chunks"] = (min(shape[0], CHUNK_ROWS if len(shape) > 1 else 4096), *shape[1:])
+    return group.create_dataset(name, data=data, **options, **CHECKSUM)
 
 
 class CacheError(RuntimeError):
@@ -114,7 +129,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 class PartWriter:
     """Streams one video's rows into a temporary part file; `commit` renames it into place.
 
-    Rows are buffered up to CONTIGUOUS_MAX_ROWS so short videos get one exact contiguous dataset; past that the
+    Rows are buffered up to CONTIGUOUS_MAX_ROWS so short videos get one exact dataset, written at once; past that the
     buffer moves into a resizable (CHUNK_ROWS, D) dataset and memory stays bounded however long the video is.
     `windows`: the rows are windows of frames (a video backbone) and each has a frame span (`frame_spans`).
     """
@@ -155,19 +170,12 @@ class PartWriter:
         self._buf, self._buffered, self._spans = [], 0, []
         if self._file is None:
             self._file = h5py.File(self.tmp, "w")
-            self._file.create_dataset(
-                "features",
-                shape=(0, self.dim),
-                maxshape=(None, self.dim),
-                dtype=self.dtype,
-                chunks=(CHUNK_ROWS, self.dim),
-            )
-            self._file.create_dataset("frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
-            self._file.create_dataset("timestamps", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
+            f, dim = self._file, self.dim
+            _create(f, "features", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype, chunks=(CHUNK_ROWS, dim))
+            _create(f, "frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
+            _create(f, "timestamps", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
             if self.windows:
-                self._file.create_dataset(
-                    "frame_spans", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(2048, 2)
-                )
+                _create(f, "frame_spans", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
         columns = [("features", feats), ("frame_indices", idx), ("timestamps", ts)]
         for name, arr in columns + ([("frame_spans", spans)] if self.windows else []):
             ds = self._file[name]
@@ -183,12 +191,13 @@ class PartWriter:
                 else (np.zeros((0, self.dim), self.dtype), np.zeros(0, np.int64), np.zeros(0))
             )
             self._file = h5py.File(self.tmp, "w")
-            self._file.create_dataset("features", data=feats)
-            self._file.create_dataset("frame_indices", data=idx)
-            self._file.create_dataset("timestamps", data=ts)
+            columns = [("features", feats), ("frame_indices", idx), ("timestamps", ts)]
             if self.windows:
-                spans = np.concatenate(self._spans) if self._spans else np.zeros((0, 2), np.int64)
-                self._file.create_dataset("frame_spans", data=spans)
+                columns.append(
+                    ("frame_spans", np.concatenate(self._spans) if self._spans else np.zeros((0, 2), np.int64))
+                )
+            for name, data in columns:
+                _create(self._file, name, data)
         elif self._buf:
             self._spill()
         for k, v in attrs.items():
@@ -197,6 +206,7 @@ class PartWriter:
         self._file.close()
         self._file = None
         _commit(self.tmp, self.final)
+        self.final.with_name(self.final.name[: -len(PART_SUFFIX)] + DAMAGED_SUFFIX).unlink(missing_ok=True)
 
     def abort(self) -> None:
         if self._file is not None:
@@ -417,7 +427,7 @@ class CacheWriter:
 
     def close(self) -> None:
         for fd in self._lock_fds:
-            os.close(fd)
+            _unlock(fd)
         self._lock_fds = []
 
 
@@ -458,23 +468,166 @@ LOCK_WAIT_S = 1.0
 
 
 def _lock(lock_path: Path, cache: Path, shared: bool = False) -> int:
+    """Take `lock_path` (exclusive, or shared between shard writers) and return its descriptor.
+
+    An exclusive holder writes who it is into the file (pid, command line, start time). Held by a live
+    process: a CacheError that names it. Held although the process that took it is gone (a descriptor
+    inherited by a leftover child of a killed run): the stale lock is replaced, never a reason to refuse."""
+    from pipeline.runtime import parent_only
+
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     deadline = time.monotonic() + LOCK_WAIT_S
     while True:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-            return fd
+            break
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 os.close(fd)
                 raise
-            if time.monotonic() > deadline:
+            holder = _lock_holder(fd)
+            if holder is not None and not holder["alive"]:
                 os.close(fd)
-                raise CacheError(
-                    f"another extraction is writing to {cache} ({lock_path.name} is held); "
-                    f"wait for it, or choose another -o path"
-                ) from e
+                fd = _replace_stale_lock(lock_path, holder)
+                if fd is not None:
+                    break
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)  # someone else replaced it: try theirs
+            elif time.monotonic() > deadline:
+                os.close(fd)
+                holder_text = _describe_holder(lock_path, holder)
+                raise CacheError(f"another extraction is writing to {cache}: {holder_text}") from e
             time.sleep(0.02)
+    if shared:
+        # No exclusive holder exists while a shared lock is held: a record left by one that was killed goes.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+    else:
+        _write_holder(fd)
+    parent_only(fd, token=fd)  # forked children (decode workers, loaders) close it: the lock dies with this process
+    return fd
+
+
+def _unlock(fd: int) -> None:
+    from pipeline.runtime import forget
+
+    forget(fd)
+    os.close(fd)
+
+
+def _process_started(pid: int) -> int | None:
+    """The start time of process `pid` in clock ticks since boot (/proc/PID/stat), None when it does not exist.
+    With the pid, it names a process for good: a pid can be reused, the pair cannot."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None if not _pid_alive(pid) else -1  # -1: alive, start time unknown (not Linux)
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    if fields[0] == b"Z":  # a zombie has exited; only its exit status is left
+        return None
+    return int(fields[19])
+
+
+def _write_holder(fd: int) -> None:
+    record = {
+        "pid": os.getpid(),
+        "started": _process_started(os.getpid()),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "host": os.uname().nodename,
+        "command": _command_line(os.getpid()),
+    }
+    data = json.dumps(record).encode()
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+
+
+def _command_line(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            words = f.read().rstrip(b"\0").split(b"\0")
+        return " ".join(w.decode("utf-8", "surrogateescape") for w in words)
+    except OSError:
+        return "?"
+
+
+def _lock_holder(fd: int) -> dict | None:
+    """The record of the exclusive holder of a held lock, with `alive`: whether that very process still runs
+    (on this host). None when there is no record (shard writers share the lock and write none)."""
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or "pid" not in record:
+        return None
+    if record.get("host") != os.uname().nodename:
+        record["alive"] = True  # another machine's process (a shared file system): it cannot be checked here
+    else:
+        started = _process_started(int(record["pid"]))
+        record["alive"] = started is not None and started in (record.get("started"), -1)
+    return record
+
+
+def _open_by(path: Path) -> list[int]:
+    """Processes that have `path` open (Linux /proc; empty elsewhere)."""
+    try:
+        target = os.stat(path)
+    except OSError:
+        return []
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    st = os.stat(f"/proc/{entry}/fd/{fd}")
+                    if (st.st_ino, st.st_dev) == (target.st_ino, target.st_dev):
+                        pids.append(int(entry))
+                        break
+    return pids
+
+
+def _describe_holder(lock_path: Path, holder: dict | None) -> str:
+    if holder is not None:
+        return (
+            f"process {holder['pid']} ({printable(holder.get('command', '?'))}), running since "
+            f"{holder.get('since', '?')}, holds {lock_path}; wait for it to finish, stop it (kill "
+            f"{holder['pid']}), or choose another -o path"
+        )
+    pids = _open_by(lock_path)
+    who = ", ".join(f"{pid} ({printable(_command_line(pid))})" for pid in pids[:4]) or "a process not visible here"
+    return f"{lock_path} is held by {who}; wait for it to finish, stop it, or choose another -o path"
+
+
+def _replace_stale_lock(lock_path: Path, holder: dict) -> int | None:
+    """Put a fresh lock file, taken by this process, in place of one whose holder died; None when another
+    process replaced it first."""
+    leftovers = _open_by(lock_path)
+    log.warning(
+        "%s was held by process %s (%s), which is gone%s; taking the lock over",
+        lock_path,
+        holder["pid"],
+        printable(holder.get("command", "?")),
+        f" (processes it left behind still hold the old lock: {', '.join(map(str, leftovers))})" if leftovers else "",
+    )
+    try:
+        old = os.stat(lock_path)
+    except FileNotFoundError:
+        old = None
+    tmp = lock_path.with_name(f"{lock_path.name}.{os.getpid()}.new")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        now = os.stat(lock_path)
+    except FileNotFoundError:
+        now = None
+    if (old and (old.st_ino, old.st_dev)) != (now and (now.st_ino, now.st_dev)):
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        return None
+    os.replace(tmp, lock_path)
+    return fd
 
 
 def writer_active(cache: str | os.PathLike) -> bool:
@@ -605,19 +758,19 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
             if final.exists():
                 continue
             src = f["videos"][vid]
+            try:
+                names = ("features", "frame_indices", "timestamps", "frame_spans")  # frame_spans: window rows only
+                columns = {name: src[name][()] for name in names if name in src}
+            except OSError as e:  # a damaged chunk: leave the video out, so that this run redoes it
+                log.warning("%s: video %s is damaged (%s); it will be extracted again", packed, vid, _short(e))
+                continue
             tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
             with h5py.File(tmp, "w") as out:
-                for name in ("features", "frame_indices", "timestamps", "frame_spans"):
-                    if name not in src:  # frame_spans: window rows only
-                        continue
-                    data = src[name][()]
-                    long = len(data) > CONTIGUOUS_MAX_ROWS
-                    chunks = None
-                    if long:  # as PartWriter writes a long video: resizable, (256, D) chunks
-                        chunks = (CHUNK_ROWS, *data.shape[1:]) if name == "features" else (4096, *data.shape[1:])
-                    out.create_dataset(
-                        name, data=data, chunks=chunks, maxshape=(None, *data.shape[1:]) if long else None
-                    )
+                for name, data in columns.items():
+                    if len(data) > CONTIGUOUS_MAX_ROWS:  # as PartWriter writes a long video: resizable
+                        _create(out, name, data, maxshape=(None, *data.shape[1:]))
+                    else:
+                        _create(out, name, data)
                 _copy_attrs(src.attrs, out.attrs)
             _commit(tmp, final)
             written += 1
@@ -806,33 +959,37 @@ class FeatureCache:
         return [k for k, r in self._rows.items() if source_missing(r["source_path"])]
 
     def check(self) -> dict[str, str]:
-        """Open every video's data and check it against the index; returns key -> problem for the bad ones.
+        """Read every video's data and check it against the index; returns key -> problem for the bad ones.
 
         Checks: the part (or packed group) opens, features are (num_frames, dim) of the cache's dtype,
-        frame_indices and timestamps have num_frames rows, and the first and last rows read (a truncated file
-        fails there)."""
+        frame_indices and timestamps have num_frames rows, and every row reads (each chunk's checksum matches,
+        in caches that have them; a truncated file fails too). A part with a damaged chunk is set aside, so that
+        rerunning the extraction redoes it."""
         bad = {}
         for key, row in self._rows.items():
             try:
-                with self._open_video(key) as group:
-                    feats = group["features"]
-                    n = row["num_frames"]
-                    if feats.shape != (n, self.spec.dim):
-                        bad[key] = f"features of shape {feats.shape}, the index says ({n}, {self.spec.dim})"
-                    elif feats.dtype != np.dtype(self.dtype):
-                        bad[key] = f"features of dtype {feats.dtype}, the cache stores {self.dtype}"
-                    elif any(group[c].shape != (n,) for c in ("frame_indices", "timestamps")):
-                        bad[key] = "frame_indices or timestamps do not have one entry per row"
-                    elif self.spec.window is not None and group["frame_spans"].shape != (n, 2):
-                        bad[key] = f"frame_spans of shape {group['frame_spans'].shape}, the index says ({n}, 2)"
-                    elif n:
-                        for c in ("features", "frame_indices", "timestamps"):
-                            group[c][:1], group[c][n - 1 :]
+                problem = self._read(key, lambda group, n=row["num_frames"]: self._check_video(group, n))
             except CacheError as e:
-                bad[key] = str(e)
-            except (OSError, KeyError, ValueError, RuntimeError) as e:
-                bad[key] = f"unreadable ({_short(e)})"
+                problem = str(e)
+            if problem:
+                bad[key] = problem
         return bad
+
+    def _check_video(self, group, n: int) -> str | None:
+        feats = group["features"]
+        if feats.shape != (n, self.spec.dim):
+            return f"features of shape {feats.shape}, the index says ({n}, {self.spec.dim})"
+        if feats.dtype != np.dtype(self.dtype):
+            return f"features of dtype {feats.dtype}, the cache stores {self.dtype}"
+        if any(group[c].shape != (n,) for c in ("frame_indices", "timestamps")):
+            return "frame_indices or timestamps do not have one entry per row"
+        windows = self.spec.window is not None
+        if windows and ("frame_spans" not in group or group["frame_spans"].shape != (n, 2)):
+            return f"frame_spans missing or not of shape ({n}, 2): window rows record their frame spans"
+        for c in ("features", "frame_indices", "timestamps") + (("frame_spans",) if windows else ()):
+            for start in range(0, n, CHECK_ROWS):  # bounded memory for any video length
+                group[c][start : start + CHECK_ROWS]
+        return None
 
     def unindexed_parts(self) -> int:
         parts = self.parts
@@ -886,6 +1043,8 @@ class FeatureCache:
             problem = _short(e)
         except (OSError, ValueError, RuntimeError) as e:
             problem = _short(e)
+            if DAMAGED_CHUNK in problem:
+                raise self._damaged(key) from None
         where = self.part_path(key) or self.path
         raise CacheError(
             f"{self.path}: the features of {printable(key)!r} cannot be read from {where} "
@@ -893,6 +1052,23 @@ class FeatureCache:
             f"the cache to redo it (`pipeline info --check {self.path}` lists every damaged "
             f"video)"
         ) from None
+
+    def _damaged(self, key: str) -> CacheError:
+        """The error of a chunk whose checksum failed; a part is set aside (renamed *.h5.damaged) so that
+        the next extraction sees the video as not done and redoes it."""
+        part = self.part_path(key)
+        where = part or self.path
+        fix = "rerun the `pipeline extract` command that made the cache: it redoes this video"
+        if part is not None:
+            try:
+                os.replace(part, part.with_name(part.name[: -len(PART_SUFFIX)] + DAMAGED_SUFFIX))
+            except OSError as e:  # a read-only cache: nothing can be set aside
+                fix = f"delete {part} (it could not be set aside: {e.strerror}), then rerun the extraction"
+        return CacheError(
+            f"{self.path}: the features of {printable(key)!r} in {where} are damaged (a checksum does not "
+            f"match: the disk or a copy altered the file); {fix} (`pipeline info --check {self.path}` lists "
+            f"every damaged video)"
+        )
 
     def features(self, key: str) -> np.ndarray:
         return self._read(key, lambda g: g["features"][()])
@@ -1024,17 +1200,13 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
             shutil.rmtree(cache.parts, ignore_errors=True)
     finally:
         if lock_fd is not None:
-            os.close(lock_fd)
+            _unlock(lock_fd)
         cache.close()
     return PackResult(out, len(cache), out.stat().st_size, time.perf_counter() - started)
 
 
 def _copy_video(src, dst) -> None:
-    feats = src["features"][()]
-    rows = max(1, min(PACK_CHUNK_ROWS, len(feats)))
-    dst.create_dataset("features", data=feats, chunks=(rows, feats.shape[1]))
-    dst.create_dataset("frame_indices", data=src["frame_indices"][()])
-    dst.create_dataset("timestamps", data=src["timestamps"][()])
-    if "frame_spans" in src:
-        dst.create_dataset("frame_spans", data=src["frame_spans"][()])
+    for name in ("features", "frame_indices", "timestamps", "frame_spans"):
+        if name in src:  # frame_spans: window rows only
+            _create(dst, name, src[name][()])
     _copy_attrs(src.attrs, dst.attrs)

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from pipeline.data.cache import FeatureCache
+from pipeline.data.cache import CacheError, FeatureCache
 from pipeline.runtime import worker_init
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,13 @@ class RamStore(SequenceStore):
         return _batch(plan, x)
 
 
+@dataclass
+class ReadFailure:
+    """A CacheError met by a reader process, on its way to the main process."""
+
+    message: str
+
+
 class LazyStore(SequenceStore, Dataset):
     """Reads each video from the cache when a batch needs it. The HDF5 file is opened by FeatureCache on first use in
     each process, never here, so that DataLoader workers each get their own handle."""
@@ -141,8 +148,13 @@ class LazyStore(SequenceStore, Dataset):
         return _batch(plan, x)
 
     # Dataset protocol: the DataLoader's sampler yields whole Plans, each worker turns one into a Batch.
-    def __getitem__(self, plan: Plan) -> Batch:
-        return self.gather(plan)
+    def __getitem__(self, plan: Plan) -> Batch | ReadFailure:
+        try:
+            return self.gather(plan)
+        except CacheError as e:
+            # In a reader process: handed over as a value and raised again by `batches` with its own one-line
+            # message (an exception raised here would reach the user wrapped in the DataLoader's traceback text).
+            return ReadFailure(str(e))
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -412,4 +424,7 @@ def batches(store: SequenceStore, plans: list[Plan], workers: int = 0) -> Iterat
         prefetch_factor=4,
         persistent_workers=False,
     )
-    yield from loader
+    for batch in loader:
+        if isinstance(batch, ReadFailure):
+            raise CacheError(batch.message)
+        yield batch

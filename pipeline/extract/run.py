@@ -12,11 +12,9 @@ flight, and a decoder that crashes loses only the video it was reading.
 from __future__ import annotations
 
 import logging
-import queue as queue_module
-import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +24,13 @@ from tqdm import tqdm
 from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with, parse_shard
 from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
+from pipeline.extract.batcher import Batcher, Owner
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
+from pipeline.extract.sink import PartSink
+from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows
 from pipeline.extract.windows import Windower, resolve_window
-from pipeline.extract.workers import (
-    JOBS_AHEAD,
-    DecodeJob,
-    DecodePool,
-    crash_reason,
-    decode_video,
-)
+from pipeline.extract.workers import DecodeJob, DecodePool
 from pipeline.runtime import cpu_count, default_workers, pick_device
 from pipeline.spec import FeatureSpec
 
@@ -285,63 +280,6 @@ class _Progress:
         self.bar.close()
 
 
-class _Committer:
-    """Commits finished part files on a thread of their own: the fsyncs and renames wait on the disk, not the
-    model.
-
-    Commits happen in order; the first error is raised again in the main thread (check, close)."""
-
-    def __init__(self):
-        self._queue: queue_module.Queue = queue_module.Queue(maxsize=256)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._loop, name="pipeline-commit", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            part, attrs = job
-            if self._error is not None:
-                part.abort()
-                continue
-            try:
-                part.commit(attrs)
-            except BaseException as e:  # noqa: BLE001  (raised again in the main thread)
-                self._error = e
-                part.abort()
-
-    def submit(self, part, attrs: dict) -> None:
-        self.check()
-        self._queue.put((part, attrs))
-
-    def check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        self.check()
-
-
-class _AsyncPart:
-    """A PartWriter whose commit runs on the committer's thread (appends and aborts stay here)."""
-
-    def __init__(self, part, committer: _Committer):
-        self.part, self.committer = part, committer
-
-    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray, spans=None) -> None:
-        self.part.append(features, frame_indices, timestamps, spans)
-
-    def commit(self, attrs: dict) -> None:
-        self.committer.submit(self.part, attrs)
-
-    def abort(self) -> None:
-        self.part.abort()
-
-
 def _nvdec_usable(decoder: str, device: torch.device) -> bool:
     """Whether --decoder asks for NVDEC and it can run here (the reason is logged when it cannot).
     auto is cpu until NVDEC has been measured faster on the target (docs/performance.md)."""
@@ -355,11 +293,205 @@ def _nvdec_usable(decoder: str, device: torch.device) -> bool:
     return reason is None
 
 
-def _nvdec_decoders(decoder: str, device: torch.device):
-    """The NVDEC threads, started (after the decode workers have forked) when `_nvdec_usable` said yes."""
+def _nvdec_decoders(device: torch.device):
+    """The NVDEC threads, started after the decode workers have forked."""
     from pipeline.extract import nvdec
 
     return nvdec.NvdecDecoders(device)
+
+
+def _frame_sources(todo: list[VideoItem], jobs: list[DecodeJob], cfg: ExtractConfig, workers: int, device, native):
+    """The run's frame sources, each video given to one: NVDEC for videos when it is asked for and can run here,
+    the decode workers (or this process) for everything else; the CPU source also takes NVDEC's give-ups."""
+    cpu: PoolSource | InProcessSource
+    if workers > 0:
+        pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
+        if device.type == "cuda" and native:
+            pool.pin()
+        cpu = PoolSource(pool, jobs, native, cfg.decode_timeout)
+    else:
+        cpu = InProcessSource(jobs, native)
+    nvdec = NvdecSource(_nvdec_decoders(device)) if _nvdec_usable(cfg.decoder, device) else None
+    for i, item in enumerate(todo):
+        if nvdec is not None and item.kind == "video":
+            nvdec.add(jobs[i])
+        else:
+            cpu.add(i)
+    return cpu, nvdec
+
+
+class _Loop:
+    """One extraction run: frame sources -> device crops -> the batcher -> the embedder -> the sink.
+
+    The loop itself only routes events; each part does one job (sources.py, batcher.py, backbone.FrameEmbedder,
+    sink.py)."""
+
+    def __init__(
+        self,
+        todo,
+        signatures,
+        cfg: ExtractConfig,
+        embed: FrameEmbedder,
+        writer: CacheWriter,
+        report,
+        batch_size: int,
+        device: torch.device,
+    ):
+        self.todo, self.cfg, self.embed, self.writer, self.report = todo, cfg, embed, writer, report
+        self.device = device
+        self.batcher = Batcher(batch_size)
+        self.progress = _Progress([max(signatures[item.key][0], 1) for item in todo], cfg.runtime.progress)
+        self.sink = PartSink(writer, todo, lambda i: self._attrs(i, signatures))
+        self.dead: set[int] = set()  # videos that failed mid-stream: their remaining events are ignored
+        self.attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
+        self.inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
+        self.windowers: dict[int, Windower] = {}  # video backbones: each video's frames not yet in a window
+        self.cpu = None
+
+    def _attrs(self, i: int, signatures: dict) -> dict:
+        item = self.todo[i]
+        size, mtime = signatures[item.key]
+        shard = self.writer.shard
+        return {
+            "key": item.key,
+            "source_path": str(item.path.resolve()),
+            "label": item.label,
+            "split": item.split,
+            "kind": item.kind,
+            "source_size": size,
+            "source_mtime_ns": mtime,
+            "spec_id": self.writer.spec.id,
+            "device": str(self.device),
+            "shard": f"{shard[0]}/{shard[1]}" if shard else "",
+        }
+
+    # -- events
+    def handle(self, event) -> None:
+        i = event.video
+        if i in self.dead:
+            if isinstance(event, Rows):
+                event.release(None)
+            return
+        if isinstance(event, Rows):
+            self.rows(event)
+        elif isinstance(event, Ended):
+            last = self.windowers.pop(i).finish() if i in self.windowers else None
+            if last is not None:  # a video shorter than one window: its one padded window
+                self.enqueue(
+                    i, last.clips, Owner(i, self.attempt.get(i, 0), last.frame_indices, last.timestamps, last.spans)
+                )
+            self.sink.ended_video(i, event.info)
+        elif isinstance(event, Retry):
+            log.warning("%s: %s; decoding it on the CPU", self.todo[i].path, event.reason)
+            self.windowers.pop(i, None)
+            self.batcher.drop(i)
+            self.sink.discard(i)
+            self.attempt[i] = self.attempt.get(i, 0) + 1
+            self.cpu.add(i)
+        else:
+            self.fail(i, event.reason)
+
+    def rows(self, event: Rows) -> None:
+        self.progress.reading(self.todo[event.video].path.name)
+        if event.native:
+            frames, copied = self.embed.upload(event.frames)  # no copy for frames already on the device
+            crops = crop_batch(self.embed.pre, frames)  # (n, 3, C, C) uint8, on the model's device
+            event.release(copied)
+        else:
+            crops = event.frames.clone()  # out of the shared slot
+            event.release(None)
+        i, attempt = event.video, self.attempt.get(event.video, 0)
+        window = self.writer.spec.window
+        if window is None:
+            self.enqueue(i, crops, Owner(i, attempt, np.asarray(event.frame_indices), np.asarray(event.timestamps)))
+            return
+        clips = self.windowers.setdefault(i, Windower(window)).push(crops, event.frame_indices, event.timestamps)
+        if clips is not None:
+            self.enqueue(i, clips.clips, Owner(i, attempt, clips.frame_indices, clips.timestamps, clips.spans))
+
+    def enqueue(self, i: int, rows: torch.Tensor, owner: Owner) -> None:
+        """Rows of video i for the model: frames (n, 3, C, C), or window clips (n, T, 3, C, C)."""
+        self.batcher.add(owner, rows)
+        self.sink.expect(i, len(rows))
+        while self.batcher.full():
+            self.forward()
+
+    def fail(self, i: int, reason: str) -> None:
+        item = self.todo[i]
+        self.batcher.drop(i)
+        self.windowers.pop(i, None)
+        self.dead.add(i)
+        self.sink.fail(i, reason)
+        self.report.failed[item.key] = (str(item.path), reason)
+        tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
+        self.progress.video_done(i)
+
+    # -- the model
+    def forward(self) -> None:
+        batch, rows, owners = self.batcher.take()
+        self.inflight.append((self.embed.start(batch, rows), owners))
+        self.collect(self.embed.depth)
+
+    def collect(self, keep: int) -> None:
+        """Hand the features of finished forward passes to the sink; wait for the oldest while more than `keep`
+        are out."""
+        while self.inflight and (len(self.inflight) > keep or self.inflight[0][0].ready()):
+            pending, owners = self.inflight.popleft()
+            feats = pending.result().numpy()  # (rows, D)
+            self.progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
+            self.sink.features(feats, owners, self.alive)
+            self.report.frames += len(feats)
+        self.settle()
+
+    def alive(self, owner: Owner) -> bool:
+        return owner.video not in self.dead and self.attempt.get(owner.video, 0) == owner.attempt
+
+    def settle(self) -> None:
+        """Count what the sink committed or failed."""
+        for outcome in self.sink.drain():
+            item = self.todo[outcome.video]
+            if outcome.error is None:
+                self.report.extracted.append(item.key)
+                self.progress.video_done(outcome.video)
+            elif outcome.video not in self.dead:  # failed on the sink's thread (non-finite features)
+                self.batcher.drop(outcome.video)
+                self.windowers.pop(outcome.video, None)
+                self.dead.add(outcome.video)
+                self.report.failed[item.key] = (str(item.path), outcome.error)
+                tqdm.write(f"FAILED {printable(str(item.path))}: {printable(outcome.error)}")
+                self.progress.video_done(outcome.video)
+
+    # -- the run
+    def run(self, jobs: list[DecodeJob], workers: int, native: bool) -> None:
+        nvdec = None
+        last_index = time.monotonic()
+        try:
+            self.cpu, nvdec = _frame_sources(self.todo, jobs, self.cfg, workers, self.device, native)
+            sources = [s for s in (nvdec, self.cpu) if s is not None]
+            while any(s.busy for s in sources):
+                # Wait long for the decode workers only when nothing else needs attention soon.
+                quick = (nvdec is not None and nvdec.busy) or self.cpu.in_flight_copies
+                for source in sources:
+                    for event in source.poll(0.002 if quick or source is nvdec else 0.5):
+                        self.handle(event)
+                self.report.worker_restarts = self.cpu.restarts
+                self.settle()
+                if not self.writer.shard and time.monotonic() - last_index > INDEX_EVERY_S:
+                    self.writer.write_index()
+                    last_index = time.monotonic()
+            while self.batcher.queued:
+                self.forward()
+            self.collect(0)
+        finally:
+            if nvdec is not None:
+                nvdec.close(self.device)
+            if self.cpu is not None:
+                self.cpu.close(self.device)
+            for outcome in self.sink.close():
+                if outcome.error is None:
+                    self.report.extracted.append(self.todo[outcome.video].key)
+            self.report.device_busy_seconds = self.embed.busy_seconds
+            self.progress.close()
 
 
 def _run(
@@ -373,7 +505,6 @@ def _run(
     batch_size: int,
     device: torch.device,
 ) -> None:
-    pre = embed.pre
     # workers hand over native frames, the device crops
     native = resolve_mode(cfg.preprocess, device) == "device"
     log.info(
@@ -385,282 +516,7 @@ def _run(
         batch_size,
     )
     jobs = [
-        DecodeJob(i, item.path, cfg.sampling, None if native else pre, cfg.max_pixels) for i, item in enumerate(todo)
+        DecodeJob(i, item.path, cfg.sampling, None if native else embed.pre, cfg.max_pixels)
+        for i, item in enumerate(todo)
     ]
-    waiting: deque[int] = deque()  # videos for the CPU decoder, in input order
-    nvdec = None
-    use_nvdec = _nvdec_usable(cfg.decoder, device)
-
-    # (i, crops (n,3,C,C) or window clips (n,W,3,C,C) uint8 on the host or the device, frame_indices, timestamps,
-    # frame spans of window rows or None)
-    queue: deque = deque()
-    queued = 0
-    windowers: dict[int, Windower] = {}  # video backbones: video i's frames not yet in a window
-    outstanding: dict[int, int] = {}  # rows of video i not yet through the model
-    ended: dict[int, dict] = {}
-    parts = {}
-    dead: set[int] = set()  # videos that failed mid-stream: their remaining messages are ignored
-    attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
-    inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
-    releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
-    last_index = time.monotonic()
-    progress = _Progress([max(signatures[item.key][0], 1) for item in todo], cfg.runtime.progress)
-    pool = committer = None
-
-    def finish(i: int) -> None:
-        item = todo[i]
-        size, mtime = signatures[item.key]
-        parts.pop(i).commit(
-            {
-                "key": item.key,
-                "source_path": str(item.path.resolve()),
-                "label": item.label,
-                "split": item.split,
-                "kind": item.kind,
-                "source_size": size,
-                "source_mtime_ns": mtime,
-                "spec_id": writer.spec.id,
-                "device": str(device),
-                "shard": f"{writer.shard[0]}/{writer.shard[1]}" if writer.shard else "",
-                "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                **ended.pop(i),
-            }
-        )
-        outstanding.pop(i, None)
-        writer.clear_failure(item.key)
-        report.extracted.append(item.key)
-        progress.video_done(i)
-
-    def fail(i: int, reason: str) -> None:
-        item = todo[i]
-        if i in parts:
-            parts.pop(i).abort()
-        outstanding.pop(i, None)
-        ended.pop(i, None)
-        windowers.pop(i, None)
-        dead.add(i)
-        report.failed[item.key] = (str(item.path), reason)
-        writer.record_failure(item.key, str(item.path), reason)
-        tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
-        progress.video_done(i)
-
-    def drop(i: int) -> None:
-        """Forget video i's rows still waiting for the model."""
-        nonlocal queued
-        for entry in [e for e in queue if e[0] == i]:
-            queue.remove(entry)
-            queued -= len(entry[1])
-
-    def forward(n: int) -> None:
-        nonlocal queued
-        pieces, owners = [], []
-        rows = n
-        while n > 0:
-            i, frames, idx, ts, spans = queue.popleft()
-            if len(frames) > n:  # split the chunk: the rest stays at the front for the next batch
-                queue.appendleft((i, frames[n:], idx[n:], ts[n:], None if spans is None else spans[n:]))
-                frames, idx, ts, spans = frames[:n], idx[:n], ts[:n], None if spans is None else spans[:n]
-            pieces.append(frames)
-            owners.append((i, attempt.get(i, 0), idx, ts, spans))
-            n -= len(frames)
-            queued -= len(frames)
-        batch = torch.cat(pieces)  # (rows, 3, C, C), or (rows, W, 3, C, C) window clips
-        if rows < batch_size:
-            # Every forward pass has the same shape, so a frame's features are the same bytes whatever shared
-            # its batch: a resumed run equals an uninterrupted one (the padding rows are computed and
-            # dropped).
-            batch = torch.cat([batch, batch.new_zeros((batch_size - rows, *batch.shape[1:]))])
-        inflight.append((embed.start(batch, rows), owners))
-        collect(embed.depth)
-
-    def collect(keep: int) -> None:
-        """Write the features of finished forward passes; wait for the oldest while more than `keep` are
-        out."""
-        while inflight and (len(inflight) > keep or inflight[0][0].ready()):
-            pending, owners = inflight.popleft()
-            feats = pending.result().numpy()  # (rows, D)
-            progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
-            row = 0
-            for i, gen, idx, ts, spans in owners:
-                k = len(idx)
-                if i in parts and attempt.get(i, 0) == gen:  # the video may have failed while its rows waited
-                    try:
-                        parts[i].append(feats[row : row + k], idx, ts, spans)
-                    except ValueError as e:
-                        fail(i, str(e))
-                    else:
-                        outstanding[i] -= k
-                        if outstanding[i] == 0 and i in ended:
-                            finish(i)
-                row += k
-            report.frames += len(feats)
-
-    def settle(worker: int | None = None) -> None:
-        """Hand back the slots whose copy to the GPU is done (all of `worker`'s, waiting for them)."""
-        while releases and (worker is not None or releases[0][0].query()):
-            event, w, generation, slot = releases.popleft()
-            event.synchronize()
-            pool.release(w, generation, slot)
-
-    def rows(i: int, frames: torch.Tensor, idx, ts, release, whole: bool) -> None:
-        """A chunk of decoded frames of video i: native (n, H, W, 3) when `whole`, else crops (n, 3, C, C), on
-        the host or the device. `release(event)` hands their memory back (once `event` has passed)."""
-        progress.reading(todo[i].path.name)
-        if whole:
-            if frames.device.type == "cpu":
-                frames, copied = embed.upload(frames)
-            else:
-                copied = None  # decoded on the GPU
-            crops = crop_batch(pre, frames)  # (n, 3, C, C) uint8, on the model's device
-            release(copied)
-        else:
-            crops = frames.clone()  # out of the shared slot
-            release(None)
-        if i not in parts:
-            parts[i] = _AsyncPart(writer.begin(todo[i].key, writer.spec.dim), committer)
-            outstanding[i] = 0
-        if writer.spec.window is None:
-            enqueue(i, crops, np.asarray(idx), np.asarray(ts), None)
-        else:
-            clips = windowers.setdefault(i, Windower(writer.spec.window)).push(crops, idx, ts)
-            if clips is not None:
-                enqueue(i, clips.clips, clips.frame_indices, clips.timestamps, clips.spans)
-
-    def enqueue(i: int, rows: torch.Tensor, idx: np.ndarray, ts: np.ndarray, spans: np.ndarray | None) -> None:
-        """Rows of video i for the model: frames (n, 3, C, C) or window clips (n, W, 3, C, C)."""
-        nonlocal queued
-        queue.append((i, rows, idx, ts, spans))
-        queued += len(rows)
-        outstanding[i] += len(rows)
-        while queued >= batch_size:
-            forward(batch_size)
-
-    def handle(message: tuple, frames_of, whole: bool = native) -> None:
-        kind, i = message[0], message[1]
-        if i in dead:
-            if kind == "rows":
-                frames_of(message[2])[1](None)
-            return
-        if kind == "rows":
-            frames, release = frames_of(message[2])
-            rows(i, frames, message[3], message[4], release, whole)
-        elif kind == "end":
-            last = windowers.pop(i).finish() if i in windowers else None
-            if last is not None:  # a video shorter than one window: its one padded window
-                enqueue(i, last.clips, last.frame_indices, last.timestamps, last.spans)
-            ended[i] = message[2]
-            if outstanding.get(i, 0) == 0 and i in parts:
-                finish(i)
-        elif kind == "fallback":  # NVDEC gave it up: start it again on the CPU decoder
-            log.warning("%s: %s; decoding it on the CPU", todo[i].path, message[2])
-            drop(i)
-            if i in parts:
-                parts.pop(i).abort()
-            outstanding.pop(i, None)
-            ended.pop(i, None)
-            windowers.pop(i, None)
-            attempt[i] = attempt.get(i, 0) + 1
-            waiting.append(i)
-        else:
-            drop(i)  # the failed video's rows still waiting for the model
-            fail(i, message[2])
-
-    def from_pool(w: int):
-        def frames_of(payload):
-            frames = pool.frames(w, payload)
-            if payload[0] != "slot":
-                return frames, lambda event: None
-            generation, slot = pool.generation(w), payload[1]
-
-            def release(event) -> None:
-                if event is None:
-                    pool.release(w, generation, slot)
-                else:
-                    releases.append((event, w, generation, slot))
-
-            return frames, release
-
-        return frames_of
-
-    def in_process(payload):
-        if isinstance(payload, list):  # frames of decode_video in this process
-            return torch.from_numpy(np.stack(payload)), lambda event: None
-        return payload, lambda event: None  # a tensor decoded on the GPU
-
-    def schedule() -> None:
-        for w in range(len(pool)):
-            while waiting and len(pool.jobs(w)) < JOBS_AHEAD:
-                pool.assign(w, replace(jobs[waiting.popleft()]))
-
-    try:
-        if workers > 0:
-            pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
-            if device.type == "cuda" and native:
-                pool.pin()
-        nvdec = _nvdec_decoders(cfg.decoder, device) if use_nvdec else None
-        for i, item in enumerate(todo):
-            if nvdec is not None and item.kind == "video":
-                nvdec.submit(replace(jobs[i], pre=None))
-            else:
-                waiting.append(i)
-        committer = _Committer()
-        while True:
-            if nvdec is not None:
-                while (message := nvdec.get()) is not None:
-                    handle(message, in_process, whole=True)  # NVDEC hands over native frames
-            if pool is None:
-                if waiting:
-                    for message in decode_video(jobs[waiting.popleft()]):
-                        handle(message, in_process)
-                elif nvdec is not None and nvdec.pending:
-                    time.sleep(0.001)
-                else:
-                    break
-            else:
-                schedule()
-                busy = waiting or any(pool.jobs(w) for w in range(len(pool)))
-                if not busy and not (nvdec is not None and nvdec.pending):
-                    break
-                quick = releases or (nvdec is not None and nvdec.pending)
-                messages, crashes = pool.poll(0.002 if quick else 0.5)
-                for w, message in messages:
-                    handle(message, from_pool(w))
-                    if message[0] in ("end", "error"):
-                        pool.done(w, message[1])
-                for crash in crashes:
-                    settle(crash.worker)  # the GPU has finished reading its slots before they are reused
-                    if crash.job is not None:
-                        i = crash.job.index
-                        pool.done(crash.worker, i)
-                        if i not in dead:
-                            drop(i)
-                            fail(i, crash.reason)
-                    else:
-                        log.warning(
-                            "decode worker %d died while idle (%s); restarting it",
-                            crash.worker,
-                            crash_reason(pool.workers[crash.worker].process.exitcode),
-                        )
-                    pool.restart(crash.worker)
-                report.worker_restarts = pool.restarts
-                settle()
-            committer.check()
-            if not writer.shard and time.monotonic() - last_index > INDEX_EVERY_S:
-                writer.write_index()
-                last_index = time.monotonic()
-        while queued:
-            forward(min(queued, batch_size))
-        collect(0)
-    finally:
-        for part in parts.values():
-            part.abort()
-        if nvdec is not None:
-            nvdec.close()
-        if pool is not None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)  # no copy may still read a slot when the memory goes
-            pool.close()
-        if committer is not None:
-            committer.close()
-        report.device_busy_seconds = embed.busy_seconds
-        progress.close()
+    _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device).run(jobs, workers, native)

@@ -8,7 +8,9 @@ page-locked, so they go straight to the GPU) and hands the slot back. Memory is 
 the videos' length.
 
 A worker that dies (a codec's segfault, the OOM killer) takes only the video it was decoding: the pool reports
-that video with the signal, starts a new worker in its place and gives it the jobs the dead one had queued.
+that video with the signal, starts a new worker in its place and gives it the jobs the dead one had queued. A
+worker that stalls (a decoder spinning on a corrupt stream) is killed after --decode-timeout seconds without a
+frame, and reported the same way. Workers never outlive the main process, however it ends (runtime.parent_only).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import mmap
 import multiprocessing as mp
 import os
 import signal
+import time
 import traceback
 from collections import deque
 from collections.abc import Iterator
@@ -30,7 +33,7 @@ import numpy as np
 import torch
 
 from pipeline.extract.decode import DecodeError, FrameSelector, open_source
-from pipeline.runtime import opencv_single_thread, worker_init
+from pipeline.runtime import forget, opencv_single_thread, parent_only, worker_init
 from pipeline.spec import Preprocessing, Sampling
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,8 @@ SLOTS_PER_WORKER = 4
 JOBS_AHEAD = 2  # videos queued at a worker: it starts the next one without waiting for the main process
 # tests: a worker kills itself (SIGKILL) on opening a file of this name
 CRASH_ON_ENV = "PIPELINE_TEST_CRASH_ON"
+# tests: a worker stalls (sleeps without a frame, as a spinning decoder would) on opening a file of this name
+HANG_ON_ENV = "PIPELINE_TEST_HANG_ON"
 
 
 @dataclass(frozen=True)
@@ -117,7 +122,7 @@ def decode_video(job: DecodeJob, max_chunk_bytes: int | None = None) -> Iterator
 def _worker_main(control, results, shm: mmap.mmap, slots: int, slot_bytes: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     worker_init()
-    crash_on = os.environ.get(CRASH_ON_ENV)
+    crash_on, hang_on = os.environ.get(CRASH_ON_ENV), os.environ.get(HANG_ON_ENV)
     free = list(range(slots))
     jobs: deque[DecodeJob] = deque()
 
@@ -139,6 +144,9 @@ def _worker_main(control, results, shm: mmap.mmap, slots: int, slot_bytes: int) 
             job = jobs.popleft()
             if crash_on and job.path.name == crash_on:
                 os.kill(os.getpid(), signal.SIGKILL)
+            if hang_on and job.path.name == hang_on:
+                while True:
+                    time.sleep(3600)
             for message in decode_video(job, slot_bytes):
                 if message[0] == "rows":
                     _, i, frames, idx, ts = message
@@ -169,8 +177,12 @@ class _Worker:
     control: object  # Connection, main -> worker: ("job", DecodeJob), ("free", slot), None
     results: object  # Connection, worker -> main
     generation: int
+    tokens: tuple  # runtime.parent_only registrations of control and results
     # assigned, not yet ended, in order: the first is being decoded
     jobs: deque = field(default_factory=deque)
+    held: set = field(default_factory=set)  # slots whose frames the main process holds (received, not released)
+    active: float = field(default_factory=time.monotonic)  # last sign of progress: a message, a slot given back
+    stall_reason: str | None = None  # set when the pool killed it for stalling
 
 
 @dataclass
@@ -235,6 +247,9 @@ class DecodePool:
             self.shm[w].madvise(mmap.MADV_DOFORK)
         control, control_child = self.ctx.Pipe(duplex=True)
         results, results_child = self.ctx.Pipe(duplex=False)
+        # Every child closes these (its own parent ends included): the main process's death then reaches each
+        # worker as end-of-file on its control pipe, and no worker keeps another one's pipes open.
+        tokens = (parent_only(control), parent_only(results))
         args = (control_child, results_child, self.shm[w], self.slots, self.slot_bytes)
         process = self.ctx.Process(target=_worker_main, name=f"pipeline-decode-{w}", daemon=True, args=args)
         with opencv_single_thread():
@@ -242,7 +257,7 @@ class DecodePool:
         control_child.close()  # only the worker holds these ends: its death closes them, and reads see EOF
         results_child.close()
         self._generation += 1
-        self.workers[w] = _Worker(process, control, results, self._generation)
+        self.workers[w] = _Worker(process, control, results, self._generation, tokens)
 
     def jobs(self, w: int) -> deque:
         return self.workers[w].jobs
@@ -252,6 +267,8 @@ class DecodePool:
 
     def assign(self, w: int, job: DecodeJob) -> None:
         worker = self.workers[w]
+        if not worker.jobs:
+            worker.active = time.monotonic()  # an idle worker's clock starts with its job
         worker.jobs.append(job)
         # a dead worker: its sentinel reports it, the job goes to its successor
         with contextlib.suppress(OSError):
@@ -261,6 +278,8 @@ class DecodePool:
         """Hand slot `slot` back to worker `w` (ignored when that worker has been replaced since)."""
         worker = self.workers[w]
         if worker.generation == generation:
+            worker.held.discard(slot)
+            worker.active = time.monotonic()
             with contextlib.suppress(OSError):
                 worker.control.send(("free", slot))
 
@@ -270,6 +289,7 @@ class DecodePool:
         if payload[0] == "array":
             return torch.from_numpy(payload[1])
         _, slot, shape = payload
+        self.workers[w].held.add(slot)
         start = slot * self.slot_bytes
         return self.buffers[w][start : start + int(np.prod(shape))].view(shape)
 
@@ -295,6 +315,7 @@ class DecodePool:
             try:
                 while worker.results.poll():
                     messages.append((w, worker.results.recv()))
+                    worker.active = time.monotonic()
                     if w not in dead:
                         break  # one message per live worker and call: the others get their turn
             except (EOFError, OSError):
@@ -308,20 +329,44 @@ class DecodePool:
             pending = [m for v, m in messages if v == w]
             ended = {m[1] for m in pending if m[0] in ("end", "error")}
             job = next((j for j in worker.jobs if j.index not in ended), None)
-            crashes.append(Crash(w, job, crash_reason(worker.process.exitcode)))
+            reason = worker.stall_reason or crash_reason(worker.process.exitcode)
+            crashes.append(Crash(w, job, reason))
         return messages, crashes
+
+    def kill_stalled(self, timeout: float) -> list[int]:
+        """Kill the workers that have had a video and a free slot for `timeout` seconds without sending
+        anything (a decoder that spins or blocks); the next poll reports each as a Crash with that reason.
+        A worker waiting for the main process to hand a slot back is not stalled."""
+        now, killed = time.monotonic(), []
+        for w, worker in enumerate(self.workers):
+            waiting_for_us = len(worker.held) >= self.slots
+            if worker.jobs and not waiting_for_us and worker.stall_reason is None and now - worker.active > timeout:
+                worker.stall_reason = (
+                    f"the decoder stalled: no frame for {timeout:g} s (--decode-timeout); it was stopped"
+                )
+                log.warning("decode worker %d: %s (%s)", w, worker.stall_reason, worker.jobs[0].path)
+                with contextlib.suppress(OSError):
+                    worker.process.kill()
+                killed.append(w)
+        return killed
 
     def restart(self, w: int) -> None:
         """Replace dead worker w by a new one, with the jobs queued behind the one it died on."""
         old = self.workers[w]
-        for conn in (old.control, old.results):
-            with contextlib.suppress(OSError):
-                conn.close()
+        self._close_connections(old)
         waiting = list(old.jobs)
         self.restarts += 1
         self._start(w)
         for job in waiting:
             self.assign(w, job)
+
+    @staticmethod
+    def _close_connections(worker: _Worker) -> None:
+        for token in worker.tokens:
+            forget(token)
+        for conn in (worker.control, worker.results):
+            with contextlib.suppress(OSError):
+                conn.close()
 
     def close(self) -> None:
         """Stop every worker (politely, then by force) and free the shared memory."""
@@ -336,9 +381,7 @@ class DecodePool:
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join(timeout=2)
-            for conn in (worker.control, worker.results):
-                with contextlib.suppress(OSError):
-                    conn.close()
+            self._close_connections(worker)
         if self._pinned:
             cudart = torch.cuda.cudart()
             for pointer in self._pinned:

@@ -178,6 +178,18 @@ def test_stage_two_on_window_rows_and_predict_rebuilds_the_video_model(videos, w
     ckpt = load_checkpoint(tmp_path / "run" / "best.pt")
     assert ckpt.feature_spec == pipeline.open_cache(window_cache).spec
     assert pipeline.evaluate(tmp_path / "run" / "best.pt", window_cache, progress=False).metrics
+    params = ["hidden=8:32", "epochs=1", "batch_size=4", "clip_len=2"]
+    swept = pipeline.sweep(
+        window_cache,
+        tmp_path / "sweep",
+        params=params,
+        trials=2,
+        val_fraction=0.34,
+        threads=2,
+        progress=False,
+        plots=False,
+    )
+    assert len(swept.rows) == 2
     loaded = backbone_for_spec(ckpt.feature_spec)
     assert loaded.video and loaded.dim == 512 and loaded.preprocessing == ckpt.feature_spec.preprocessing
     report = pipeline.predict(

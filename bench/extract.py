@@ -1,9 +1,12 @@
-"""Extraction speed: end-to-end frames/s of `pipeline.extract_videos` against the same model's forward-only frames/s.
+"""Extraction speed: end-to-end rows/s of `pipeline.extract_videos` against the same model's forward-only rows/s.
 
 The ratio says how much of the model's speed the decode → crop → batch → cache pipeline keeps (target on CPU: >= 0.9).
+A row is a frame for image models (torchvision classifiers, timm:NAME) and a window of frames for video models
+(r3d_18, ...: windows of the weights' clip length, side by side).
 
     python bench/extract.py                                      # resnet50 + resnet18, 320x240 + 1280x720, CPU
     python bench/extract.py --models resnet18 --resolutions 320x240 --clips 2 --frames 32
+    python bench/extract.py --models timm:vit_base_patch16_clip_224.openai,r3d_18 --resolutions 320x240
 """
 
 from __future__ import annotations
@@ -24,12 +27,7 @@ import torch
 from common import load_average, machine  # bench/common.py, beside this script
 
 from pipeline.extract import run
-from pipeline.extract.backbone import (
-    FrameEmbedder,
-    default_preprocessing,
-    load_backbone,
-    model_weights_enum,
-)
+from pipeline.extract.backbone import FrameEmbedder, load_backbone
 from pipeline.extract.decode import open_source
 from pipeline.extract.workers import DecodeJob, decode_video
 from pipeline.runtime import cpu_count, default_workers, pick_device
@@ -45,9 +43,12 @@ class Row:
     model: str
     resolution: str
     frames: int
+    """Rows: frames, or windows of frames for a video model."""
     e2e_seconds: float
     setup_seconds: float
     forward_fps: float
+    window: int = 1
+    """Frames per row."""
 
     @property
     def e2e_fps(self) -> float:
@@ -88,12 +89,17 @@ def make_videos(folder: Path, width: int, height: int, clips: int, frames: int, 
     return paths
 
 
-def forward_seconds(embedder: FrameEmbedder, batch_size: int, batches: int) -> float:
+def forward_seconds(embedder: FrameEmbedder, batch_size: int, batches: int, window: int = 1) -> float:
     """Seconds for `batches` forward passes of the bare model on preprocessed (normalised, channels_last) inputs,
-    with FrameEmbedder's dtype (autocast on CUDA) and device; inputs are made once, outside the timing."""
+    with FrameEmbedder's dtype (autocast on CUDA) and device; inputs are made once, outside the timing. A video
+    model gets `batch_size` clips of `window` frames."""
     pre, device = embedder.pre, embedder.device
-    crops = torch.randint(0, 256, (batch_size, 3, pre.crop, pre.crop), dtype=torch.uint8)  # (N, 3, C, C)
-    x = pre.normalize(crops.to(device)).contiguous(memory_format=torch.channels_last)
+    if embedder.video:
+        clips = torch.randint(0, 256, (batch_size, window, 3, pre.crop, pre.crop), dtype=torch.uint8)
+        x = pre.normalize(clips.to(device)).permute(0, 2, 1, 3, 4)  # (N, 3, T, C, C)
+    else:
+        x = pre.normalize(torch.randint(0, 256, (batch_size, 3, pre.crop, pre.crop), dtype=torch.uint8).to(device))
+    x = x.contiguous(memory_format=embedder.memory_format)
     autocast = (
         torch.autocast(device_type=device.type, dtype=embedder.autocast_dtype)
         if embedder.autocast_dtype is not None
@@ -163,7 +169,11 @@ def measure(
 ) -> Row:
     """Forward-only and end-to-end speed of one model on one set of videos, each the best of `repeats` runs.
 
-    Every run extracts into a new cache beside `cache`; `options` go to extract_videos (workers, threads, dtype...)."""
+    Every run extracts into a new cache beside `cache`; `options` go to extract_videos (workers, threads, dtype...).
+    A video model's batches hold as many windows as `batch_size` frames (at least one), as extract's default."""
+    loaded = load_backbone(model, "none", progress=False)
+    window = loaded.clip_len or 1
+    batch_size = max(1, batch_size // window)
     options.update(device=str(device), batch_size=batch_size)
     # A warm run on the start of one clip keeps the process's first-use costs (oneDNN kernels, CUDA context and
     # kernels, lazy imports) out of the measured runs.
@@ -173,20 +183,20 @@ def measure(
         backbone=model,
         weights="none",
         progress=False,
-        max_frames=2 * batch_size,
+        max_frames=2 * batch_size * window,
         **options,
     )
-    embedder = FrameEmbedder(load_backbone(model, "none", progress=False), device)
-    half = max(1, round(sum(probe_frames(v) for v in videos) / batch_size / 2))
+    embedder = FrameEmbedder(loaded, device)
+    half = max(1, round(sum(probe_frames(v) // window for v in videos) / batch_size / 2))
     best = None
     for k in range(repeats):
         # Forward-only runs as many frames as the extraction, half before and half after it, so that a drift in
         # the machine's load hits both figures alike.
-        t_forward = forward_seconds(embedder, batch_size, half)
+        t_forward = forward_seconds(embedder, batch_size, half, window)
         target = cache if k == 0 else cache.with_name(f"{cache.stem}_{k}{cache.suffix}")
         frames, e2e, setup = extract_seconds(videos, target, model, **options)
-        t_forward += forward_seconds(embedder, batch_size, half)
-        row = Row(model, resolution, frames, e2e, setup, 2 * half * batch_size / t_forward)
+        t_forward += forward_seconds(embedder, batch_size, half, window)
+        row = Row(model, resolution, frames, e2e, setup, 2 * half * batch_size / t_forward, window)
         if best is None:
             best = row
         else:  # the least disturbed run of each kind
@@ -207,7 +217,7 @@ def probe_frames(path: Path) -> int:
 def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
     """CPU milliseconds per frame of a decode worker's work, run here on one thread as in a worker:
     (decode + RGB conversion, the whole worker: decode + RGB + resize/crop + chunking)."""
-    pre = default_preprocessing(model_weights_enum(model).DEFAULT)
+    pre = load_backbone(model, "none", progress=False).preprocessing
     threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
@@ -230,12 +240,15 @@ def worker_ms(videos: list[Path], model: str) -> tuple[float, float]:
 
 
 def table(rows: list[Row]) -> str:
+    width = max([10] + [len(r.model) for r in rows])
     lines = [
-        (f"{'model':<10} {'resolution':>10} {'frames':>6} {'e2e frames/s':>13} {'forward frames/s':>17} {'ratio':>6}")
+        f"{'model':<{width}} {'resolution':>10} {'frames/row':>10} {'rows':>6} {'e2e rows/s':>11} "
+        f"{'forward rows/s':>15} {'ratio':>6} {'e2e frames/s':>13}"
     ]
     for r in rows:
         lines.append(
-            f"{r.model:<10} {r.resolution:>10} {r.frames:>6} {r.e2e_fps:>13.1f} {r.forward_fps:>17.1f} {r.ratio:>6.2f}"
+            f"{r.model:<{width}} {r.resolution:>10} {r.window:>10} {r.frames:>6} {r.e2e_fps:>11.1f} "
+            f"{r.forward_fps:>15.1f} {r.ratio:>6.2f} {r.e2e_fps * r.window:>13.1f}"
         )
     return "\n".join(lines)
 
@@ -244,7 +257,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    p.add_argument("--models", default="resnet50,resnet18", help="comma-separated torchvision model names")
+    p.add_argument(
+        "--models",
+        default="resnet50,resnet18",
+        help="comma-separated backbones: torchvision classifiers, torchvision video models (r3d_18), timm:NAME",
+    )
     p.add_argument("--resolutions", default="320x240,1280x720", help="comma-separated WxH of the generated videos")
     p.add_argument("--clips", type=int, default=4, help="clips per resolution (alternately mp4v .mp4 and MJPG .avi)")
     p.add_argument("--frames", type=int, default=64, help="frames per clip")
@@ -317,15 +334,15 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 rows.append(row)
                 print(
-                    f"  {model} {resolution}: {row.frames} frames, best e2e {row.e2e_seconds:.1f}s "
-                    f"(+{row.setup_seconds:.1f}s model setup, excluded), {row.e2e_fps:.1f} vs forward "
-                    f"{row.forward_fps:.1f} frames/s",
+                    f"  {model} {resolution}: {row.frames} rows of {row.window} frames, best e2e "
+                    f"{row.e2e_seconds:.1f}s (+{row.setup_seconds:.1f}s model setup, excluded), {row.e2e_fps:.1f} vs "
+                    f"forward {row.forward_fps:.1f} rows/s",
                     flush=True,
                 )
                 if args.profile:
                     decode, whole = worker_ms(videos, model)
                     print(
-                        f"    per frame: forward {1000 / row.forward_fps:.1f} ms with {threads} threads; "
+                        f"    per frame: forward {1000 / row.forward_fps / row.window:.1f} ms with {threads} threads; "
                         f"worker CPU {whole:.1f} ms on 1 thread = decode + RGB {decode:.1f} ms, "
                         f"resize/crop {whole - decode:.1f} ms",
                         flush=True,

@@ -1,7 +1,9 @@
 """GPU check: ResNet-50 extraction on CUDA against the bf16 forward pass alone (320x240 and 1280x720 clips,
 the CPU decoder and NVDEC), the device path's features against the CPU path's, bit-identical batching, then a
-short ResNet-50 fine-tune in bf16 (clips/s, peak GPU memory, the loss going down). One table; exit status 0
-when every check passed.
+short ResNet-50 fine-tune in bf16 (clips/s, peak GPU memory, the loss going down); then the other kinds of
+backbone (a timm ViT, one row per frame; a torchvision video model, one row per window of frames): end-to-end
+rows/s against their pure forward and their device rows against CPU rows. One table; exit status 0 when every
+check passed.
 
 Nothing is downloaded: weights are the seeded random initialisation ('none'), so the CPU and CUDA models are
 identical. Real H.264 clips (for NVDEC) are used when .cache/h264/ holds them (bench/fetch_h264.py, on a
@@ -40,6 +42,7 @@ from pipeline.runtime import default_workers, pick_device
 from pipeline.sample import CLASSES, class_order, clip_frames, write_video
 
 MODEL = "resnet50"
+OTHER_MODELS = "timm:vit_base_patch16_clip_224.openai,r3d_18"  # a CLIP ViT-B/16 (timm), R3D-18 (16-frame windows)
 FINETUNE_UNFREEZE = "layer4"
 H264_DIR = Path(__file__).resolve().parents[1] / ".cache" / "h264"
 H264_CLIPS = {"1280x720": "bigbuckbunny.mp4", "640x272": "bikes.mp4"}  # real H.264 (bench/fetch_h264.py)
@@ -229,6 +232,54 @@ def finetune_check(args, device, work: Path) -> tuple[list[str], list[str]]:
     return [line], failures
 
 
+def other_backbones(args, device, work: Path, videos: list[Path], batch_size: int) -> tuple[list[Line], list]:
+    """Each of --other-models on the first resolution's clips: end-to-end rows/s against its pure forward, and its
+    device rows (bf16) against CPU float32 rows of the first frames of two clips. Table lines and checks."""
+    lines, checks = [], []
+    for model in [m.strip() for m in args.other_models.split(",") if m.strip()]:
+        try:
+            loaded = load_backbone(model, "none", progress=False)
+        except ValueError as e:  # timm not installed here
+            print(f"  {model} skipped: {e}", flush=True)
+            continue
+        window = loaded.clip_len or 1
+        batch = max(1, batch_size // window)  # extract's own default: as many windows as hold a batch of frames
+        embedder = FrameEmbedder(loaded, device)
+        batches = 20 if device.type == "cuda" else 1
+        forward = batches * batch / forward_seconds(embedder, batch, batches, window)
+        del embedder
+        options = {"device": str(device), "batch_size": batch, "workers": args.workers, "dtype": "float32"}
+        cache = work / f"other_{model.replace(':', '_')}.h5"
+        warm = cache.with_name(f"warm_{cache.name}")
+        run.extract_videos(
+            videos[:1], warm, backbone=model, weights="none", progress=False, max_frames=batch * window, **options
+        )
+        with setup_timer() as setup:
+            report = run.extract_videos(videos, cache, backbone=model, weights="none", progress=False, **options)
+        seconds = report.seconds - setup[0]
+        rows = report.frames
+        busy = report.device_busy_seconds / seconds if device.type == "cuda" else None
+        what = f"{model.split('.')[0][:18]} x{window}fr"
+        line = Line(what, "cpu", rows, rows / seconds, rows / seconds / forward, busy)
+        lines.append(line)
+        print(f"  {line.text()}  (pure forward {forward:.1f} rows/s, rows of {window} frames)", flush=True)
+        frames = max(args.cpu_frames, window)
+        sample = videos[: args.cpu_clips]
+        reference, on_device = work / f"other_cpu_{cache.name}", work / f"other_dev_{cache.name}"
+        common = dict(backbone=model, weights="none", dtype="float32", max_frames=frames, progress=False)
+        run.extract_videos(sample, reference, device="cpu", **common)
+        run.extract_videos(sample, on_device, device=str(device), batch_size=batch, **common)
+        cos, compared = min_cosine(reference, on_device)
+        checks.append(
+            (
+                f"{model}: device rows vs CPU float32 rows, min cosine over {compared} rows",
+                cos >= args.min_cosine,
+                f"{cos:.6f} (>= {args.min_cosine})",
+            )
+        )
+    return lines, checks
+
+
 def h264_inputs(folder: Path, clip: str, copies: int) -> list[Path]:
     """`copies` links to one real H.264 clip under distinct names (each is a video of its own to the run)."""
     source = H264_DIR / clip
@@ -294,6 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--finetune-epochs", type=int, default=6, help="fine-tune check: epochs")
     p.add_argument("--finetune-batch-size", type=int, default=8, help="fine-tune check: clips per step")
     p.add_argument("--finetune-clip-len", type=int, default=16, help="fine-tune check: frames per training clip")
+    p.add_argument(
+        "--other-models",
+        default=OTHER_MODELS,
+        help="other backbones measured on the first resolution's clips (timm:NAME, torchvision video models); "
+        "empty: none",
+    )
     args = p.parse_args(argv)
     logging.getLogger("pipeline").setLevel(logging.ERROR)  # weights 'none' is the point here: no warning
 
@@ -515,6 +572,11 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
 
+        first_videos = sorted((work / f"videos_{first}").glob("clip_*"))
+        other_lines, other_checks = other_backbones(args, device, work, first_videos, batch_size)
+        lines += other_lines
+        checks += other_checks
+
         peak_gpu = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
         rss = (
             max(
@@ -529,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
             failures += problems
 
     print()
-    print(f"{'extraction (' + MODEL + ')':<28} {'decoder':>7} {'frames':>7} {'frames/s':>11} {'ratio':>6} {'busy':>6}")
+    print(f"{'extraction (' + MODEL + ')':<28} {'decoder':>7} {'rows':>7} {'rows/s':>11} {'ratio':>6} {'busy':>6}")
     for line in lines:
         print(line.text())
     gpu = f"{peak_gpu:.0f} MiB" if peak_gpu is not None else "-"

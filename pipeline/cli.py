@@ -332,11 +332,14 @@ def info(
         + (f"   sha256 {spec.weights_sha256[:16]}..." if spec.weights_sha256 else "")
     )
     pre = spec.preprocessing
-    typer.echo(
-        f"preprocess resize {pre.resize} crop {pre.crop} {pre.interpolation} {pre.color} "
-        f"mean {list(pre.mean)} std {list(pre.std)}"
-    )
+    typer.echo(f"preprocess {pre.describe()} {pre.interpolation} {pre.color} mean {list(pre.mean)} std {list(pre.std)}")
     typer.echo(f"sampling   {spec.sampling.describe()}   spec id {spec.id}")
+    w = spec.window
+    typer.echo(
+        f"rows       one per window of {w.size} sampled frames, one window every {w.stride}"
+        if w
+        else "rows       one per sampled frame"
+    )
     typer.echo(f"labels     {len([k for k in labels if k != '(none)'])}")
     for label, n in sorted(labels.items()):
         typer.echo(f"  {printable(label):<28} {n}")

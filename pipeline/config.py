@@ -271,10 +271,14 @@ class ExtractConfig(_Settings):
     output: Path
     """The cache file to create or resume (its finished parts live in OUTPUT.parts/ beside it)."""
     backbone: str = "resnet50"
-    """Any torchvision classification model name (torchvision.models.list_models(module=torchvision.models))."""
+    """A torchvision classification model (resnet50, one row per frame), a torchvision video model (r3d_18, mc3_18,
+    r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t/s/b: one row per --window of frames) or timm:NAME, any timm
+    image model (timm:vit_base_patch16_clip_224.openai, timm:vit_small_patch14_dinov2.lvd142m; needs
+    `pip install 'framecache[timm]'`; one row per frame: its pooled pre-logits features)."""
     weights: str = "DEFAULT"
-    """A torchvision weights name (DEFAULT, IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1), a local
-    state-dict file, or 'none' for a random (seeded) initialisation."""
+    """A torchvision weights name (DEFAULT, IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1); for timm:NAME, DEFAULT
+    or a pretrained tag (from the local Hugging Face cache, downloaded when online); a local .pth/.safetensors
+    state-dict file; or 'none' for a random (seeded) initialisation."""
     resize: int | None = None
     """Resize the shorter side to this many pixels; default: the weights' own value."""
     crop: int | None = None
@@ -284,12 +288,18 @@ class ExtractConfig(_Settings):
     std: tuple[float, float, float] | None = None
     """RGB normalisation std; default: the weights' own value."""
     sampling: Sampling = field(default_factory=Sampling)
+    window: int | None = None
+    """Video backbones: sampled frames per window, one row each; default: the clip length of the weights (16 for
+    r3d_18)."""
+    window_stride: int | None = None
+    """Video backbones: sampled frames from one window's start to the next; default: --window (side by side)."""
     dtype: str = "float16"
     """Storage dtype of the features on disk: float16 or float32."""
     batch_size: int | None = None
     """Frames per forward pass, spanning video boundaries. Every pass has this shape (the last one is padded),
     so a frame's features never depend on how frames were batched; default: EXTRACT_BATCH_CPU on a CPU,
-    EXTRACT_BATCH_GPU on an accelerator."""
+    EXTRACT_BATCH_GPU on an accelerator. Video backbones: windows per pass; default: as many windows as hold that
+    many frames (at least one)."""
     workers: int | None = None
     """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes
     in-process."""
@@ -328,7 +338,14 @@ class ExtractConfig(_Settings):
     def __post_init__(self):
         object.__setattr__(self, "output", Path(self.output))
         _one_of("--dtype", self.dtype, FEATURE_DTYPES)
-        _at_least(1, batch_size=self.batch_size, resize=self.resize, crop=self.crop)
+        _at_least(
+            1,
+            batch_size=self.batch_size,
+            resize=self.resize,
+            crop=self.crop,
+            window=self.window,
+            window_stride=self.window_stride,
+        )
         _at_least(0, workers=self.workers)
         _one_of("--decoder", self.decoder, DECODERS)
         _one_of("--preprocess", self.preprocess, PREPROCESS)

@@ -66,9 +66,11 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Frame -> network input: resize the shorter side, centre-crop, scale to [0, 1], normalise RGB.
+    """Frame -> network input: resize (the shorter side, or to an exact size), centre-crop, scale to [0, 1],
+    normalise RGB.
 
-    Exactly the operations (and order) of torchvision's ImageClassification preset that ships with the weights.
+    Exactly the operations (and order) of the preset that ships with the weights: torchvision's ImageClassification
+    or VideoClassification, or timm's eval transform of the model's pretrained config.
     """
 
     resize: int
@@ -78,15 +80,31 @@ class Preprocessing:
     interpolation: str = "bilinear"
     antialias: bool = True
     color: str = "RGB"
+    resize_hw: tuple[int, int] | None = None
+    """Resize every frame to exactly (H, W), ignoring its aspect ratio, instead of its shorter side to `resize`
+    (torchvision's video presets, timm's 'squash' crop mode). None in the stored spec is left out, so the ids of
+    specs without it are unchanged."""
+
+    def __post_init__(self):
+        if self.resize_hw is not None:
+            object.__setattr__(self, "resize_hw", tuple(int(x) for x in self.resize_hw))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.resize_hw is None:
+            del d["resize_hw"]
+        else:
+            d["resize_hw"] = list(self.resize_hw)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
         return cls(**{**d, "mean": tuple(d["mean"]), "std": tuple(d["std"])})
+
+    def describe(self) -> str:
+        size = f"resize {self.resize_hw[0]}x{self.resize_hw[1]}" if self.resize_hw else f"resize {self.resize}"
+        return f"{size} crop {self.crop}"
 
     # The two operations, for the stages that run them (torchvision is imported here, on first use, so that the spec
     # itself stays light).
@@ -95,13 +113,12 @@ class Preprocessing:
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as F
 
-        frame = F.resize(
-            frame, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=self.antialias
-        )
+        size = list(self.resize_hw) if self.resize_hw else [self.resize]
+        frame = F.resize(frame, size, interpolation=InterpolationMode(self.interpolation), antialias=self.antialias)
         return F.center_crop(frame, [self.crop])
 
     def normalize(self, batch):
-        """Shapes: (N, 3, crop, crop) uint8 -> float32, normalised. Runs next to the model (on its device)."""
+        """Shapes: (..., 3, crop, crop) uint8 -> float32, normalised. Runs next to the model (on its device)."""
         import torch
         from torchvision.transforms import functional as F
 
@@ -109,20 +126,48 @@ class Preprocessing:
 
 
 @dataclass(frozen=True)
+class Window:
+    """Clip-level rows (video backbones): one row per window of `size` consecutive sampled frames, a window
+    starting every `stride` sampled frames. Part of the feature spec of such a cache."""
+
+    size: int
+    """Sampled frames per window (the clip the video model sees)."""
+    stride: int
+    """Sampled frames between the starts of consecutive windows (= size: windows side by side)."""
+
+    def __post_init__(self):
+        if self.size < 1:
+            raise ValueError(f"--window must be >= 1, got {self.size}")
+        if self.stride < 1:
+            raise ValueError(f"--window-stride must be >= 1, got {self.stride}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return f"windows of {self.size} frames every {self.stride}"
+
+
+@dataclass(frozen=True)
 class FeatureSpec:
     """What one feature row means. Two caches with equal spec ids hold interchangeable features."""
 
     backbone: str
+    """A torchvision model name (resnet50, r3d_18), or timm:<model>.<pretrained tag> for a timm image model."""
     weights: str
-    """torchvision weights enum name (e.g. ResNet50_Weights.IMAGENET1K_V2), a file name, or 'none(seed=0)'."""
+    """torchvision weights enum name (e.g. ResNet50_Weights.IMAGENET1K_V2), timm's hf-hub:<repo> of a pretrained
+    tag, a file name, or 'none(seed=0)'."""
     weights_sha256: str | None
     preprocessing: Preprocessing
     sampling: Sampling
     dim: int
+    window: Window | None = None
+    """Video backbones: the windows of sampled frames that make one row each; None: one row per sampled frame
+    (left out of the stored spec, so the ids of per-frame specs are unchanged)."""
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (the stored form)."""
-        return {
+        d = {
             "backbone": self.backbone,
             "weights": self.weights,
             "weights_sha256": self.weights_sha256,
@@ -130,6 +175,9 @@ class FeatureSpec:
             "sampling": self.sampling.to_dict(),
             "dim": self.dim,
         }
+        if self.window is not None:
+            d["window"] = self.window.to_dict()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:
@@ -141,6 +189,7 @@ class FeatureSpec:
             preprocessing=Preprocessing.from_dict(d["preprocessing"]),
             sampling=Sampling(**d["sampling"]),
             dim=int(d["dim"]),
+            window=Window(**d["window"]) if d.get("window") else None,
         )
 
     def to_json(self) -> str:
@@ -159,11 +208,11 @@ class FeatureSpec:
     def differences(self, other: FeatureSpec) -> list[str]:
         """Human-readable 'field: ours != theirs' lines."""
         a, b = self.to_dict(), other.to_dict()
-        return [f"{name}: {a[name]!r} != {b[name]!r}" for name in a if a[name] != b[name]]
+        return [f"{name}: {a.get(name)!r} != {b.get(name)!r}" for name in {**a, **b} if a.get(name) != b.get(name)]
 
     def describe(self) -> str:
-        pre = self.preprocessing
+        rows = f", {self.window.describe()}" if self.window else ""
         return (
-            f"{self.backbone} [{self.weights}] dim={self.dim}, resize {pre.resize} crop {pre.crop}, "
-            f"sampling {self.sampling.describe()}"
+            f"{self.backbone} [{self.weights}] dim={self.dim}, {self.preprocessing.describe()}, "
+            f"sampling {self.sampling.describe()}{rows}"
         )

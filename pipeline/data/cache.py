@@ -131,10 +131,13 @@ class PartWriter:
 
     Rows are buffered up to CONTIGUOUS_MAX_ROWS so short videos get one exact dataset, written at once; past that the
     buffer moves into a resizable (CHUNK_ROWS, D) dataset and memory stays bounded however long the video is.
+    `windows`: the rows are windows of frames (a video backbone) and each has a frame span (`frame_spans`).
     """
 
-    def __init__(self, final: Path, dim: int, dtype: str, tag: str = ""):
+    def __init__(self, final: Path, dim: int, dtype: str, tag: str = "", windows: bool = False):
         self.final = final
+        self.windows = windows
+        self._spans: list[np.ndarray] = []
         self.tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
         self.dim, self.dtype = dim, np.dtype(dtype)
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -142,13 +145,20 @@ class PartWriter:
         self._file: h5py.File | None = None
         self.rows = 0
 
-    def append(self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray) -> None:
-        """Shapes: features (n, D) float32; frame_indices (n,); timestamps (n,) seconds."""
+    def append(
+        self, features: np.ndarray, frame_indices: np.ndarray, timestamps: np.ndarray, spans: np.ndarray | None = None
+    ) -> None:
+        """Shapes: features (n, D) float32; frame_indices (n,); timestamps (n,) seconds; spans (n, 2) (window rows:
+        first and last decoded frame of each window)."""
+        if self.windows != (spans is not None):
+            raise ValueError("window rows need their frame spans, and only window rows have them")
         feats = features.astype(self.dtype)
         if not np.isfinite(feats).all():
             hint = " (they overflow float16: use --dtype float32)" if self.dtype == np.float16 else ""
             raise ValueError(f"the backbone produced non-finite features{hint}")
         self._buf.append((feats, np.asarray(frame_indices, np.int64), np.asarray(timestamps, np.float64)))
+        if spans is not None:
+            self._spans.append(np.asarray(spans, np.int64).reshape(len(feats), 2))
         self._buffered += len(feats)
         self.rows += len(feats)
         if self._buffered > CONTIGUOUS_MAX_ROWS:
@@ -156,14 +166,18 @@ class PartWriter:
 
     def _spill(self) -> None:
         feats, idx, ts = (np.concatenate(c) for c in zip(*self._buf))
-        self._buf, self._buffered = [], 0
+        spans = np.concatenate(self._spans) if self.windows else None
+        self._buf, self._buffered, self._spans = [], 0, []
         if self._file is None:
             self._file = h5py.File(self.tmp, "w")
             f, dim = self._file, self.dim
             _create(f, "features", shape=(0, dim), maxshape=(None, dim), dtype=self.dtype, chunks=(CHUNK_ROWS, dim))
             _create(f, "frame_indices", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(4096,))
             _create(f, "timestamps", shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(4096,))
-        for name, arr in (("features", feats), ("frame_indices", idx), ("timestamps", ts)):
+            if self.windows:
+                _create(f, "frame_spans", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(4096, 2))
+        columns = [("features", feats), ("frame_indices", idx), ("timestamps", ts)]
+        for name, arr in columns + ([("frame_spans", spans)] if self.windows else []):
             ds = self._file[name]
             n = ds.shape[0]
             ds.resize(n + len(arr), axis=0)
@@ -177,7 +191,12 @@ class PartWriter:
                 else (np.zeros((0, self.dim), self.dtype), np.zeros(0, np.int64), np.zeros(0))
             )
             self._file = h5py.File(self.tmp, "w")
-            for name, data in (("features", feats), ("frame_indices", idx), ("timestamps", ts)):
+            columns = [("features", feats), ("frame_indices", idx), ("timestamps", ts)]
+            if self.windows:
+                columns.append(
+                    ("frame_spans", np.concatenate(self._spans) if self._spans else np.zeros((0, 2), np.int64))
+                )
+            for name, data in columns:
                 _create(self._file, name, data)
         elif self._buf:
             self._spill()
@@ -308,7 +327,7 @@ class CacheWriter:
         return row["source_size"] == source_size and row["source_mtime_ns"] == source_mtime_ns
 
     def begin(self, key: str, dim: int) -> PartWriter:
-        return PartWriter(self.part_path(key), dim, self.dtype, self.tag)
+        return PartWriter(self.part_path(key), dim, self.dtype, self.tag, windows=self.spec.window is not None)
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
         """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),
@@ -740,7 +759,8 @@ def _unpack(packed: Path, parts: Path, tag: str = "") -> int:
                 continue
             src = f["videos"][vid]
             try:
-                columns = {name: src[name][()] for name in ("features", "frame_indices", "timestamps")}
+                names = ("features", "frame_indices", "timestamps", "frame_spans")  # frame_spans: window rows only
+                columns = {name: src[name][()] for name in names if name in src}
             except OSError as e:  # a damaged chunk: leave the video out, so that this run redoes it
                 log.warning("%s: video %s is damaged (%s); it will be extracted again", packed, vid, _short(e))
                 continue
@@ -829,7 +849,7 @@ class FeatureCache:
     """Read access to a feature cache. Opens HDF5 lazily, so it can be handed to DataLoader worker processes.
 
     Shapes: features(key) -> (T, D) in the stored dtype; frame_indices(key) -> (T,) int64;
-    timestamps(key) -> (T,) float64 seconds.
+    timestamps(key) -> (T,) float64 seconds; frame_spans(key) -> (T, 2) int64 (caches of window rows).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -963,7 +983,10 @@ class FeatureCache:
             return f"features of dtype {feats.dtype}, the cache stores {self.dtype}"
         if any(group[c].shape != (n,) for c in ("frame_indices", "timestamps")):
             return "frame_indices or timestamps do not have one entry per row"
-        for c in ("features", "frame_indices", "timestamps"):
+        windows = self.spec.window is not None
+        if windows and ("frame_spans" not in group or group["frame_spans"].shape != (n, 2)):
+            return f"frame_spans missing or not of shape ({n}, 2): window rows record their frame spans"
+        for c in ("features", "frame_indices", "timestamps") + (("frame_spans",) if windows else ()):
             for start in range(0, n, CHECK_ROWS):  # bounded memory for any video length
                 group[c][start : start + CHECK_ROWS]
         return None
@@ -1055,6 +1078,13 @@ class FeatureCache:
 
     def timestamps(self, key: str) -> np.ndarray:
         return self._read(key, lambda g: g["timestamps"][()])
+
+    def frame_spans(self, key: str) -> np.ndarray | None:
+        """Window rows (a video backbone): (T, 2) first and last decoded frame of each row's window, inclusive;
+        None for a cache of per-frame rows."""
+        if self.spec.window is None:
+            return None
+        return self._read(key, lambda g: g["frame_spans"][()])
 
     def info(self, key: str) -> dict:
         """Everything recorded about the video: label, source_path, native_fps, width, height, decoded_frames, ..."""
@@ -1176,6 +1206,7 @@ def pack(path: str | os.PathLike, output: str | os.PathLike | None = None) -> Pa
 
 
 def _copy_video(src, dst) -> None:
-    for name in ("features", "frame_indices", "timestamps"):
-        _create(dst, name, src[name][()])
+    for name in ("features", "frame_indices", "timestamps", "frame_spans"):
+        if name in src:  # frame_spans: window rows only
+            _create(dst, name, src[name][()])
     _copy_attrs(src.attrs, dst.attrs)

@@ -14,10 +14,14 @@ import torch
 from pipeline.config import ExtractConfig
 from pipeline.extract.backbone import (
     FINETUNED_PREFIX,
+    HF_HUB_PREFIX,
     RANDOM_INIT_SEED,
+    TIMM_PREFIX,
     LoadedBackbone,
     WeightsError,
     backbone_from_state,
+    import_timm,
+    is_timm,
     load_backbone,
     model_weights_enum,
     sha256_file,
@@ -39,11 +43,13 @@ def extract_config_for(spec: FeatureSpec, output: Path, weights: Path | None = N
         output=output,
         backbone=spec.backbone,
         weights=chosen,
-        resize=pre.resize,
+        resize=None if pre.resize_hw else pre.resize,  # an exact-size resize is the preset's own
         crop=pre.crop,
         mean=pre.mean,
         std=pre.std,
         sampling=spec.sampling,
+        window=spec.window.size if spec.window else None,
+        window_stride=spec.window.stride if spec.window else None,
         **options,
     )
 
@@ -57,7 +63,8 @@ def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
             )
         return spec.weights  # not loadable by name: extract_videos gets checkpoint_backbone(...) instead
     random = RANDOM_WEIGHTS.match(spec.weights)
-    if random or TORCHVISION_WEIGHTS.match(spec.weights):
+    hub = is_timm(spec.backbone) and spec.weights.startswith(HF_HUB_PREFIX)
+    if random or hub or TORCHVISION_WEIGHTS.match(spec.weights):
         if weights is not None:
             raise WeightsError(f"the head's features come from {spec.weights}, not from a weights file: drop --weights")
         if random:
@@ -67,7 +74,7 @@ def _weights_for(spec: FeatureSpec, weights: Path | None) -> str:
                     f"pipeline initialises with seed {RANDOM_INIT_SEED}"
                 )
             return "none"
-        return spec.weights
+        return "DEFAULT" if hub else spec.weights  # timm: the pretrained tag named in the spec's backbone
     if weights is None:
         raise WeightsError(
             f"the head's features come from the weights file {spec.weights!r} (sha256 "
@@ -101,11 +108,16 @@ def backbone_for_spec(
     backbone or one whose embedding differs from the recorded dim.
     """
     try:
-        model_weights_enum(spec.backbone)
+        if is_timm(spec.backbone):
+            if not import_timm(spec.backbone).is_model(spec.backbone[len(TIMM_PREFIX) :]):
+                raise ValueError(spec.backbone)
+        else:
+            model_weights_enum(spec.backbone)
     except ValueError:
         raise WeightsError(
-            f"{source} was trained on features of {spec.backbone!r}, which is not a torchvision "
-            f"classification model, so no backbone can make them again"
+            f"{source} was trained on features of {spec.backbone!r}, which is neither a torchvision model nor a "
+            f"timm model here (timm:NAME needs `pip install 'framecache[timm]'`), so no backbone can make them "
+            f"again"
         ) from None
     if backbone_state is not None:
         if weights is not None:
@@ -138,4 +150,6 @@ def backbone_for_spec(
         weights_sha256=spec.weights_sha256,
         preprocessing=loaded.preprocessing,
         dim=loaded.dim,
+        clip_len=loaded.clip_len,
+        backbone=spec.backbone,
     )

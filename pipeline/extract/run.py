@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
 from pipeline.extract.sink import PartSink
 from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows, WorkQueue
+from pipeline.extract.windows import Windower, resolve_window
 from pipeline.extract.workers import DecodeJob, DecodePool
 from pipeline.runtime import cpu_count, default_workers, pick_device, process_age
 from pipeline.spec import FeatureSpec
@@ -71,9 +73,10 @@ class ExtractReport:
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
+        rows = "windows" if self.spec.window else "frames"
         text = (
             f"{len(self.extracted)} extracted, {len(self.skipped)} already done, {len(self.failed)} failed; "
-            f"{self.frames} frames in {self.seconds:.1f}s ({fps:.1f} frames/s) -> "
+            f"{self.frames} {rows} in {self.seconds:.1f}s ({fps:.1f} {rows}/s) -> "
             f"{printable(str(self.cache))}"
         )
         if self.pruned:
@@ -137,18 +140,20 @@ def extract_videos(
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
     threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
     torch.set_num_threads(threads)
-    batch_size = cfg.batch_size or default_batch_size(device)
-
     loaded = backbone_model or load_backbone(
         cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.runtime.progress
     )
+    window = resolve_window(loaded, cfg.backbone, cfg.window, cfg.window_stride)
+    # video backbones: windows per pass, as many as hold the default number of frames
+    batch_size = cfg.batch_size or max(1, default_batch_size(device) // (window.size if window else 1))
     spec = FeatureSpec(
-        backbone=cfg.backbone,
+        backbone=loaded.backbone or cfg.backbone,
         weights=loaded.weights,
         weights_sha256=loaded.weights_sha256,
         preprocessing=loaded.preprocessing,
         sampling=cfg.sampling,
         dim=loaded.dim,
+        window=window,
     )
     if dist.shard and cfg.overwrite:
         raise ValueError(
@@ -366,6 +371,7 @@ class _Loop:
         self.dead: set[int] = set()  # videos that failed mid-stream: their remaining events are ignored
         self.attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
         self.inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
+        self.windowers: dict[int, Windower] = {}  # video backbones: each video's frames not yet in a window
         self.cpu = None
         self.started = time.perf_counter()
 
@@ -396,9 +402,15 @@ class _Loop:
         if isinstance(event, Rows):
             self.rows(event)
         elif isinstance(event, Ended):
+            last = self.windowers.pop(i).finish() if i in self.windowers else None
+            if last is not None:  # a video shorter than one window: its one padded window
+                self.enqueue(
+                    i, last.clips, Owner(i, self.attempt.get(i, 0), last.frame_indices, last.timestamps, last.spans)
+                )
             self.sink.ended_video(i, event.info)
         elif isinstance(event, Retry):
             log.warning("%s: %s; decoding it on the CPU", self.todo[i].path, event.reason)
+            self.windowers.pop(i, None)
             self.batcher.drop(i)
             self.sink.discard(i)
             self.attempt[i] = self.attempt.get(i, 0) + 1
@@ -415,15 +427,26 @@ class _Loop:
         else:
             crops = event.frames.clone()  # out of the shared slot
             event.release(None)
-        owner = Owner(event.video, self.attempt.get(event.video, 0), event.frame_indices, event.timestamps)
-        self.batcher.add(owner, crops)
-        self.sink.expect(event.video, len(crops))
+        i, attempt = event.video, self.attempt.get(event.video, 0)
+        window = self.writer.spec.window
+        if window is None:
+            self.enqueue(i, crops, Owner(i, attempt, np.asarray(event.frame_indices), np.asarray(event.timestamps)))
+            return
+        clips = self.windowers.setdefault(i, Windower(window)).push(crops, event.frame_indices, event.timestamps)
+        if clips is not None:
+            self.enqueue(i, clips.clips, Owner(i, attempt, clips.frame_indices, clips.timestamps, clips.spans))
+
+    def enqueue(self, i: int, rows: torch.Tensor, owner: Owner) -> None:
+        """Rows of video i for the model: frames (n, 3, C, C), or window clips (n, T, 3, C, C)."""
+        self.batcher.add(owner, rows)
+        self.sink.expect(i, len(rows))
         while self.batcher.full():
             self.forward()
 
     def fail(self, i: int, reason: str) -> None:
         item = self.todo[i]
         self.batcher.drop(i)
+        self.windowers.pop(i, None)
         self.dead.add(i)
         self.sink.fail(i, reason)
         self.report.failed[item.key] = (str(item.path), reason)
@@ -462,6 +485,7 @@ class _Loop:
                 self.progress.video_done(outcome.video)
             elif outcome.video not in self.dead:  # failed on the sink's thread (non-finite features)
                 self.batcher.drop(outcome.video)
+                self.windowers.pop(outcome.video, None)
                 self.dead.add(outcome.video)
                 self.report.failed[item.key] = (str(item.path), outcome.error)
                 tqdm.write(f"FAILED {printable(str(item.path))}: {printable(outcome.error)}")

@@ -53,7 +53,8 @@ class PartSink:
         for owner in owners:
             k = len(owner)
             if alive(owner):
-                self._put(("append", owner.video, feats[row : row + k], owner.frame_indices, owner.timestamps))
+                rows = (feats[row : row + k], owner.frame_indices, owner.timestamps, owner.spans)
+                self._put(("append", owner.video, *rows))
                 self.outstanding[owner.video] -= k
                 self._maybe_commit(owner.video)
             row += k

@@ -247,6 +247,11 @@ def finetune(
             f"carry one label each); train the frame head on a cache of the features instead"
         )
     spec = ckpt.feature_spec
+    if spec.window is not None:
+        raise ValueError(
+            f"{cfg.init} was trained on window rows of the video model {spec.backbone}: finetune trains backbones "
+            f"that embed each frame on its own (torchvision classifiers, timm image models)"
+        )
     sampling = spec.sampling
     loaded = backbone_for_spec(spec, ckpt.backbone_state, cfg.weights, str(cfg.init), progress=cfg.runtime.progress)
     if loaded.dim != ckpt.dims.in_dim:

@@ -106,7 +106,7 @@ def test_killed_rank_then_rerun_does_only_missing_videos(videos, reference, tmp_
     pdir = parts_dir(out)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if pdir.is_dir() and len(list(pdir.glob("*.h5"))) >= 3:
+        if pdir.is_dir() and len(list(pdir.rglob("*.h5"))) >= 3:
             break
         time.sleep(0.005)
     ranks = children(proc.pid)
@@ -116,15 +116,15 @@ def test_killed_rank_then_rerun_does_only_missing_videos(videos, reference, tmp_
     assert proc.returncode != 0
     with pytest.raises(FileNotFoundError, match="pipeline merge"):
         open_cache(out)  # no index yet: the ranks never reached the merge
-    before = {p.name: p.stat().st_mtime_ns for p in pdir.glob("*.h5")}
+    before = {p.name: p.stat().st_mtime_ns for p in pdir.rglob("*.h5")}
     assert 3 <= len(before) < 10
 
     proc = torchrun(videos, out)
     log = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, log
-    after = {p.name: p.stat().st_mtime_ns for p in pdir.glob("*.h5")}
+    after = {p.name: p.stat().st_mtime_ns for p in pdir.rglob("*.h5")}
     assert len(after) == 10 and all(after[name] == mtime for name, mtime in before.items())
-    assert not list(pdir.glob(".*.tmp"))
+    assert not list(pdir.rglob(".*.tmp"))
     assert_same_cache(open_cache(out), reference)
 
 
@@ -150,19 +150,19 @@ def test_merge_refuses_other_spec_and_running_writers(videos, tmp_path):
     pipeline.extract_videos([videos], out, shard="0/2", **FAST)
     other = tmp_path / "other.h5"
     pipeline.extract_videos([videos], other, shard="1/2", **{**FAST, "crop": 48})
-    for part in parts_dir(other).glob("*.h5"):  # a shard of another spec lands in this cache's folder
-        shutil.copy(part, parts_dir(out) / part.name)
+    for part in parts_dir(other).rglob("*.h5"):  # a shard of another spec lands in this cache's folder
+        shutil.copy(part, parts_dir(out) / part.relative_to(parts_dir(other)))
     with pytest.raises(CacheError, match="another feature spec"):
         merge(out)
-    for part in parts_dir(other).glob("*.h5"):
-        (parts_dir(out) / part.name).unlink()
+    for part in parts_dir(other).rglob("*.h5"):
+        (parts_dir(out) / part.relative_to(parts_dir(other))).unlink()
     writer = CacheWriter(out, _spec_of(out), "float16", shard=(1, 2))  # a shard still running
     try:
         with pytest.raises(CacheError, match="another extraction is writing"):
             merge(out)
     finally:
         writer.close()
-    assert merge(out) == len(list(parts_dir(out).glob("*.h5")))
+    assert merge(out) == len(list(parts_dir(out).rglob("*.h5")))
 
 
 def _spec_of(cache: Path):

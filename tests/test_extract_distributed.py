@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import app
+from pipeline.data import cache as cache_module
 from pipeline.data.cache import CacheError, CacheWriter, merge, open_cache, parts_dir
 
 ARGS = [
@@ -128,7 +129,7 @@ def test_killed_rank_then_rerun_does_only_missing_videos(videos, reference, tmp_
     assert_same_cache(open_cache(out), reference)
 
 
-def test_shards_then_merge_and_other_world_size_resumes(videos, reference, tmp_path):
+def test_shards_then_merge_and_other_world_size_resumes(videos, reference, tmp_path, monkeypatch):
     out = tmp_path / "c.h5"
     opts = {**FAST, "dtype": "float32"}
     first = pipeline.extract_videos([videos], out, shard="0/2", **opts)
@@ -137,8 +138,15 @@ def test_shards_then_merge_and_other_world_size_resumes(videos, reference, tmp_p
     second = pipeline.extract_videos([videos], out, shard="1/2", **opts)
     assert not set(first.extracted) & set(second.extracted)
     assert len(first.extracted) + len(second.extracted) == 10
+    # Each shard left the index rows of its parts: the merge opens no part (fast at 500,000 videos)
+    tables = sorted(p.name for p in parts_dir(out).glob(".index.shard-*"))
+    assert tables == [".index.shard-0-of-2", ".index.shard-1-of-2"]
+    opened = []
+    monkeypatch.setattr(cache_module, "_part_row", lambda part: opened.append(part))
     result = CliRunner().invoke(app, ["merge", str(out)])
     assert result.exit_code == 0 and "10 videos" in result.output
+    assert opened == [] and not list(parts_dir(out).glob(".index.shard-*"))
+    monkeypatch.undo()
     assert_same_cache(open_cache(out), reference)
     for i in range(3):  # another world size finds everything done
         report = pipeline.extract_videos([videos], out, shard=f"{i}/3", **opts)
@@ -151,7 +159,9 @@ def test_merge_refuses_other_spec_and_running_writers(videos, tmp_path):
     other = tmp_path / "other.h5"
     pipeline.extract_videos([videos], other, shard="1/2", **{**FAST, "crop": 48})
     for part in parts_dir(other).rglob("*.h5"):  # a shard of another spec lands in this cache's folder
-        shutil.copy(part, parts_dir(out) / part.relative_to(parts_dir(other)))
+        target = parts_dir(out) / part.relative_to(parts_dir(other))
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(part, target)
     with pytest.raises(CacheError, match="another feature spec"):
         merge(out)
     for part in parts_dir(other).rglob("*.h5"):

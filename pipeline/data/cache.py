@@ -39,6 +39,7 @@ LAYOUT_PARTS, LAYOUT_PACKED = "parts", "packed"
 PACK_CHUNK_ROWS = 256
 # A video of at most this many rows is written as one contiguous dataset; longer ones stream into a chunked one.
 CONTIGUOUS_MAX_ROWS = 1024
+SHARD_TABLE_EVERY_S = 30.0  # a shard writer saves the index rows of its parts this often (and when it closes)
 CHUNK_ROWS = 256  # (256, D) chunks: 1 MiB for D=2048 in float16, the size h5py's docs recommend for hot data
 # Part files live in subfolders named by the first SUBFOLDER_CHARS hex digits of their id: 256 folders, about 2,000
 # parts each at 500,000 videos (file systems slow down on folders of hundreds of thousands of entries). Caches
@@ -173,8 +174,9 @@ class PartWriter:
     buffer moves into a resizable (CHUNK_ROWS, D) dataset and memory stays bounded however long the video is.
     """
 
-    def __init__(self, final: Path, dim: int, dtype: str, tag: str = ""):
+    def __init__(self, final: Path, dim: int, dtype: str, tag: str = "", on_commit=None):
         self.final = final
+        self.on_commit = on_commit  # called with the part's index row once it is in place
         self.tmp = final.with_name(f".{final.name}{tag}.{os.getpid()}.tmp")
         self.dim, self.dtype = dim, np.dtype(dtype)
         self._buf: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -233,6 +235,8 @@ class PartWriter:
         self._file.close()
         self._file = None
         _commit(self.tmp, self.final)
+        if self.on_commit is not None:
+            self.on_commit(_row_of(self.final, attrs, self.rows))
 
     def abort(self) -> None:
         if self._file is not None:
@@ -278,6 +282,8 @@ class CacheWriter:
         self.path = Path(path)
         self.parts = parts_dir(self.path)
         self.spec, self.dtype, self.shard = spec, dtype, shard
+        self._own: dict[str, dict] = {}
+        self._table_written = time.monotonic()
         self.tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
         if self.path.exists() and not (self.parts / SPEC_FILE).exists() and not _is_cache_file(self.path):
             raise CacheError(f"{self.path} exists and is not a pipeline feature cache; choose another -o path")
@@ -304,6 +310,10 @@ class CacheWriter:
             if not (self.parts / SPEC_FILE).exists():
                 _write_text_atomic(self.parts / SPEC_FILE, spec_text)
             self._index = _read_index_rows(self.path)
+            for table in sorted(self.parts.glob(".index.shard-*")):  # rows of shard writers (validated by stat)
+                for vid, row in _read_index_rows(table).items():
+                    self._index.setdefault(vid, row)
+            self._own = _read_index_rows(self.parts / f".index{self.tag}") if shard else {}
             if not shard:
                 self.write_index()
         except BaseException:
@@ -357,7 +367,25 @@ class CacheWriter:
     def begin(self, key: str, dim: int) -> PartWriter:
         final = self.part_path(key)
         final.parent.mkdir(exist_ok=True)
-        return PartWriter(final, dim, self.dtype, self.tag)
+        return PartWriter(final, dim, self.dtype, self.tag, self._committed)
+
+    def _committed(self, row: dict) -> None:
+        """A part is in place: its index row is known without reopening it. A shard writer keeps its rows in a
+        table of its own (written every SHARD_TABLE_EVERY_S and at close), so that the merge need not open its
+        parts."""
+        self._index[row["id"]] = row
+        if self.shard:
+            self._own[row["id"]] = row
+            if time.monotonic() - self._table_written > SHARD_TABLE_EVERY_S:
+                self.write_shard_table()
+
+    def write_shard_table(self) -> None:
+        """The index rows of this shard's parts, as `.index<tag>` in the parts folder (read by the merge)."""
+        tmp = self.parts / f".index{self.tag}.{os.getpid()}.tmp"
+        with h5py.File(tmp, "w") as f:
+            _write_rows(f.create_group("index"), sorted(self._own.values(), key=lambda r: r["key"]))
+        _commit(tmp, self.parts / f".index{self.tag}")
+        self._table_written = time.monotonic()
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
         """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),
@@ -448,21 +476,23 @@ class CacheWriter:
             for r in ordered:
                 target = part_file(Path(self.parts.name), r["id"]).as_posix()
                 links.create_external(r["id"].encode(), target.encode(), b"/")
-            index = f.create_group("index")
-            for col, kind in _INDEX_COLUMNS.items():
-                values = [r[col] for r in ordered]
-                if kind is str:
-                    index.create_dataset(col, data=_text_column(values), dtype=h5py.string_dtype())
-                else:
-                    index.create_dataset(col, data=np.array(values, dtype=kind))
+            _write_rows(f.create_group("index"), ordered)
             fail = f.create_group("failures")
             for col in ("key", "source_path", "reason", "time"):
                 fail.create_dataset(
                     col, data=_text_column([str(x.get(col, "")) for x in failures]), dtype=h5py.string_dtype()
                 )
         _commit(tmp, self.path)
+        if not self.shard:  # no shard writer runs (this one holds the lock alone): their rows are in the index now
+            for table in self.parts.glob(".index.shard-*"):
+                table.unlink(missing_ok=True)
 
     def close(self) -> None:
+        if self.shard and self._own and self._lock_fds:
+            try:
+                self.write_shard_table()
+            except OSError as e:  # the merge then opens this shard's new parts instead
+                log.warning("could not write %s's table of its parts: %s", self.tag.lstrip("."), e)
         for fd in self._lock_fds:
             os.close(fd)
         self._lock_fds = []
@@ -716,6 +746,35 @@ def _part_row(part: Path) -> dict | None:
             }
     except (OSError, KeyError):
         return None
+
+
+def _row_of(part: Path, attrs: dict, rows: int) -> dict:
+    """The index row of a part just committed with these attributes (what _part_row reads back from it)."""
+    st = part.stat()
+    return {
+        "key": attrs["key"],
+        "id": part.name[: -len(PART_SUFFIX)],
+        "label": attrs.get("label") or "",
+        "split": attrs.get("split") or "",
+        "num_frames": rows,
+        "source_path": attrs.get("source_path") or "",
+        "source_size": int(attrs.get("source_size", -1)),
+        "source_mtime_ns": int(attrs.get("source_mtime_ns", -1)),
+        "shard": attrs.get("shard") or "",
+        "spec_id": attrs.get("spec_id") or "",
+        "part_size": st.st_size,
+        "part_mtime_ns": st.st_mtime_ns,
+    }
+
+
+def _write_rows(group, rows: list[dict]) -> None:
+    """The index table: one dataset per column of _INDEX_COLUMNS."""
+    for col, kind in _INDEX_COLUMNS.items():
+        values = [r[col] for r in rows]
+        if kind is str:
+            group.create_dataset(col, data=_text_column(values), dtype=h5py.string_dtype())
+        else:
+            group.create_dataset(col, data=np.array(values, dtype=kind))
 
 
 def _read_index_rows(path: Path) -> dict[str, dict]:

@@ -188,3 +188,96 @@ def test_shard_option_errors():
     assert result.exit_code == 2 and "0 <= i < n" in result.output
     result = CliRunner().invoke(app, ["extract", ".", "-o", "x.h5", "--shard", "0/2", "--overwrite"])
     assert result.exit_code == 2 and "--overwrite cannot be combined with --shard" in result.output
+
+
+# ----------------------------------------------------------------------------------------- two nodes, rendezvous
+def test_node_ranks_shares_cores_and_the_merger():
+    from pipeline.extract.distributed import Distributed
+
+    env = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    second = Distributed.parse(None, {**env, "RANK": "3", "LOCAL_RANK": "1", "GROUP_RANK": "1"})
+    assert second.shard == (3, 4) and (second.node, second.local_rank, second.local_world) == (1, 1, 2)
+    assert second.threads(None, 16) == 8 and second.threads(3, 16) == 3  # its node's 16 cores, shared by 2 ranks
+    assert not second.merges  # a node's local rank 0 is not the merger: only global rank 0 is
+    assert not Distributed.parse(None, {**env, "RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}).merges
+    assert Distributed.parse(None, {**env, "RANK": "0", "LOCAL_RANK": "0", "GROUP_RANK": "0"}).merges
+    assert second.describe() == "rank 3/4 (node 1, local rank 1/2)"
+    assert Distributed.parse("1/3", {}).shard == (1, 3) and not Distributed.parse("1/3", {}).merges
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node(videos: Path, out: Path, rank: int, port: int, run_id: str) -> subprocess.Popen:
+    """One node of two (two ranks each), meeting the other through torchrun's c10d rendezvous on localhost."""
+    cmd = [
+        *(sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(rank)),
+        *("--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}"),
+        *("--rdzv-id", run_id, "--max-restarts", "0"),
+        *("-m", "pipeline", "extract", str(videos), "-o", str(out), *ARGS),
+    ]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def two_nodes(videos: Path, out: Path, run_id: str) -> tuple[subprocess.Popen, subprocess.Popen]:
+    port = free_port()
+    return node(videos, out, 0, port, run_id), node(videos, out, 1, port, run_id)
+
+
+@pytest.fixture(scope="module")
+def one_thread_reference(videos, tmp_path_factory):
+    """A one-process run with the one thread each rank gets (2 cores shared by a node's 2 ranks): the same bytes."""
+    out = tmp_path_factory.mktemp("ref1") / "ref.h5"
+    pipeline.extract_videos([videos], out, **{**FAST, "dtype": "float32", "threads": 1})
+    return open_cache(out)
+
+
+def assert_same_bytes(got, ref):
+    assert sorted(got.keys()) == sorted(ref.keys()) and got.spec.id == ref.spec.id
+    for key in ref.keys():
+        np.testing.assert_array_equal(got.features(key), ref.features(key))
+        np.testing.assert_array_equal(got.frame_indices(key), ref.frame_indices(key))
+
+
+@pytest.mark.slow
+def test_two_nodes_through_the_rendezvous_then_one_killed_and_both_rerun(videos, one_thread_reference, tmp_path):
+    out = tmp_path / "c.h5"
+    first, second = two_nodes(videos, out, "whole")
+    logs = [p.communicate(timeout=300)[0].decode() for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, logs
+    cache = open_cache(out)
+    assert_same_bytes(cache, one_thread_reference)
+    shards = cache.shards()  # global ranks 0..3 of both nodes: each video once, by the rank that owns it
+    assert set(shards) == {"0/4", "1/4", "2/4", "3/4"} and sum(shards.values()) == 10
+    assert not list(parts_dir(out).glob(".index.shard-*"))  # the one merger took every rank's table
+
+    out = tmp_path / "killed.h5"
+    first, second = two_nodes(videos, out, "killed")
+    pdir = parts_dir(out)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and first.poll() is None and second.poll() is None:
+        if pdir.is_dir() and len(list(pdir.rglob("*.h5"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.killpg(second.pid, signal.SIGKILL)  # node 1 is lost: its launcher and both its ranks
+    second.wait()
+    log = first.communicate(timeout=180)[0].decode()  # node 0's ranks lose their peers: the job fails
+    assert first.returncode != 0, log
+    with pytest.raises(FileNotFoundError, match="pipeline merge"):
+        open_cache(out)
+    before = {p.name: p.stat().st_mtime_ns for p in pdir.rglob("*.h5")}
+    assert 2 <= len(before) < 10
+
+    first, second = two_nodes(videos, out, "rerun")
+    logs = [p.communicate(timeout=300)[0].decode() for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, logs
+    after = {p.name: p.stat().st_mtime_ns for p in pdir.rglob("*.h5")}
+    assert len(after) == 10 and all(after[name] == mtime for name, mtime in before.items())  # nothing redone
+    assert not list(pdir.rglob(".*.tmp"))
+    assert_same_bytes(open_cache(out), one_thread_reference)

@@ -118,7 +118,7 @@ def extract_videos(
     workers = cfg.workers if cfg.workers is not None else default_workers(device, dist.local_world)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
-    threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
+    threads = dist.threads(cfg.runtime.threads, cpu_count())
     torch.set_num_threads(threads)
     batch_size = cfg.batch_size or default_batch_size(device)
 
@@ -161,7 +161,7 @@ def extract_videos(
         writer.close()
     if dist.torchrun:
         dist.barrier()  # every rank's parts are committed; one process builds the index
-        if dist.rank == 0:
+        if dist.merges:
             merge(cfg.output, prune=cfg.prune)
             if cfg.pack:
                 report.packed = bool(pack(cfg.output))

@@ -80,7 +80,7 @@ def main() -> None:
         if not (args.reuse and cache.exists()):
             generate(cache, args.videos, args.dim)
         packed.unlink(missing_ok=True)
-        parts_bytes = sum(p.stat().st_size for p in Path(str(cache) + ".parts").glob("*.h5"))
+        parts_bytes = sum(p.stat().st_size for p in Path(str(cache) + ".parts").rglob("*.h5"))
         index = open_cache(cache)
         rows = sum(index.num_frames(k) for k in index)
         print(

@@ -615,6 +615,11 @@ class SweepConfig(_Settings):
     """Study name; default: the name of the out folder."""
     resume: bool = False
     """Continue (or join) an existing study of this name; without it, a study that has trials is refused."""
+    heartbeat: int = 15
+    """Seconds between the heartbeats of a running trial (RDB storages: SQLite, PostgreSQL, MySQL)."""
+    grace: int = 60
+    """Seconds without a heartbeat after which other workers take a running trial for one of a killed worker: it is
+    failed, and its settings retried once. Every worker of a study should use the same --heartbeat and --grace."""
     seed: int = 0
     """Seed of the sampler (each trial's own seed is the `seed` parameter, default 0)."""
     target: str = default_of(TrainConfig, "target")
@@ -641,6 +646,8 @@ class SweepConfig(_Settings):
         _at_least(0, refit=self.refit)
         if self.timeout is not None:
             _check("--timeout", self.timeout > 0, self.timeout, "> 0 seconds")
+        _at_least(1, heartbeat=self.heartbeat)
+        _check("--grace", self.grace > self.heartbeat, self.grace, "> --heartbeat (a few heartbeats)")
         target = resolve_target(self.target, self.frame_labelling)
         object.__setattr__(self, "target", target)
         object.__setattr__(self, "metric", resolve_metric(self.metric, target))

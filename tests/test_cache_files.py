@@ -140,3 +140,19 @@ def test_cache_written_before_the_layout_attribute_still_reads(cache_file):
         del f.attrs["layout"]
     cache = open_cache(cache_file)
     assert not cache.packed and all(np.array_equal(cache.features(k), before[k]) for k in before)
+
+
+def test_parts_live_in_subfolders_by_id_and_plain_h5py_follows_the_index(tmp_path):
+    out = feature_cache(tmp_path / "c.h5", separable_videos(classes=4, per_class=10))
+    parts = parts_dir(out)
+    files = sorted(parts.rglob("*.h5"))
+    assert len(files) == 40 and not list(parts.glob("*.h5"))  # none left at the top
+    for f in files:
+        assert f.parent.parent == parts and f.name.startswith(f.parent.name) and len(f.parent.name) == 2
+    cache = open_cache(out)
+    with h5py.File(out, "r") as f:  # the index's external links name the subfolder
+        vid = cache._row("class1/vid_003.mp4")["id"]
+        np.testing.assert_array_equal(f[f"videos/{vid}/features"][()], cache.features("class1/vid_003.mp4"))
+        assert f.attrs["parts_layout"] == "nested"
+    (cache.part_path("class2/vid_000.mp4")).unlink()
+    assert cache.missing_parts() == ["class2/vid_000.mp4"]

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import pipeline
+from pipeline.data.cache import merge
 from pipeline.train_head.checkpoint import load_checkpoint
 
 OLD = Path(__file__).parent / "data" / "v0.1"
@@ -54,3 +55,17 @@ def test_an_old_checkpoint_evaluates_and_an_old_cache_trains(old, tmp_path):
         run.summary["epochs_run"] == 1
         and load_checkpoint(tmp_path / "run" / "best.pt").feature_spec == ckpt.feature_spec
     )
+
+
+def test_an_old_flat_cache_is_moved_into_subfolders_by_the_next_writer(old):
+    before = pipeline.open_cache(old / "cache.h5")
+    features = {k: before.features(k) for k in before.keys()}
+    parts = old / "cache.h5.parts"
+    assert len(list(parts.glob("*.h5"))) == 8  # 0.1 kept every part at the top of the folder
+    assert merge(old / "cache.h5") == 8  # a writer opens it: moves the parts, rewrites the index
+    assert not list(parts.glob("*.h5")) and len(list(parts.glob("??/*.h5"))) == 8
+    after = pipeline.open_cache(old / "cache.h5")
+    assert after.nested and after.unindexed_parts() == 0 and after.missing_parts() == []
+    for key, feats in features.items():
+        np.testing.assert_array_equal(after.features(key), feats)
+    assert before.features("class0/v0.mp4").shape == (6, 8)  # an index opened before the move still finds them

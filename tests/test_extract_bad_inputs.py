@@ -122,7 +122,7 @@ def test_video_that_changed_and_now_fails_is_no_longer_served(tmp_path):
     assert list(report.failed) == ["b.avi"]
     cache = pipeline.open_cache(out)
     assert cache.keys() == ["a.avi"] and [f["key"] for f in cache.failures()] == ["b.avi"]
-    assert len(list(parts_dir(out).glob("*.h5"))) == 1
+    assert len(list(parts_dir(out).rglob("*.h5"))) == 1
 
 
 def test_vanished_sources_are_reported_and_removed_only_by_prune(tmp_path):

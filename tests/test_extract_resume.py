@@ -30,11 +30,11 @@ def test_rerun_skips_finished_videos_and_changes_nothing(videos, tmp_path):
     out = tmp_path / "c.h5"
     first = pipeline.extract_videos([videos], out, **FAST)
     assert len(first.extracted) == 4 and not first.skipped
-    parts = {p.name: p.stat().st_mtime_ns for p in parts_dir(out).glob("*.h5")}
+    parts = {p.name: p.stat().st_mtime_ns for p in parts_dir(out).rglob("*.h5")}
     before = {k: pipeline.open_cache(out).features(k) for k in pipeline.open_cache(out).keys()}
     second = pipeline.extract_videos([videos], out, **FAST)
     assert second.extracted == [] and sorted(second.skipped) == sorted(before) and second.frames == 0
-    assert {p.name: p.stat().st_mtime_ns for p in parts_dir(out).glob("*.h5")} == parts
+    assert {p.name: p.stat().st_mtime_ns for p in parts_dir(out).rglob("*.h5")} == parts
     cache = pipeline.open_cache(out)
     for k, f in before.items():
         np.testing.assert_array_equal(cache.features(k), f)
@@ -51,7 +51,7 @@ def test_changed_video_is_redone_and_new_video_added(videos, tmp_path):
     assert sorted(report.extracted) == ["cls/v1.avi", "cls/v9.avi"] and len(report.skipped) == 3
     cache = pipeline.open_cache(out)
     assert cache.features("cls/v1.avi").shape == (9, 512) and old.shape == (6, 512)
-    assert len(cache) == 5 and len(list(parts_dir(out).glob("*.h5"))) == 5
+    assert len(cache) == 5 and len(list(parts_dir(out).rglob("*.h5"))) == 5
 
 
 @pytest.mark.parametrize(
@@ -147,7 +147,7 @@ def _kill_when(proc: subprocess.Popen, out: Path, parts: int | None, after_s: fl
     below = []
     while proc.poll() is None and time.monotonic() - start < 120:
         below = descendants(proc.pid) or below  # its decode workers, once started
-        done = len(list(pdir.glob("*.h5"))) if pdir.is_dir() else -1
+        done = len(list(pdir.rglob("*.h5"))) if pdir.is_dir() else -1
         if (parts is not None and done >= parts) or (after_s is not None and time.monotonic() - start >= after_s):
             break
         time.sleep(0.005)
@@ -157,7 +157,7 @@ def _kill_when(proc: subprocess.Popen, out: Path, parts: int | None, after_s: fl
     if left:
         os.killpg(proc.pid, signal.SIGKILL)
     assert not left, f"decode workers {left} outlived the killed run"
-    return len(list(pdir.glob("*.h5"))) if pdir.is_dir() else 0
+    return len(list(pdir.rglob("*.h5"))) if pdir.is_dir() else 0
 
 
 @pytest.mark.slow
@@ -186,8 +186,8 @@ def test_kill_9_at_several_points_then_rerun_equals_uninterrupted_run(tmp_path):
 
     ref, got = pipeline.open_cache(reference), pipeline.open_cache(out)
     assert sorted(got.keys()) == sorted(ref.keys()) and len(got) == 10
-    assert sorted(p.name for p in parts_dir(out).iterdir() if p.name.endswith(".tmp")) == []
-    assert len(list(parts_dir(out).glob("*.h5"))) == 10 and got.unindexed_parts() == 0
+    assert sorted(p.name for p in parts_dir(out).rglob("*.tmp")) == []
+    assert len(list(parts_dir(out).rglob("*.h5"))) == 10 and got.unindexed_parts() == 0
     for key in ref.keys():
         np.testing.assert_array_equal(got.frame_indices(key), ref.frame_indices(key))
         # Bit for bit: every forward pass has one shape, so how the kills split the batches changes nothing.

@@ -150,7 +150,7 @@ def test_every_chunk_is_checksummed_and_damage_anywhere_is_caught_then_redone(ca
     assert report.extracted == [long_key]
     np.testing.assert_array_equal(pipeline.open_cache(out).features(long_key), expected)
     assert runner.invoke(app, ["info", str(out), "--check"]).exit_code == EXIT_OK
-    assert not list(parts_dir(out).glob("*.damaged"))
+    assert not list(parts_dir(out).rglob("*.damaged"))
 
 
 def test_a_damaged_read_names_the_video_and_the_fix(cache, videos, tmp_path):

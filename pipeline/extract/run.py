@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with, parse_shard
+from pipeline.config import EXTRACT_BATCH_CPU, EXTRACT_BATCH_GPU, ExtractConfig, config_with
 from pipeline.data.cache import CacheWriter, merge, pack, printable
 from pipeline.extract.backbone import FrameEmbedder, LoadedBackbone, load_backbone
 from pipeline.extract.batcher import Batcher, Owner
+from pipeline.extract.distributed import Distributed, balance
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
 from pipeline.extract.sink import PartSink
@@ -88,19 +89,6 @@ class ExtractReport:
         return text
 
 
-# ------------------------------------------------------------------------------------------------ decode workers
-def balance(weights: list[int], n: int) -> list[list[int]]:
-    """Split item indices into n lists of similar total weight (largest first, each to the lightest list).
-    Each list keeps the items' original order."""
-    bins: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
-    for i in sorted(range(len(weights)), key=lambda i: -weights[i]):
-        j = load.index(min(load))
-        bins[j].append(i)
-        load[j] += max(weights[i], 1)
-    return [sorted(b) for b in bins]
-
-
 # ---------------------------------------------------------------------------------------------------- the run
 def build_config(output, config: ExtractConfig | None = None, **options) -> ExtractConfig:
     """An ExtractConfig from keyword options; sampling and runtime options (fps, stride, device, ...) may be flat."""
@@ -138,7 +126,7 @@ def extract_videos(
     workers = cfg.workers if cfg.workers is not None else default_workers(device, dist.local_world)
     # Decode workers run one thread each and mostly wait; the model gets every core (measured: 2 threads on 2 cores
     # beat 1 thread + a worker by 30% on ResNet-18). Ranks on one machine share its cores.
-    threads = cfg.runtime.threads or max(1, cpu_count() // dist.local_world)
+    threads = dist.threads(cfg.runtime.threads, cpu_count())
     torch.set_num_threads(threads)
     loaded = backbone_model or load_backbone(
         cfg.backbone, cfg.weights, cfg.resize, cfg.crop, cfg.mean, cfg.std, progress=cfg.runtime.progress
@@ -184,7 +172,7 @@ def extract_videos(
         writer.close()
     if dist.torchrun:
         dist.barrier()  # every rank's parts are committed; one process builds the index
-        if dist.rank == 0:
+        if dist.merges:
             merge(cfg.output, prune=cfg.prune)
             if cfg.pack:
                 report.packed = bool(pack(cfg.output))
@@ -208,57 +196,6 @@ def extract_videos(
             report.steady_fps,
         )
     return report
-
-
-@dataclass
-class Distributed:
-    """Which share of the inputs this process extracts: all of them, --shard i/n, or a torchrun rank."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-    torchrun: bool = False
-
-    @classmethod
-    def from_env(cls, shard: str | None) -> Distributed:
-        import os
-
-        if shard is not None:
-            i, n = parse_shard(shard)
-            return cls(rank=i, world=n)
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import datetime
-
-        import torch.distributed as torch_dist
-
-        if not torch_dist.is_initialized():
-            # gloo for the two barriers only (CPU or GPU): ranks never wait on each other while extracting.
-            torch_dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-        return cls(
-            rank=int(os.environ["RANK"]),
-            world=world,
-            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-            local_world=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-            torchrun=True,
-        )
-
-    @property
-    def shard(self) -> tuple[int, int] | None:
-        return (self.rank, self.world) if self.world > 1 else None
-
-    def device(self, requested: str) -> str:
-        """Each rank on its own GPU: cuda -> cuda:LOCAL_RANK."""
-        if self.torchrun and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
-        return requested
-
-    def barrier(self) -> None:
-        import torch.distributed as torch_dist
-
-        torch_dist.barrier()
 
 
 def default_batch_size(device: torch.device) -> int:

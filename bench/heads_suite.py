@@ -93,8 +93,9 @@ def digits_pool(folder: Path, per_group: int, seed: int) -> list[str]:
     if not found:
         sys.exit(f"no scikit-learn wheel in {DOWNLOADS}: run pip download --no-deps scikit-learn -d {DOWNLOADS}")
     with zipfile.ZipFile(found[-1]) as z:
-        table = np.loadtxt(gzip.decompress(z.read("sklearn/datasets/data/digits.csv.gz")).decode().splitlines(),
-                           delimiter=",")
+        table = np.loadtxt(
+            gzip.decompress(z.read("sklearn/datasets/data/digits.csv.gz")).decode().splitlines(), delimiter=","
+        )
     images, digits = table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(int)
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -265,8 +266,10 @@ def run_reference(task: dict, cache: Path, split_csv: Path, seed: int) -> dict:
     def batch(xs, ys, idx):
         lengths = torch.tensor([len(xs[i]) for i in idx])
         x = pad_sequence([(xs[i].float() - mean) / std for i in idx], batch_first=True)
-        y = pad_sequence([ys[i] for i in idx], batch_first=True, padding_value=-1) if labels_dir else torch.stack(
-            [ys[i] for i in idx]
+        y = (
+            pad_sequence([ys[i] for i in idx], batch_first=True, padding_value=-1)
+            if labels_dir
+            else torch.stack([ys[i] for i in idx])
         )
         return x, lengths, y
 

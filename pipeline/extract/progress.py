@@ -117,7 +117,9 @@ class Progress:
         mean = sum(known) / len(known) if known else sum(self.rows.values()) / len(self.rows)
         ratio = {}
         for kind in ("frames", "video"):
-            pairs = [(r, self.estimates[i]) for i, r in self.rows.items() if self.estimates[i] and self._kind(i) == kind]
+            pairs = [
+                (r, self.estimates[i]) for i, r in self.rows.items() if self.estimates[i] and self._kind(i) == kind
+            ]
             estimated = sum(e for _, e in pairs)
             ratio[kind] = sum(r for r, _ in pairs) / estimated if estimated else 1.0
         total = float(sum(self.rows.values()))

@@ -300,6 +300,50 @@ def run_reference(task: dict, cache: Path, split_csv: Path, seed: int) -> dict:
     return {"score": best, "seconds": time.perf_counter() - started, "best_epoch": best_epoch}
 
 
+# ----------------------------------------------------------------------------------------------------- sweep
+def run_sweep(name: str, results: dict, trials: int) -> None:
+    """The default `pipeline sweep` (--trials N) on the task's seed-0 split, against the reference on that split
+    and against N zero-flag train-heads one after another (N times their mean seconds on this task)."""
+    import pipeline
+
+    task = TASKS[name]
+    cache = make_cache(task)
+    extra = {"group_regex": r"clip_(\d+)"} if task["kind"] == "demo" else {}
+    labels = frame_labels(task, cache)
+    if labels is not None:
+        extra["frame_labels"] = labels
+    out = WORK / "sweeps" / name.replace("/", "_")
+    t = time.perf_counter()
+    result = pipeline.sweep(cache, out, trials=trials, split_seed=0, progress=False, plots=False, **extra)
+    seconds = time.perf_counter() - t
+    best = result.best
+    results.setdefault("sweeps", {})[name] = {
+        "trials": trials,
+        "seconds": seconds,
+        "best": best[result.metric],
+        "best_settings": best["params"],
+        "states": dict(result.counts()),
+    }
+    save_results(results)
+
+
+def sweep_lines(results: dict, label: str) -> None:
+    for name, s in results.get("sweeps", {}).items():
+        done = results.get(name, {})
+        ref = done.get("reference", {})
+        ours = done.get(label, {})
+        ref0 = ref.get("0", {}).get("score")
+        sequential = s["trials"] * np.mean([r["seconds"] for r in ours.values()]) if ours else float("nan")
+        print(
+            f"sweep {name}: {s['trials']} trials ({s['states']}) in {s['seconds']:.0f} s, "
+            f"best val {100 * s['best']:.1f}% "
+            f"({s['best_settings']}); reference on the same split (seed 0) "
+            f"{'-' if ref0 is None else f'{100 * ref0:.1f}%'}, 3-seed mean "
+            f"{100 * np.mean([r['score'] for r in ref.values()]):.1f}%; {s['trials']} zero-flag train-heads one after "
+            f"another: {sequential:.0f} s"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------ main
 def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -348,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", nargs="*", default=[], help="train-head options NAME=VALUE for an experiment (--label)")
     p.add_argument("--ucf-videos", type=int, default=None, help="videos of the UCF101-sized task (smaller: quicker)")
     p.add_argument("--table", action="store_true", help="print the table of the finished runs and exit")
+    p.add_argument("--sweep", choices=list(TASKS), help="run the default `pipeline sweep` on this task and exit")
+    p.add_argument("--trials", type=int, default=20, help="trials of --sweep")
     args = p.parse_args(argv)
     if args.ucf_videos:
         TASKS["ucf101-sized"]["videos"] = args.ucf_videos
@@ -355,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(f"machine: {machine()}")
         table(results, args.label)
+        sweep_lines(results, args.label)
+        return 0
+    if args.sweep:
+        run_sweep(args.sweep, results, args.trials)
+        sweep_lines(results, args.label)
         return 0
     options = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     print(f"machine: {machine()}; load average {load_average()}", flush=True)

@@ -721,9 +721,9 @@ class FinetuneConfig(_Settings):
     accumulate: int = 1
     """Gradient accumulation: one optimiser step every N batches (N x --batch-size clips per step)."""
     clip_len: int | None = None
-    """Feature rows (frames at the cached sampling) per training clip, at most; 0: whole sequences (the backbone
-    then runs on every frame of a video in one step). Default: the head's, or FINETUNE_CLIP_LEN for a head trained
-    on whole sequences."""
+    """Feature rows (frames at the cached sampling) per training clip, at most, taken by the head's sampling
+    (segments or crop); 0: whole sequences (the backbone then runs on every frame of a video in one step). Default:
+    the head's, or FINETUNE_CLIP_LEN consecutive rows for a head trained on whole sequences."""
     clip_stride: int | None = None
     """Rows between the frames of a training clip; default: the head's."""
     lr: float = 1e-4

@@ -368,7 +368,7 @@ def table(results: dict, label: str) -> None:
     for name in TASKS:
         done = results.get(name, {})
         ours, ref = done.get(label, {}), done.get("reference", {})
-        if not ours and not ref:
+        if not ours:
             continue
         diff = (
             f"{100 * (np.mean([r['score'] for r in ours.values()]) - np.mean([r['score'] for r in ref.values()])):+.1f}"

@@ -31,6 +31,11 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 EXTRACT_BATCH_CPU = 8  # frames per forward pass on a CPU (measured fastest on 2-16 cores)
 EXTRACT_BATCH_GPU = 256  # ... and on an accelerator (it needs wide batches)
 HEAD_BATCH = 64  # clips per step of a head that labels videos, and per forward pass when predict scores videos
+HEAD_EPOCHS = 30  # epochs of a head when --epochs is not given, on a train split big enough for HEAD_MIN_STEPS ...
+HEAD_MIN_STEPS = 1200  # ... else as many more epochs as give this many optimiser steps (see head_budget) ...
+HEAD_MAX_EPOCHS = 400  # ... up to this many
+HEAD_PATIENCE_SHARE = 1 / 3  # --patience when not given: this share of the epochs, and at least ...
+HEAD_MIN_PATIENCE = 10  # ... this many epochs
 HEAD_HIDDEN = 256  # width of a head when --hidden is not given ...
 TCN_HIDDEN = 64  # ... and of a tcn head (MS-TCN's width: a conv layer costs 4 times a linear one of its width)
 TCN_LAYERS = 10  # dilated layers per stage of a tcn head when --layers is not given (dilations 1, 2, ..., 512)
@@ -83,6 +88,26 @@ def default_run_folder(name: str) -> Path:
         if not any((folder / marker).exists() for marker in RUN_MARKERS):
             return folder
     raise ValueError(f"{RUNS_DIR}/{name}-* are all taken: pass --out")
+
+
+def head_budget(train_videos: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, patience) of a head when --epochs and --patience are not given: HEAD_EPOCHS epochs, or more where the
+    train split is small, so that the head takes at least HEAD_MIN_STEPS optimiser steps (at most HEAD_MAX_EPOCHS
+    epochs); the patience is HEAD_PATIENCE_SHARE of the epochs, at least HEAD_MIN_PATIENCE (head_patience).
+
+    Why: the warm-up + cosine schedule spreads over the epochs, and a small split gives few steps per epoch. On the
+    order tasks of bench/heads_suite.py (647 train videos: 11 steps an epoch), 30 epochs were 330 steps and val
+    top-1 was still rising when the schedule ended; about 1,200 steps gained 1 to 2 points (docs/train-head.md).
+    A UCF101-sized split (7,600 videos: 119 steps an epoch) already takes 3,570 steps in 30 epochs: its budget, and
+    the seconds of its epochs, do not change."""
+    steps_per_epoch = max(1, -(-train_videos // batch_size))
+    epochs = min(max(HEAD_EPOCHS, -(-HEAD_MIN_STEPS // steps_per_epoch)), HEAD_MAX_EPOCHS)
+    return epochs, head_patience(epochs)
+
+
+def head_patience(epochs: int) -> int:
+    """--patience when not given: HEAD_PATIENCE_SHARE of the epochs, at least HEAD_MIN_PATIENCE (10 of 30 and fewer)."""
+    return max(HEAD_MIN_PATIENCE, round(epochs * HEAD_PATIENCE_SHARE))
 
 
 def default_of(cls: type, name: str):
@@ -414,8 +439,9 @@ class TrainConfig(_Settings):
     eval_clips: int = 0
     """Evaluation: 0 scores one view (segments: their centres; crop, whole: the whole sequence); N >= 1 averages
     the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
-    epochs: int = 30
-    """Most epochs to train."""
+    epochs: int | None = None
+    """Most epochs to train; default: HEAD_EPOCHS, or more on a small train split, enough for HEAD_MIN_STEPS
+    optimiser steps (config.head_budget)."""
     batch_size: int | None = None
     """Clips per optimisation step (and per evaluation batch); default: HEAD_BATCH, or FRAME_BATCH whole videos
     for frames."""
@@ -425,8 +451,9 @@ class TrainConfig(_Settings):
     """AdamW weight decay (matrices only)."""
     warmup_epochs: float = 1.0
     """Linear warm-up of the learning rate, in epochs (fractions allowed)."""
-    patience: int = 10
-    """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early."""
+    patience: int | None = None
+    """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early; default:
+    a third of the epochs, at least 10 (config.head_patience)."""
     class_weights: bool = False
     """Weight the loss by inverse class frequency in the train split."""
     label_smoothing: float = 0.0
@@ -505,6 +532,13 @@ class TrainConfig(_Settings):
         _check("--lr", self.lr > 0, self.lr, "> 0")
         _check("--weight-decay", self.weight_decay >= 0, self.weight_decay, ">= 0")
         _check("--warmup-epochs", self.warmup_epochs >= 0, self.warmup_epochs, ">= 0")
+
+    def with_budget(self, train_videos: int) -> TrainConfig:
+        """This config with its epochs and patience set (head_budget for those not given), for `train_videos`."""
+        if self.epochs is not None and self.patience is not None:
+            return self
+        epochs = self.epochs or head_budget(train_videos, self.batch_size)[0]
+        return replace(self, epochs=epochs, patience=head_patience(epochs) if self.patience is None else self.patience)
 
 
 @dataclass(frozen=True)
@@ -721,9 +755,9 @@ class FinetuneConfig(_Settings):
     accumulate: int = 1
     """Gradient accumulation: one optimiser step every N batches (N x --batch-size clips per step)."""
     clip_len: int | None = None
-    """Feature rows (frames at the cached sampling) per training clip, at most; 0: whole sequences (the backbone
-    then runs on every frame of a video in one step). Default: the head's, or FINETUNE_CLIP_LEN for a head trained
-    on whole sequences."""
+    """Feature rows (frames at the cached sampling) per training clip, at most, taken by the head's sampling
+    (segments or crop); 0: whole sequences (the backbone then runs on every frame of a video in one step). Default:
+    the head's, or FINETUNE_CLIP_LEN consecutive rows for a head trained on whole sequences."""
     clip_stride: int | None = None
     """Rows between the frames of a training clip; default: the head's."""
     lr: float = 1e-4

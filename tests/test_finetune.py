@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import EXIT_ERROR, EXIT_OK, EXIT_USAGE, app
+from pipeline.config import FINETUNE_CLIP_LEN
 from pipeline.data.sequences import eval_plans, segment_frames
 from pipeline.data.splits import read_split
 from pipeline.extract.backbone import FINETUNED_PREFIX, WeightsError, load_backbone, tensors_sha256
@@ -35,6 +36,8 @@ from pipeline.finetune.clips import (
     read_video_frames,
 )
 from pipeline.finetune.model import FinetuneModel, UnfreezeError, backbone_stages, resolve_unfreeze
+from pipeline.finetune.train import ClipSampling
+from pipeline.finetune.train import build_config as build_finetune_config
 from pipeline.predict import checkpoint_backbone
 from pipeline.train_head.checkpoint import load_checkpoint
 
@@ -197,6 +200,23 @@ def test_zero_steps_give_the_logits_of_the_cached_path(head_run):
     assert (head_run / "ft0" / "best.pt").exists() and (head_run / "ft0" / "last.pt").exists()
 
 
+def test_training_clips_take_the_heads_sampling_or_say_why_not(head_run):
+    ckpt = load_checkpoint(head_run / "run" / "best.pt")
+    assert (ckpt.sampling, ckpt.clip_len) == ("segments", 4)
+
+    def clips(head=ckpt, **options):
+        return ClipSampling.of(build_finetune_config(head_run / "run" / "best.pt", head_run / "x", **options), head)
+
+    assert clips() == ClipSampling("segments", 4, 1, None)
+    assert clips(clip_len=8) == ClipSampling("segments", 8, 1, "--clip-len 8: validation keeps the head's views")
+    assert clips(clip_len=0).sampling == "whole" and "--clip-len 0" in clips(clip_len=0).why
+    whole = replace(ckpt, sampling="whole", clip_len=None)
+    cropped = clips(whole)
+    assert (cropped.sampling, cropped.clip_len) == ("crop", FINETUNE_CLIP_LEN)
+    assert "whole sequences" in cropped.why and "--clip-len 0" in cropped.why
+    assert clips(whole, clip_len=0) == ClipSampling("whole", None, 1, None)
+
+
 def test_unfreeze_names_stages_and_errors():
     model = load_backbone("resnet18", "none").model
     assert backbone_stages(model) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"]
@@ -274,6 +294,9 @@ def test_only_the_unfrozen_parts_train_and_batchnorm_statistics_stay(head_run):
     assert any(not torch.equal(head_before[k], tuned.state_dict[k]) for k in head_before)
     summary = json.loads((head_run / "ft" / "summary.json").read_text())
     assert summary["reads"]["seek"] > 0 and summary["reads"]["sequential"] == 0  # seeking, no decode from the start
+    # trained as validated: the head's segments (a random row of each), nothing to explain
+    assert summary["train_clips_sampling"].startswith("a random row of 4 segments")
+    assert summary["train_clips_differ_because"] is None
     assert summary["reads"]["files"] > 0  # the frame folders
     rows = list(csv.DictReader((head_run / "ft" / "metrics.csv").read_text().splitlines()))
     assert [r["epoch"] for r in rows] == ["1", "2"] and float(rows[0]["clips_per_s"]) > 0
@@ -429,7 +452,7 @@ def test_clear_errors_for_checkpoints_of_another_backbone(tmp_path, head_run):
     videos = head_run / "videos"
     synthetic = feature_cache(tmp_path / "syn.h5", separable_videos(classes=2, per_class=4))
     pipeline.train_head(synthetic, tmp_path / "syn", **{**HEAD, "epochs": 1})
-    with pytest.raises(WeightsError, match="'synthetic', which is not a torchvision classification model"):
+    with pytest.raises(WeightsError, match="'synthetic', which is neither a torchvision model nor a timm model"):
         pipeline.finetune([videos], tmp_path / "syn" / "best.pt", tmp_path / "x", **TUNE)
     # a head on 16-dim features that claim to come from resnet18 (512-dim)
     small = feature_cache(tmp_path / "r18.h5", separable_videos(classes=2, per_class=4), backbone="resnet18")

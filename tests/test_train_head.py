@@ -12,7 +12,8 @@ import torch
 from helpers import TINY_HEAD, feature_cache, order_videos, separable_videos
 
 import pipeline
-from pipeline.config import HEADS, SplitConfig
+from pipeline.config import HEAD_EPOCHS, HEAD_MAX_EPOCHS, HEAD_MIN_STEPS, HEADS, SplitConfig, head_budget
+from pipeline.data.labelled import load_labelled
 from pipeline.data.sequences import (
     RamStore,
     clip_frames,
@@ -25,6 +26,7 @@ from pipeline.data.splits import list_split, make_split, random_split
 from pipeline.train_head.checkpoint import FORMAT_NAME, CheckpointError, FeatureMismatchError, load_checkpoint
 from pipeline.train_head.metrics import classification_report
 from pipeline.train_head.model import HeadDims, build_head
+from pipeline.train_head.train import HeadRun, build_config
 
 
 # ---------------------------------------------------------------------------------------------------- training
@@ -44,6 +46,31 @@ def test_overfits_a_tiny_separable_cache_and_writes_the_run_folder(tiny_run):
         assert (run / name).stat().st_size > 0, name
     cm = np.array(summary["confusion_matrix"])
     assert cm.sum() == summary["videos"] == summary["split"]["val"] and np.trace(cm) == cm.sum()
+
+
+def test_default_budget_gives_small_splits_more_epochs_and_big_ones_the_same(tmp_path):
+    """--epochs and --patience not given: enough epochs for HEAD_MIN_STEPS optimiser steps (at least HEAD_EPOCHS,
+    at most HEAD_MAX_EPOCHS), a patience of a third of them (at least 10); recorded in config.json."""
+    assert head_budget(7_600, 64) == (30, 10)  # a UCF101-sized split: 119 steps an epoch, as before
+    assert head_budget(647, 64) == (110, 37)  # the order tasks of bench/heads_suite.py: 11 steps an epoch
+    assert head_budget(10, 64) == (HEAD_MAX_EPOCHS, round(HEAD_MAX_EPOCHS / 3))
+    assert head_budget(2_000, 8)[0] == HEAD_EPOCHS and 2_000 / 8 * HEAD_EPOCHS >= HEAD_MIN_STEPS
+    cache = feature_cache(tmp_path / "c.h5", separable_videos(per_class=8))
+    data = load_labelled(cache, build_config(tmp_path / "load", progress=False))
+    train = len(data.split.train)
+    for options, expected in (
+        ({}, head_budget(train, 64)),
+        ({"batch_size": 4}, head_budget(train, 4)),
+        ({"epochs": 60}, (60, 20)),
+        ({"epochs": 5}, (5, 10)),
+        ({"patience": 0}, (head_budget(train, 64)[0], 0)),
+    ):
+        run = HeadRun(
+            build_config(tmp_path / "run", progress=False, overwrite=True, **options), data, torch.device("cpu")
+        )
+        run.close()
+        recorded = json.loads((tmp_path / "run" / "config.json").read_text())["train"]
+        assert (run.cfg.epochs, run.cfg.patience) == (recorded["epochs"], recorded["patience"]) == expected, options
 
 
 def test_same_seed_same_result_other_seed_other_result(tmp_path):

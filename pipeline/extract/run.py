@@ -28,6 +28,7 @@ from pipeline.extract.batcher import Batcher, Owner
 from pipeline.extract.distributed import Distributed, balance
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
+from pipeline.extract.progress import Progress
 from pipeline.extract.sink import PartSink
 from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows, WorkQueue
 from pipeline.extract.windows import Windower, resolve_window
@@ -204,39 +205,6 @@ def default_batch_size(device: torch.device) -> int:
     return EXTRACT_BATCH_CPU if device.type == "cpu" else EXTRACT_BATCH_GPU
 
 
-class _Progress:
-    """One bar in frames for the whole run. Its total is estimated from the bytes of the videos still to do at the
-    rate (frames per byte) of those done, and corrected as each video ends, so the ETA counts frames, not videos
-    (a long video no longer hides behind a short one); the postfix names the videos done and the one being read."""
-
-    def __init__(self, sizes: list[int], enabled: bool):
-        self.sizes, self.left, self.done, self.current = sizes, sum(sizes), 0, ""
-        self.done_bytes = 0
-        self.bar = tqdm(unit="frame", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
-
-    def frames(self, n: int) -> None:
-        self.bar.update(n)
-
-    def reading(self, name: str) -> None:
-        if name != self.current:
-            self.current = name
-            self._postfix()
-
-    def video_done(self, i: int) -> None:
-        self.done += 1
-        self.done_bytes += self.sizes[i]
-        self.left -= self.sizes[i]
-        if self.bar.n and self.done_bytes:
-            self.bar.total = self.bar.n + round(self.left * self.bar.n / self.done_bytes)
-        self._postfix()
-
-    def _postfix(self) -> None:
-        self.bar.set_postfix_str(f"{self.done}/{len(self.sizes)} videos, {printable(self.current)}", refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()
-
-
 def _nvdec_usable(decoder: str, device: torch.device) -> bool:
     """Whether NVDEC decodes in this run: --decoder nvdec when it can run here (else a warning says why), auto when
     it is a CUDA run and PyNvVideoCodec is installed."""
@@ -303,7 +271,7 @@ class _Loop:
         self.todo, self.cfg, self.embed, self.writer, self.report = todo, cfg, embed, writer, report
         self.device = device
         self.batcher = Batcher(batch_size)
-        self.progress = _Progress([max(signatures[item.key][0], 1) for item in todo], cfg.runtime.progress)
+        self.progress = Progress(todo, cfg.sampling, cfg.runtime.progress)
         self.sink = PartSink(writer, todo, lambda i: self._attrs(i, signatures))
         self.dead: set[int] = set()  # videos that failed mid-stream: their remaining events are ignored
         self.attempt: dict[int, int] = {}  # bumped when NVDEC hands a video back to the CPU decoder halfway
@@ -388,7 +356,7 @@ class _Loop:
         self.sink.fail(i, reason)
         self.report.failed[item.key] = (str(item.path), reason)
         tqdm.write(f"FAILED {printable(str(item.path))}: {printable(reason)}")
-        self.progress.video_done(i)
+        self.progress.video_done(i, 0)
 
     # -- the model
     def forward(self) -> None:
@@ -419,19 +387,21 @@ class _Loop:
             item = self.todo[outcome.video]
             if outcome.error is None:
                 self.report.extracted.append(item.key)
-                self.progress.video_done(outcome.video)
+                self.progress.video_done(outcome.video, outcome.rows)
             elif outcome.video not in self.dead:  # failed on the sink's thread (non-finite features)
                 self.batcher.drop(outcome.video)
                 self.windowers.pop(outcome.video, None)
                 self.dead.add(outcome.video)
                 self.report.failed[item.key] = (str(item.path), outcome.error)
                 tqdm.write(f"FAILED {printable(str(item.path))}: {printable(outcome.error)}")
-                self.progress.video_done(outcome.video)
+                self.progress.video_done(outcome.video, 0)
 
     # -- the run
     def run(self, cpu, nvdec=None) -> None:
         """Run until both sources are drained. `cpu` takes NVDEC's give-ups; both are closed at the end."""
         self.cpu = cpu
+        if isinstance(cpu, PoolSource):
+            cpu.before_restart = self.progress.stop_probing
         last_index = time.monotonic()
         try:
             sources = [s for s in (nvdec, cpu) if s is not None]
@@ -486,5 +456,14 @@ def _run(
         DecodeJob(i, item.path, cfg.sampling, None if native else embed.pre, cfg.max_pixels)
         for i, item in enumerate(todo)
     ]
-    loop = _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device)
-    loop.run(*_frame_sources(todo, jobs, cfg, workers, device, native))
+    # The decode workers fork first: a thread of this process (the sink's, the progress bar's probes) holding a lock
+    # at the fork (OpenCV's, FFmpeg's) would leave it held for ever in every worker.
+    cpu, nvdec = _frame_sources(todo, jobs, cfg, workers, device, native)
+    try:
+        loop = _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device)
+    except BaseException:
+        for source in (nvdec, cpu):
+            if source is not None:
+                source.close(device)
+        raise
+    loop.run(cpu, nvdec)

@@ -25,6 +25,7 @@ QUEUE_OPS = 1024  # operations waiting for the thread: bounds the features held 
 class Outcome:
     video: int
     error: str | None  # None: committed
+    rows: int = 0  # rows written (committed videos)
 
 
 class PartSink:
@@ -137,7 +138,7 @@ class PartSink:
                     part = parts.pop(video, None) or self.writer.begin(key, self.writer.spec.dim)
                     part.commit({**op[2], "extracted_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
                     self.writer.clear_failure(key)
-                    self._outcomes.put(Outcome(video, None))
+                    self._outcomes.put(Outcome(video, None, part.rows))
                 else:  # abort, fail
                     failed.discard(video)
                     if video in parts:

@@ -95,6 +95,7 @@ class PoolSource:
     def __init__(self, pool: DecodePool, jobs: list[DecodeJob], work: WorkQueue, native: bool, decode_timeout: float):
         self.pool, self.jobs, self.work, self.native, self.decode_timeout = pool, jobs, work, native, decode_timeout
         self.releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
+        self.before_restart: Callable[[], None] | None = None  # quiets this process's threads before a fork
 
     @property
     def busy(self) -> bool:
@@ -129,6 +130,8 @@ class PoolSource:
                 log.warning(
                     "decode worker %d died while idle (%s); restarting it", crash.worker, crash_reason(exitcode)
                 )
+            if self.before_restart is not None:
+                self.before_restart()
             pool.restart(crash.worker)
         self.settle()
         return events

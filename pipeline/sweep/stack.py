@@ -133,8 +133,8 @@ def train_stack(
         generator = torch.Generator()
         generator.set_state(torch.get_rng_state())  # where train_head's dropout draws would start
         members.append(_Member(run, generator))
-    cfg = configs[0]
     lead = members[0].run
+    cfg = lead.cfg  # with its epochs set (config.head_budget)
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"{len(configs)} x {cfg.head}", unit="epoch", disable=not progress)
     try:
         for epoch in bar:

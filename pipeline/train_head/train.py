@@ -269,7 +269,7 @@ def train_head(
     if data is None:
         data = load_labelled(cache, cfg)
     run = HeadRun(cfg, data, device, on_epoch, started)
-    bar = tqdm(range(1, cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
+    bar = tqdm(range(1, run.cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()
@@ -309,6 +309,7 @@ class HeadRun:
         on_epoch: Callable[[dict], None] | None = None,
         started: float | None = None,
     ):
+        cfg = cfg.with_budget(len(data.split.train))  # epochs and patience not given: from the train split's size
         self.cfg, self.data, self.device, self.on_epoch = cfg, data, device, on_epoch
         self.started = time.perf_counter() if started is None else started
         self.workers = 0 if data.store.in_memory else cfg.workers

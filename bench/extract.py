@@ -78,15 +78,26 @@ def clip(rng: np.random.Generator, frames: int, width: int, height: int) -> list
     return out
 
 
+def _write_clip(job: tuple) -> Path:
+    path, seed, frames, width, height = job
+    write_video(path, clip(np.random.default_rng(seed), frames, width, height), fps=25.0)
+    return path
+
+
 def make_videos(folder: Path, width: int, height: int, clips: int, frames: int, seed: int = 0) -> list[Path]:
-    """`clips` clips of `frames` frames each, alternately mp4v .mp4 and MJPG .avi (pipeline.sample.write_video)."""
-    rng = np.random.default_rng(seed)
-    paths = []
-    for k in range(clips):
-        path = folder / f"clip_{k:03d}{CODECS[k % len(CODECS)]}"
-        write_video(path, clip(rng, frames, width, height), fps=25.0)
-        paths.append(path)
-    return paths
+    """`clips` clips of `frames` frames each, alternately mp4v .mp4 and MJPG .avi (pipeline.sample.write_video),
+    written by every core at once (clip k's content depends on `seed` and k only)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [
+        (folder / f"clip_{k:03d}{CODECS[k % len(CODECS)]}", seed * 100_003 + k, frames, width, height)
+        for k in range(clips)
+    ]
+    folder.mkdir(parents=True, exist_ok=True)
+    if clips < 4:
+        return [_write_clip(job) for job in jobs]
+    with ProcessPoolExecutor(max(1, min(cpu_count(), clips))) as pool:
+        return list(pool.map(_write_clip, jobs))
 
 
 def forward_seconds(embedder: FrameEmbedder, batch_size: int, batches: int, window: int = 1) -> float:

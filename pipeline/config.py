@@ -299,7 +299,7 @@ class ExtractConfig(_Settings):
     """A torchvision classification model (resnet50, one row per frame), a torchvision video model (r3d_18, mc3_18,
     r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t/s/b: one row per --window of frames) or timm:NAME, any timm
     image model (timm:vit_base_patch16_clip_224.openai, timm:vit_small_patch14_dinov2.lvd142m; needs
-    `pip install 'framecache[timm]'`; one row per frame: its pooled pre-logits features)."""
+    the package's timm extra; one row per frame: its pooled pre-logits features)."""
     weights: str = "DEFAULT"
     """A torchvision weights name (DEFAULT, IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1); for timm:NAME, DEFAULT
     or a pretrained tag (from the local Hugging Face cache, downloaded when online); a local .pth/.safetensors
@@ -441,7 +441,7 @@ class TrainConfig(_Settings):
     the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
     epochs: int | None = None
     """Most epochs to train; default: HEAD_EPOCHS, or more on a small train split, enough for HEAD_MIN_STEPS
-    optimiser steps (config.head_budget)."""
+    optimiser steps."""
     batch_size: int | None = None
     """Clips per optimisation step (and per evaluation batch); default: HEAD_BATCH, or FRAME_BATCH whole videos
     for frames."""
@@ -453,7 +453,7 @@ class TrainConfig(_Settings):
     """Linear warm-up of the learning rate, in epochs (fractions allowed)."""
     patience: int | None = None
     """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early; default:
-    a third of the epochs, at least 10 (config.head_patience)."""
+    a third of the epochs, at least 10."""
     class_weights: bool = False
     """Weight the loss by inverse class frequency in the train split."""
     label_smoothing: float = 0.0

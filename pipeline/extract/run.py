@@ -81,6 +81,13 @@ class ExtractReport:
             f"{self.frames} {rows} in {self.seconds:.1f}s ({fps:.1f} {rows}/s) -> "
             f"{printable(str(self.cache))}"
         )
+        start = self.startup
+        if "first_batch" in start:
+            before = start["process"] + start["setup"] + start["first_batch"]
+            text += (
+                f"; start-up {before:.1f}s (process {start['process']:.1f}, setup {start['setup']:.1f}, first "
+                f"batch {start['first_batch']:.1f}), then {self.steady_fps:.1f} {rows}/s"
+            )
         if self.pruned:
             text += f"; {len(self.pruned)} pruned (source gone)"
         if self.packed:

@@ -22,7 +22,7 @@ from pipeline.runtime import default_threading
 
 default_threading()  # before anything imports torch: OpenMP reads its settings once, when torch loads it
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "extract_videos",

@@ -388,9 +388,9 @@ class _Loop:
     def alive(self, owner: Owner) -> bool:
         return owner.video not in self.dead and self.attempt.get(owner.video, 0) == owner.attempt
 
-    def settle(self) -> None:
-        """Count what the sink committed or failed."""
-        for outcome in self.sink.drain():
+    def settle(self, final: bool = False) -> None:
+        """Count what the sink committed or failed (`final`: wait for the sink to finish everything first)."""
+        for outcome in self.sink.close() if final else self.sink.drain():
             item = self.todo[outcome.video]
             if outcome.error is None:
                 self.report.extracted.append(item.key)
@@ -426,6 +426,7 @@ class _Loop:
             while self.batcher.queued:
                 self.forward()
             self.collect(0)
+            self.settle(final=True)
         finally:
             if nvdec is not None:
                 nvdec.close(self.device)

@@ -87,9 +87,11 @@ class PartSink:
                 return out
 
     def close(self) -> list[Outcome]:
-        """Wait for every queued operation; abort the parts of videos never ended; the last outcomes."""
-        self._ops.put(None)
-        self._thread.join()
+        """Wait for every queued operation; abort the parts of videos never ended; the last outcomes. Closing
+        again returns nothing more."""
+        if self._thread.is_alive():
+            self._ops.put(None)
+            self._thread.join()
         return self.drain()
 
     def _forget(self, video: int) -> None:

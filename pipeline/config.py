@@ -440,8 +440,7 @@ class TrainConfig(_Settings):
     """Evaluation: 0 scores one view (segments: their centres; crop, whole: the whole sequence); N >= 1 averages
     the probabilities of N views (segments: N evenly spaced rows of each segment; crop: N evenly spaced crops)."""
     epochs: int | None = None
-    """Most epochs to train; default: HEAD_EPOCHS, or more on a small train split, enough for HEAD_MIN_STEPS
-    optimiser steps."""
+    """Most epochs to train; default: HEAD_EPOCHS, or enough for HEAD_MIN_STEPS optimiser steps on a small split."""
     batch_size: int | None = None
     """Clips per optimisation step (and per evaluation batch); default: HEAD_BATCH, or FRAME_BATCH whole videos
     for frames."""
@@ -452,8 +451,8 @@ class TrainConfig(_Settings):
     warmup_epochs: float = 1.0
     """Linear warm-up of the learning rate, in epochs (fractions allowed)."""
     patience: int | None = None
-    """Stop after this many epochs without a better val top-1 (ties: lower val loss); 0 never stops early; default:
-    a third of the epochs, at least 10."""
+    """Stop after this many epochs without a better val score (ties: lower val loss); 0 never stops; default: a
+    third of the epochs, at least 10."""
     class_weights: bool = False
     """Weight the loss by inverse class frequency in the train split."""
     label_smoothing: float = 0.0

@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}; load average {load_average()}")
     print(
         f"{MODEL} (weights none, seed fixed) on {device}, batch size {batch_size}, decode workers "
-        f"{workers}, features stored as float32; NVDEC: {nvdec_missing or 'available (torchcodec)'}",
+        f"{workers}, features stored as float32; NVDEC: {nvdec_missing or 'available (PyNvVideoCodec)'}",
         flush=True,
     )
     failures, targets, lines, checks = [], [], [], []

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check for a machine with one NVIDIA GPU and no network: ResNet-50 bf16 extraction on CUDA against the
 # forward pass alone (generated 320x240 and 1280x720 clips; real H.264 clips with the CPU decoder and NVDEC
-# when .cache/h264/ holds them: bench/fetch_h264.py), the device path's features against the CPU path's
+# (PyNvVideoCodec) when .cache/h264/ holds them: bench/fetch_h264.py), the device path's features against the CPU path's
 # (cosine), bit-identical batching, a killed decode worker, GPU busy share, peak GPU memory and host RSS, and
 # a short ResNet-50 fine-tune in bf16 (clips/s, the loss going down), and the other kinds of backbone (a timm
 # CLIP ViT-B/16 when timm is installed, R3D-18 windows of 16 frames: rows/s against their pure forward, device
@@ -31,17 +31,17 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export OMP_WAIT_POLICY=PASSIVE
 
-# NVDEC needs a CUDA build of torchcodec matching this torch. When none is installed and one was carried here
-# as a wheel (.cache/wheels/torchcodec-*.whl), it goes into .cache/site without network, for this check only.
-if ! "$PYTHON" -c "import torchcodec" >/dev/null 2>&1; then
-    for wheel in .cache/wheels/torchcodec-*.whl; do
+# NVDEC needs PyNvVideoCodec (the nvdec extra). When it is not installed and its wheel was carried here
+# (.cache/wheels/pynvvideocodec-*.whl, one per Python version; pip picks the one that fits), it goes into
+# .cache/site without network, for this check only.
+if ! "$PYTHON" -c "import PyNvVideoCodec" >/dev/null 2>&1; then
+    for wheel in .cache/wheels/pynvvideocodec-*.whl .cache/wheels/PyNvVideoCodec-*.whl; do
         [ -f "$wheel" ] || continue
-        if "$PYTHON" -m pip install -q --no-index --no-deps --target .cache/site "$wheel"; then
+        if "$PYTHON" -m pip install -q --no-index --no-deps --target .cache/site "$wheel" >/dev/null 2>&1; then
             export PYTHONPATH="$PYTHONPATH:$PWD/.cache/site"
-        else
-            echo "gpu_check: could not install $wheel" >&2
+            echo "gpu_check: PyNvVideoCodec from $wheel"
+            break
         fi
-        break
     done
 fi
 

@@ -304,14 +304,18 @@ class ExtractConfig(_Settings):
     """Decode worker processes; default: 1 on small CPUs, all cores but two with a GPU; 0 decodes
     in-process."""
     decoder: str = "auto"
-    """Video decoding: cpu (OpenCV/FFmpeg in the workers), nvdec (the GPU's decoder through torchcodec, for
-    H.264, HEVC and AV1 files; anything else, or any failure, falls back to cpu), or auto (cpu until NVDEC is
-    measured faster on the machine: see docs/performance.md)."""
+    """Video decoding: cpu (OpenCV/FFmpeg in the decode workers), nvdec (the GPU's decoder through PyNvVideoCodec,
+    the package's nvdec extra, for H.264, HEVC, AV1 and VP9 files; anything else, or any failure, goes to
+    the CPU decoder), or auto (on a CUDA device with PyNvVideoCodec installed, both at once: NVDEC and the CPU
+    decoder share the videos; else cpu)."""
     preprocess: str = "auto"
     """Where frames are resized and cropped: workers (each frame in its decode worker), device (whole chunks
     on the model's device) or auto (device on CUDA, workers elsewhere). Same operations either way."""
     compile: bool = False
     """torch.compile the backbone (a one-off compilation of a minute or more; then faster forward passes)."""
+    cuda_graph: bool = True
+    """On CUDA, capture the normalisation and forward pass once as a CUDA graph and replay it for every batch (one
+    launch instead of hundreds: the host thread that feeds the GPU is free sooner); not with --compile."""
     max_pixels: int | None = 8192 * 8192
     """Refuse frames larger than this many pixels (from the file's header where it says, before decoding): one
     frame bomb must not exhaust memory (the Python API takes None: no limit)."""

@@ -35,6 +35,19 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 elsewhere): the interpreter's start and imports."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except OSError:
+        return 0.0
+    started = int(stat[stat.rindex(b")") + 2 :].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return max(0.0, uptime - started)
+
+
 def pick_device(device: str):
     """The torch.device of a --device setting (auto: cuda, else mps, else cpu); an error when it is not there."""
     import torch  # here, so that importing the settings (the CLI's --help) stays light

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import pipeline
@@ -97,3 +98,28 @@ def test_the_sink_fails_a_video_with_non_finite_features_and_records_why(tmp_pat
     writer.close()
     cache = pipeline.open_cache(tmp_path / "c.h5")
     assert len(cache) == 0 and "non-finite" in cache.failures()[0]["reason"]
+
+
+def test_the_report_separates_start_up_from_the_steady_state(tmp_path):
+    from helpers import FAST, make_video
+
+    for k in range(3):
+        make_video(tmp_path / "v" / f"v{k}.avi", 12, offset=k)
+    report = pipeline.extract_videos([tmp_path / "v"], tmp_path / "c.h5", **{**FAST, "batch_size": 4})
+    start = report.startup
+    assert set(start) == {"process", "setup", "first_batch", "first_frames"} and start["first_frames"] == 4
+    assert 0 < start["setup"] + start["first_batch"] < report.seconds and start["process"] > 0
+    assert report.steady_fps > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_the_graphed_forward_gives_the_eager_features_bit_for_bit():
+    from pipeline.extract.backbone import FrameEmbedder, load_backbone
+
+    loaded = load_backbone("resnet18", "none", resize=64, crop=56, progress=False)
+    device = torch.device("cuda")
+    eager, graphed = FrameEmbedder(loaded, device), FrameEmbedder(loaded, device, graph=True)
+    for seed in range(3):  # replays of one captured graph, with new inputs each time
+        frames = torch.randint(0, 256, (8, 3, 56, 56), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(eager(frames), graphed(frames))
+    assert graphed._graphs[(8, 3, 56, 56)] is not None

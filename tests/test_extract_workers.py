@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 
 import pipeline
 from pipeline.cli import EXIT_INPUTS_FAILED, EXIT_OK, app
+from pipeline.extract import nvdec
 from pipeline.extract.backbone import default_preprocessing
 from pipeline.extract.decode import image_size
 from pipeline.extract.preprocess import crop_frames
@@ -174,69 +176,144 @@ def test_nvdec_without_a_gpu_says_why_and_decodes_on_the_cpu(tmp_path, caplog):
     assert a.features("a.avi").tobytes() == b.features("a.avi").tobytes()
 
 
+def _nv12(rgb: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) RGB -> (3H/2, W) NV12, BT.601 limited range (OpenCV's conversion), as an H.264 stream holds it."""
+    h, w = rgb.shape[:2]
+    i420 = cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)  # (3H/2, W): Y, then U and V planes
+    u = i420[h : h + h // 4].reshape(h // 2, w // 2)
+    v = i420[h + h // 4 :].reshape(h // 2, w // 2)
+    return torch.from_numpy(np.concatenate([i420[:h], np.stack([u, v], axis=-1).reshape(h // 2, w)]))
+
+
 @pytest.fixture
-def fake_torchcodec(monkeypatch):
-    """A stand-in for torchcodec's VideoDecoder, decoding with OpenCV on the CPU (NHWC uint8, pts at 25 fps):
-    lets the NVDEC path run here. Files named 'broken*' fail halfway through, 'closed*' cannot be opened."""
+def fake_nvdec(monkeypatch):
+    """A stand-in for PyNvVideoCodec's SimpleDecoder, decoding with OpenCV on the CPU and handing over NV12 frames
+    through DLPack with their pts (time base 1/90000, 25 fps): lets the NVDEC path run here. Files named 'broken*'
+    fail halfway through, 'closed*' cannot be opened, '*.avi' report codec mjpeg unless named 'h264*'."""
+    opened = []
 
-    class Batch:
-        def __init__(self, data, pts):
-            self.data, self.pts_seconds = data, torch.tensor(pts, dtype=torch.float64)
+    class Frame:
+        def __init__(self, nv12: torch.Tensor, pts: int):
+            self.nv12, self.pts = nv12, pts
 
-    class VideoDecoder:
-        def __init__(self, path, device="cpu", dimension_order="NCHW", seek_mode="exact"):
+        def __dlpack__(self, **kwargs):
+            return self.nv12.__dlpack__(**kwargs)
+
+        def __dlpack_device__(self):
+            return self.nv12.__dlpack_device__()
+
+        def getPTS(self) -> int:  # noqa: N802  (the library's name)
+            return self.pts
+
+    class SimpleDecoder:
+        def __init__(self, path, gpu_id=0, use_device_memory=True, output_color_type=None):
+            assert output_color_type == "native"
+            self.reconfigure_decoder(path)
+
+        def reconfigure_decoder(self, path):
+            opened.append(path)
             if "closed" in path:
                 raise RuntimeError("could not open input file")
-            self.path, self.frames = path, decode_all_rgb(path)
+            self.path, self.frames, self.pos = path, decode_all_rgb(Path(path)), 0
             h, w = self.frames[0].shape[:2]
-            n = len(self.frames)
-            self.metadata = types.SimpleNamespace(
-                codec="h264", width=w, height=h, num_frames=n, average_fps=25.0, num_frames_from_header=n
+            codec = "h264" if "h264" in path or "broken" in path else "mjpeg"
+            self.meta = types.SimpleNamespace(
+                codec_name=codec,
+                width=w,
+                height=h,
+                num_frames=len(self.frames) + 7,
+                average_fps=25.0,
+                timebase_num=1,
+                timebase_den=90000,
+                color_space="bt601",
+                color_range="tv",
             )
 
-        def get_frames_in_range(self, start, stop):
-            if "broken" in self.path and start > 0:
-                raise RuntimeError("NVDEC error halfway")
-            frames = torch.from_numpy(np.stack(self.frames[start:stop]))  # (n, H, W, 3)
-            return Batch(frames, [k / 25 for k in range(start, stop)])
+        def get_stream_metadata(self):
+            return self.meta
 
-    module = types.ModuleType("torchcodec")
-    module.decoders = types.ModuleType("torchcodec.decoders")
-    module.decoders.VideoDecoder = VideoDecoder
-    monkeypatch.setitem(sys.modules, "torchcodec", module)
-    monkeypatch.setitem(sys.modules, "torchcodec.decoders", module.decoders)
+        def get_batch_frames(self, n):
+            if "broken" in self.path and self.pos > 0:
+                raise RuntimeError("NVDEC error halfway")
+            batch = [Frame(_nv12(f), 3600 * (self.pos + k)) for k, f in enumerate(self.frames[self.pos : self.pos + n])]
+            self.pos += len(batch)
+            return batch
+
+    module = types.ModuleType("PyNvVideoCodec")
+    module.SimpleDecoder = SimpleDecoder
+    module.OutputColorType = types.SimpleNamespace(NATIVE="native", RGB="rgb")
+    monkeypatch.setitem(sys.modules, "PyNvVideoCodec", module)
     from pipeline.extract import nvdec, run
 
     monkeypatch.setattr(nvdec, "CHUNK_FRAMES", 4)
-    # As on a GPU, where torchcodec would be importable:
-    monkeypatch.setattr(run, "_nvdec_usable", lambda decoder, device: decoder == "nvdec")
+    # As on a GPU, where PyNvVideoCodec would be importable:
+    monkeypatch.setattr(nvdec, "unavailable_reason", lambda device: None)
     monkeypatch.setattr(run, "_nvdec_decoders", lambda device: nvdec.NvdecDecoders(device, threads=2))
+    return opened
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def test_nv12_conversion_follows_matrix_and_range():
+    """BT.601 limited NV12 made by OpenCV converts back within chroma subsampling's error; a full-range, BT.709
+    grey ramp converts exactly."""
+    rgb = np.stack([pattern_frame(k) for k in range(2)])  # (2, 72, 96, 3)
+    back = nvdec.nv12_to_rgb(torch.stack([_nv12(f) for f in rgb]), "bt601", full_range=False).numpy()
+    assert np.abs(back.astype(int) - rgb.astype(int)).mean() < 4  # chroma at half resolution blurs colour edges only
+    grey = np.repeat(np.linspace(0, 255, 16).astype(np.uint8)[None, :], 4, 0)  # (4, 16) Y, full range
+    nv12 = torch.from_numpy(np.concatenate([grey, np.full((2, 16), 128, np.uint8)]))[None]
+    out = nvdec.nv12_to_rgb(nv12, "bt709", full_range=True)[0].numpy()
+    assert (out == grey[..., None]).all()
+    # limited range: Y 16 is black and 235 white; a chroma offset moves R by 2(1 - Kr) of it, per matrix
+    grey = torch.tensor([[16, 235], [16, 235], [128, 128]], dtype=torch.uint8)[None]  # (1, 3, 2): H 2, W 2
+    red = torch.tensor([[16, 16], [16, 16], [128, 128 + 56]], dtype=torch.uint8)[None]  # black, V 184
+    for matrix, kr in (("bt601", 0.299), ("bt709", 0.2126)):
+        out = nvdec.nv12_to_rgb(grey, matrix).numpy()[0]
+        assert out[0, 0].tolist() == [0, 0, 0] and out[0, 1].tolist() == [255, 255, 255]
+        out = nvdec.nv12_to_rgb(red, matrix).numpy()[0]
+        assert out[1, 1].tolist() == [round(2 * (1 - kr) * 56 * 255 / 224), 0, 0]
 
 
 @pytest.mark.parametrize("workers", [0, 1])
-def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_torchcodec, workers):
+def test_nvdec_path_and_its_fallbacks_give_the_cpu_features(tmp_path, fake_nvdec, workers):
     """Through the NVDEC path (a stand-in decoder here): a file it decodes, one it fails halfway through (its
-    rows so far are discarded and the CPU decoder starts it again), one it cannot open, a frame folder (never
-    NVDEC's): every feature equals the CPU decoder's."""
+    rows so far are discarded and the CPU decoder starts it again), one it cannot open, one of a codec it does not
+    take, a frame folder (never NVDEC's): frame indices equal the CPU decoder's, timestamps come from the pts, and
+    features agree with the CPU path's (cosine; NVDEC's frames went through NV12 and back)."""
     videos = tmp_path / "v"
-    for k, name in enumerate(("good.avi", "broken.avi", "closed.avi")):
+    for k, name in enumerate(("h264_good.avi", "broken.avi", "closed.avi", "mjpeg.avi")):
         make_video(videos / name, 10, offset=3 * k)
     make_frame_folder(videos / "seq", 3)
     opts = dict(FAST, dtype="float32", batch_size=4, workers=workers, preprocess="device")
     report = pipeline.extract_videos([videos], tmp_path / "n.h5", decoder="nvdec", **opts)
-    assert report.ok and len(report.extracted) == 4
-    pipeline.extract_videos([videos], tmp_path / "c.h5", **{**opts, "preprocess": "workers"})
-    # NVDEC's frames are always cropped by the device path, whatever --preprocess says for the CPU decoder's.
-    workers_path = pipeline.extract_videos(
-        [videos], tmp_path / "w.h5", decoder="nvdec", **{**opts, "preprocess": "workers"}
-    )
-    assert workers_path.ok and len(workers_path.extracted) == 4
+    assert report.ok and len(report.extracted) == 5
+    assert len(fake_nvdec) == 4  # every video went to NVDEC first, never the frame folder
+    pipeline.extract_videos([videos], tmp_path / "c.h5", **{**opts, "preprocess": "workers", "decoder": "cpu"})
     a, b = pipeline.open_cache(tmp_path / "n.h5"), pipeline.open_cache(tmp_path / "c.h5")
-    assert a.info("good.avi")["decoder"] == "nvdec" and "decoder" not in b.info("good.avi")
-    assert "decoder" not in a.info("broken.avi")  # decoded again by the CPU decoder
+    assert a.info("h264_good.avi")["decoder"] == "nvdec" and "decoder" not in b.info("h264_good.avi")
+    assert a.info("h264_good.avi")["colour"] == "bt601, limited range"
+    assert a.info("h264_good.avi")["decoded_frames"] == 10  # counted by decoding, not the header's 17
+    for key in ("broken.avi", "closed.avi", "mjpeg.avi"):
+        assert "decoder" not in a.info(key)  # decoded again by the CPU decoder
+    np.testing.assert_allclose(a.timestamps("h264_good.avi"), np.arange(10) * 0.04)
     for key in b:
         np.testing.assert_array_equal(a.frame_indices(key), b.frame_indices(key))
-        np.testing.assert_allclose(a.features(key), b.features(key), rtol=1e-5, atol=1e-5)
+        assert _min_cosine(a.features(key), b.features(key)) > 0.995, key
+
+
+def test_auto_shares_videos_between_nvdec_and_the_cpu_decoder(tmp_path, fake_nvdec):
+    videos = tmp_path / "v"
+    for k in range(6):
+        make_video(videos / f"h264_{k}.avi", 6, offset=k)
+    opts = dict(FAST, dtype="float32", batch_size=4, workers=1, preprocess="device")
+    report = pipeline.extract_videos([videos], tmp_path / "a.h5", decoder="auto", **opts)
+    assert report.ok and len(report.extracted) == 6
+    cache = pipeline.open_cache(tmp_path / "a.h5")
+    by = [cache.info(k).get("decoder", "cpu") for k in cache.keys()]
+    assert "nvdec" in by and len(fake_nvdec) + by.count("cpu") >= 6
 
 
 def test_stage_one_imports_no_stage_two_dependencies():
@@ -246,7 +323,7 @@ def test_stage_one_imports_no_stage_two_dependencies():
 
     probe = (
         "import sys, pipeline.extract.run, pipeline.extract.nvdec; "
-        "extra = [m for m in ('optuna', 'yaml', 'torchcodec') if m in sys.modules]; "
+        "extra = [m for m in ('optuna', 'yaml', 'PyNvVideoCodec') if m in sys.modules]; "
         "assert not extra, extra"
     )
     assert subprocess.run([sys.executable, "-c", probe], check=False, timeout=120).returncode == 0

@@ -586,9 +586,12 @@ class FrameEmbedder:
     """Runs a frozen backbone on batches of cropped uint8 frames: channels_last, bf16/fp16 autocast on CUDA.
 
     On CUDA, `start` only queues the work (normalisation, forward, the copy of the features into pinned host
-    memory) and returns; up to `depth` batches are in flight while the host prepares the next ones."""
+    memory) and returns; up to `depth` batches are in flight while the host prepares the next ones. With `graph`
+    (CUDA, not compiled), the normalisation and forward pass of the batch shape are captured once as a CUDA graph
+    and replayed: one launch per batch instead of one per kernel, so the host thread is free sooner (the same
+    kernels, so the same features; a capture that fails falls back to eager, with a note)."""
 
-    def __init__(self, loaded: LoadedBackbone, device: torch.device, compile: bool = False):
+    def __init__(self, loaded: LoadedBackbone, device: torch.device, compile: bool = False, graph: bool = False):
         self.device = device
         self.pre = loaded.preprocessing
         self.dim = loaded.dim
@@ -602,10 +605,59 @@ class FrameEmbedder:
         self.depth = 0
         self.copy_stream = None
         self.busy_seconds = 0.0  # device time of the forward passes (CUDA only), for the benchmarks
+        self.graph = graph and device.type == "cuda" and not compile
+        self._graphs: dict[tuple, tuple] = {}  # batch shape -> (CUDAGraph, static input, static output)
         if device.type == "cuda":
             self.autocast_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
             self.depth = 3
             self.copy_stream = torch.cuda.Stream(device)
+
+    def _forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """Shapes: (N, 3, C, C) uint8 frames or (N, T, 3, C, C) uint8 clips on the device -> (N, D) float32 on the
+        device."""
+        x = self.pre.normalize(frames)
+        if self.video:
+            x = x.permute(0, 2, 1, 3, 4)  # (N, T, 3, C, C) -> (N, 3, T, C, C), as VideoClassification hands them on
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.autocast_dtype is not None:
+            # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes
+            # in every run (resumed or not).
+            with (
+                torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
+                torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype),
+            ):
+                y = self.model(x)
+        else:
+            y = self.model(x)
+        return y.float().flatten(1)
+
+    def _graphed(self, frames: torch.Tensor) -> torch.Tensor | None:
+        """The features of `frames` (on the device) through the captured graph of their shape; None when this
+        shape cannot be captured (the eager path runs instead)."""
+        key = tuple(frames.shape)
+        if key not in self._graphs:
+            try:
+                static_in = torch.zeros_like(frames)
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # warm-up outside the capture: cuDNN and the allocator settle
+                        self._forward(static_in)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self._forward(static_in)
+                self._graphs[key] = (graph, static_in, static_out)
+            except Exception as e:  # noqa: BLE001  (a model or driver that cannot be captured: eager it is)
+                log.info("the forward pass could not be captured as a CUDA graph (%s); running it eagerly", e)
+                self._graphs[key] = None
+        entry = self._graphs[key]
+        if entry is None:
+            return None
+        graph, static_in, static_out = entry
+        static_in.copy_(frames, non_blocking=True)
+        graph.replay()
+        return static_out
 
     def upload(self, frames: torch.Tensor) -> tuple[torch.Tensor, object]:
         """Host frames -> the device, copied on a side stream while the model runs. Returns the device tensor
@@ -633,21 +685,10 @@ class FrameEmbedder:
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record()
-        x = self.pre.normalize(frames.to(self.device, non_blocking=True))
-        if self.video:
-            x = x.permute(0, 2, 1, 3, 4)  # (N, T, 3, C, C) -> (N, 3, T, C, C), as VideoClassification hands them on
-        x = x.contiguous(memory_format=self.memory_format)
-        if self.autocast_dtype is not None:
-            # Deterministic kernels chosen for the shape, not by timing: the same frame gives the same bytes
-            # in every run (resumed or not).
-            with (
-                torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True),
-                torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype),
-            ):
-                y = self.model(x)
-        else:
-            y = self.model(x)
-        y = y.float().flatten(1)  # (N, D)
+        frames = frames.to(self.device, non_blocking=True)
+        y = self._graphed(frames) if self.graph else None
+        if y is None:
+            y = self._forward(frames)  # (N, D)
         if self.device.type != "cuda":
             return PendingFeatures(y.cpu(), rows)
         host = torch.empty(y.shape, dtype=torch.float32, pin_memory=True)

@@ -28,10 +28,10 @@ from pipeline.extract.batcher import Batcher, Owner
 from pipeline.extract.inputs import VideoItem, discover
 from pipeline.extract.preprocess import crop_batch, resolve_mode
 from pipeline.extract.sink import PartSink
-from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows
+from pipeline.extract.sources import Ended, InProcessSource, NvdecSource, PoolSource, Retry, Rows, WorkQueue
 from pipeline.extract.windows import Windower, resolve_window
 from pipeline.extract.workers import DecodeJob, DecodePool
-from pipeline.runtime import cpu_count, default_workers, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device, process_age
 from pipeline.spec import FeatureSpec
 
 log = logging.getLogger(__name__)
@@ -56,10 +56,20 @@ class ExtractReport:
     seconds: float = 0.0
     device_busy_seconds: float = 0.0  # CUDA: device time of the forward passes (normalise, model, copy back)
     worker_restarts: int = 0  # decode workers replaced after they died
+    startup: dict[str, float] = field(default_factory=dict)
+    """Seconds before the first features: `process` (interpreter start and imports, before extract_videos was
+    called), `setup` (inputs, backbone, device, cache, resume check), `first_batch` (workers, first decode and
+    forward pass); the rest of `seconds` is the steady state."""
 
     @property
     def ok(self) -> bool:
         return not self.failed
+
+    @property
+    def steady_fps(self) -> float:
+        """Frames per second after the first features came back (start-up excluded)."""
+        after = self.seconds - self.startup.get("setup", 0.0) - self.startup.get("first_batch", 0.0)
+        return (self.frames - self.startup.get("first_frames", 0)) / after if after > 0 else 0.0
 
     def summary(self) -> str:
         fps = self.frames / self.seconds if self.seconds > 0 else 0.0
@@ -116,6 +126,7 @@ def extract_videos(
     """
     cfg = build_config(output, config, **options)
     started = time.perf_counter()
+    report_startup = {"process": process_age()}
     dist = Distributed.from_env(cfg.shard)
     unreadable: dict[str, str] = {}
     items = discover(inputs, unreadable)
@@ -149,7 +160,7 @@ def extract_videos(
             "--overwrite cannot be used by several ranks at once; delete the cache and its .parts folder first"
         )
     writer = CacheWriter(cfg.output, spec, cfg.dtype, overwrite=cfg.overwrite, shard=dist.shard)
-    report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard)
+    report = ExtractReport(cache=cfg.output, spec=spec, shard=dist.shard, startup=report_startup)
     report.failed.update({folder: (folder, reason) for folder, reason in unreadable.items()})
     try:
         todo, signatures = [], {}
@@ -162,7 +173,8 @@ def extract_videos(
                 signatures[item.key] = sig
         log.info("%d videos: %d to extract, %d already in %s", len(items), len(todo), len(report.skipped), cfg.output)
         if todo:
-            embedder = FrameEmbedder(loaded, device, compile=cfg.compile)
+            embedder = FrameEmbedder(loaded, device, compile=cfg.compile, graph=cfg.cuda_graph)
+            report.startup["setup"] = time.perf_counter() - started
             _run(todo, signatures, cfg, embedder, writer, report, workers, batch_size, device)
         if cfg.prune and not dist.shard:
             report.pruned = writer.prune_missing_sources()
@@ -187,6 +199,14 @@ def extract_videos(
     elif cfg.pack:
         report.packed = bool(pack(cfg.output))
     report.seconds = time.perf_counter() - started
+    if report.startup.get("first_batch") is not None:
+        log.info(
+            "start-up: %.2fs process and imports, %.2fs setup, %.2fs to the first features; then %.0f frames/s",
+            report.startup["process"],
+            report.startup["setup"],
+            report.startup["first_batch"],
+            report.steady_fps,
+        )
     return report
 
 
@@ -281,15 +301,17 @@ class _Progress:
 
 
 def _nvdec_usable(decoder: str, device: torch.device) -> bool:
-    """Whether --decoder asks for NVDEC and it can run here (the reason is logged when it cannot).
-    auto is cpu until NVDEC has been measured faster on the target (docs/performance.md)."""
-    if decoder != "nvdec":
+    """Whether NVDEC decodes in this run: --decoder nvdec when it can run here (else a warning says why), auto when
+    it is a CUDA run and PyNvVideoCodec is installed."""
+    if decoder == "cpu":
         return False
     from pipeline.extract import nvdec
 
     reason = nvdec.unavailable_reason(device)
-    if reason is not None:
+    if reason is not None and decoder == "nvdec":
         log.warning("--decoder nvdec is unavailable: %s; decoding on the CPU", reason)
+    elif reason is not None and device.type == "cuda":
+        log.info("NVDEC is not used: %s", reason)
     return reason is None
 
 
@@ -301,22 +323,26 @@ def _nvdec_decoders(device: torch.device):
 
 
 def _frame_sources(todo: list[VideoItem], jobs: list[DecodeJob], cfg: ExtractConfig, workers: int, device, native):
-    """The run's frame sources, each video given to one: NVDEC for videos when it is asked for and can run here,
-    the decode workers (or this process) for everything else; the CPU source also takes NVDEC's give-ups."""
+    """The run's frame sources over one work queue: NVDEC, when it runs, takes videos (and the CPU decoder takes
+    videos too with --decoder auto); the decode workers (or this process) take frame folders and NVDEC's
+    give-ups."""
+    use_nvdec = _nvdec_usable(cfg.decoder, device)
+    work = WorkQueue(shared=not (use_nvdec and cfg.decoder == "nvdec"))
+    for i, item in enumerate(todo):
+        (work.videos if use_nvdec and item.kind == "video" else work.cpu).append(i)
     cpu: PoolSource | InProcessSource
     if workers > 0:
         pool = DecodePool(min(workers, len(todo)))  # forked before this process starts threads of its own
         if device.type == "cuda" and native:
             pool.pin()
-        cpu = PoolSource(pool, jobs, native, cfg.decode_timeout)
+        cpu = PoolSource(pool, jobs, work, native, cfg.decode_timeout)
     else:
-        cpu = InProcessSource(jobs, native)
-    nvdec = NvdecSource(_nvdec_decoders(device)) if _nvdec_usable(cfg.decoder, device) else None
-    for i, item in enumerate(todo):
-        if nvdec is not None and item.kind == "video":
-            nvdec.add(jobs[i])
-        else:
-            cpu.add(i)
+        cpu = InProcessSource(jobs, work, native)
+    try:
+        nvdec = NvdecSource(_nvdec_decoders(device), jobs, work) if use_nvdec else None
+    except BaseException:
+        cpu.close(device)
+        raise
     return cpu, nvdec
 
 
@@ -347,6 +373,7 @@ class _Loop:
         self.inflight: deque = deque()  # (PendingFeatures, owners): forward passes whose features are on their way
         self.windowers: dict[int, Windower] = {}  # video backbones: each video's frames not yet in a window
         self.cpu = None
+        self.started = time.perf_counter()
 
     def _attrs(self, i: int, signatures: dict) -> dict:
         item = self.todo[i]
@@ -387,7 +414,7 @@ class _Loop:
             self.batcher.drop(i)
             self.sink.discard(i)
             self.attempt[i] = self.attempt.get(i, 0) + 1
-            self.cpu.add(i)
+            self.cpu.work.cpu.append(i)
         else:
             self.fail(i, event.reason)
 
@@ -438,6 +465,9 @@ class _Loop:
         while self.inflight and (len(self.inflight) > keep or self.inflight[0][0].ready()):
             pending, owners = self.inflight.popleft()
             feats = pending.result().numpy()  # (rows, D)
+            if "first_batch" not in self.report.startup:
+                self.report.startup["first_batch"] = time.perf_counter() - self.started
+                self.report.startup["first_frames"] = len(feats)
             self.progress.frames(len(feats))  # before the videos they finish, whose end corrects the bar's total
             self.sink.features(feats, owners, self.alive)
             self.report.frames += len(feats)
@@ -462,12 +492,12 @@ class _Loop:
                 self.progress.video_done(outcome.video)
 
     # -- the run
-    def run(self, jobs: list[DecodeJob], workers: int, native: bool) -> None:
-        nvdec = None
+    def run(self, cpu, nvdec=None) -> None:
+        """Run until both sources are drained. `cpu` takes NVDEC's give-ups; both are closed at the end."""
+        self.cpu = cpu
         last_index = time.monotonic()
         try:
-            self.cpu, nvdec = _frame_sources(self.todo, jobs, self.cfg, workers, self.device, native)
-            sources = [s for s in (nvdec, self.cpu) if s is not None]
+            sources = [s for s in (nvdec, cpu) if s is not None]
             while any(s.busy for s in sources):
                 # Wait long for the decode workers only when nothing else needs attention soon.
                 quick = (nvdec is not None and nvdec.busy) or self.cpu.in_flight_copies
@@ -519,4 +549,5 @@ def _run(
         DecodeJob(i, item.path, cfg.sampling, None if native else embed.pre, cfg.max_pixels)
         for i, item in enumerate(todo)
     ]
-    _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device).run(jobs, workers, native)
+    loop = _Loop(todo, signatures, cfg, embed, writer, report, batch_size, device)
+    loop.run(*_frame_sources(todo, jobs, cfg, workers, device, native))

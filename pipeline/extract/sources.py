@@ -55,6 +55,29 @@ class Retry:
     reason: str
 
 
+class WorkQueue:
+    """Videos not yet given to a source, in input order: `cpu` only for the CPU decoder (frame folders, NVDEC's
+    give-ups), `videos` for NVDEC, which the CPU decoder also takes when `shared` (--decoder auto: both decode at
+    once, each as fast as it can)."""
+
+    def __init__(self, shared: bool = True):
+        self.cpu: deque[int] = deque()
+        self.videos: deque[int] = deque()
+        self.shared = shared
+
+    def for_cpu(self) -> int | None:
+        if self.cpu:
+            return self.cpu.popleft()
+        return self.videos.popleft() if self.shared and self.videos else None
+
+    def for_nvdec(self) -> int | None:
+        return self.videos.popleft() if self.videos else None
+
+    @property
+    def cpu_pending(self) -> bool:
+        return bool(self.cpu) or (self.shared and bool(self.videos))
+
+
 def _event(message: tuple, frames=None, native: bool = False, release: Callable = _no_release):
     kind, i = message[0], message[1]
     if kind == "rows":
@@ -69,17 +92,13 @@ def _event(message: tuple, frames=None, native: bool = False, release: Callable 
 class PoolSource:
     """Videos decoded by a DecodePool, JOBS_AHEAD queued at each worker, in input order."""
 
-    def __init__(self, pool: DecodePool, jobs: list[DecodeJob], native: bool, decode_timeout: float):
-        self.pool, self.jobs, self.native, self.decode_timeout = pool, jobs, native, decode_timeout
-        self.waiting: deque[int] = deque()
+    def __init__(self, pool: DecodePool, jobs: list[DecodeJob], work: WorkQueue, native: bool, decode_timeout: float):
+        self.pool, self.jobs, self.work, self.native, self.decode_timeout = pool, jobs, work, native, decode_timeout
         self.releases: deque = deque()  # (event, worker, generation, slot): slots the GPU is still copying from
-
-    def add(self, video: int) -> None:
-        self.waiting.append(video)
 
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(self.pool.jobs(w) for w in range(len(self.pool)))
+        return self.work.cpu_pending or any(self.pool.jobs(w) for w in range(len(self.pool)))
 
     @property
     def in_flight_copies(self) -> bool:
@@ -88,8 +107,8 @@ class PoolSource:
     def poll(self, timeout: float) -> list:
         pool = self.pool
         for w in range(len(pool)):
-            while self.waiting and len(pool.jobs(w)) < JOBS_AHEAD:
-                pool.assign(w, replace(self.jobs[self.waiting.popleft()]))
+            while len(pool.jobs(w)) < JOBS_AHEAD and (video := self.work.for_cpu()) is not None:
+                pool.assign(w, replace(self.jobs[video]))
         pool.kill_stalled(self.decode_timeout)
         messages, crashes = pool.poll(timeout)
         events = []
@@ -148,17 +167,13 @@ class PoolSource:
 class InProcessSource:
     """Videos decoded in this process, one chunk per poll (`--workers 0`)."""
 
-    def __init__(self, jobs: list[DecodeJob], native: bool):
-        self.jobs, self.native = jobs, native
-        self.waiting: deque[int] = deque()
+    def __init__(self, jobs: list[DecodeJob], work: WorkQueue, native: bool):
+        self.jobs, self.work, self.native = jobs, work, native
         self._current = None
-
-    def add(self, video: int) -> None:
-        self.waiting.append(video)
 
     @property
     def busy(self) -> bool:
-        return self._current is not None or bool(self.waiting)
+        return self._current is not None or self.work.cpu_pending
 
     in_flight_copies = False
     restarts = 0
@@ -166,9 +181,10 @@ class InProcessSource:
     def poll(self, timeout: float) -> list:
         while True:
             if self._current is None:
-                if not self.waiting:
+                video = self.work.for_cpu()
+                if video is None:
                     return []
-                self._current = decode_video(self.jobs[self.waiting.popleft()])
+                self._current = decode_video(self.jobs[video])
             message = next(self._current, None)
             if message is None:
                 self._current = None
@@ -181,22 +197,22 @@ class InProcessSource:
 
 
 class NvdecSource:
-    """Videos decoded by the GPU's decoder threads (pipeline/extract/nvdec.py): native frames on the device."""
+    """Videos decoded by the GPU's decoder threads (pipeline/extract/nvdec.py): native frames on the device. Takes
+    from the work queue only what its threads can start soon, so that the CPU decoder shares the rest."""
 
-    def __init__(self, decoders):
-        self.decoders = decoders
-
-    def add(self, job: DecodeJob) -> None:
-        self.decoders.submit(replace(job, pre=None))
+    def __init__(self, decoders, jobs: list[DecodeJob], work: WorkQueue):
+        self.decoders, self.jobs, self.work = decoders, jobs, work
 
     @property
     def busy(self) -> bool:
-        return self.decoders.pending > 0
+        return self.decoders.pending > 0 or bool(self.work.videos)
 
     in_flight_copies = False
     restarts = 0
 
     def poll(self, timeout: float) -> list:
+        while self.decoders.pending < self.decoders.threads + 2 and (video := self.work.for_nvdec()) is not None:
+            self.decoders.submit(replace(self.jobs[video], pre=None))
         events = []
         while (message := self.decoders.get()) is not None:
             events.append(_event(message, message[2] if message[0] == "rows" else None, native=True))

@@ -312,7 +312,7 @@ class CacheWriter:
         self.parts = parts_dir(self.path)
         self.spec, self.dtype, self.shard = spec, dtype, shard
         self._own: dict[str, dict] = {}
-        self._table_written = time.monotonic()
+        self._table_written, self._table_seconds = time.monotonic(), 0.0
         self.tag = f".shard-{shard[0]}-of-{shard[1]}" if shard else ""
         if self.path.exists() and not (self.parts / SPEC_FILE).exists() and not _is_cache_file(self.path):
             raise CacheError(f"{self.path} exists and is not a pipeline feature cache; choose another -o path")
@@ -407,16 +407,19 @@ class CacheWriter:
         self._index[row["id"]] = row
         if self.shard:
             self._own[row["id"]] = row
-            if time.monotonic() - self._table_written > SHARD_TABLE_EVERY_S:
+            # every SHARD_TABLE_EVERY_S, and never more than 1/20 of the time (the table grows with the shard)
+            if time.monotonic() - self._table_written > max(SHARD_TABLE_EVERY_S, 20 * self._table_seconds):
                 self.write_shard_table()
 
     def write_shard_table(self) -> None:
         """The index rows of this shard's parts, as `.index<tag>` in the parts folder (read by the merge)."""
+        started = time.monotonic()
         tmp = self.parts / f".index{self.tag}.{os.getpid()}.tmp"
         with h5py.File(tmp, "w") as f:
             _write_rows(f.create_group("index"), sorted(self._own.values(), key=lambda r: r["key"]))
         _commit(tmp, self.parts / f".index{self.tag}")
         self._table_written = time.monotonic()
+        self._table_seconds = self._table_written - started
 
     def record_failure(self, key: str, source_path: str, reason: str) -> None:
         """Record why `key` failed. When its source still exists (it changed and can no longer be extracted),

@@ -73,7 +73,7 @@ def postgres_server() -> Iterator[str]:
 
     try:
         run(str(bin_dir / "initdb"), "-D", str(data), "-U", USER, "--auth=trust", "--no-sync", "-E", "UTF8")
-        options = f"-p {port} -k {root} -c listen_addresses=localhost -c fsync=off -c max_connections=50"
+        options = f"-p {port} -k {root} -c listen_addresses=localhost -c fsync=off -c max_connections=100"
         run(str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(root / "log"), "-w", "start")
         try:
             yield f"postgresql://{USER}@localhost:{port}/postgres"

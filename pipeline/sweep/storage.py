@@ -123,6 +123,10 @@ def open_storage(url: str | None, out: Path, heartbeat: int, grace: int):
     kwargs = {"heartbeat_interval": heartbeat, "grace_period": grace, callback_arg: retry(max_retry=1)}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 120}}  # workers wait for each other's writes
+    else:
+        # A worker uses two connections at a time (its trials, its heartbeat thread): a small pool lets a hundred
+        # workers share a server's default 100 connections, where SQLAlchemy's default (up to 15 each) would not.
+        kwargs["engine_kwargs"] = {"pool_size": 2, "max_overflow": 2, "pool_pre_ping": True}
     import sqlalchemy
 
     for attempt in range(6):

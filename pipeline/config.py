@@ -298,8 +298,8 @@ class ExtractConfig(_Settings):
     backbone: str = "resnet50"
     """A torchvision classification model (resnet50, one row per frame), a torchvision video model (r3d_18, mc3_18,
     r2plus1d_18, s3d, mvit_v1_b, mvit_v2_s, swin3d_t/s/b: one row per --window of frames) or timm:NAME, any timm
-    image model (timm:vit_base_patch16_clip_224.openai, timm:vit_small_patch14_dinov2.lvd142m; needs
-    the package's timm extra; one row per frame: its pooled pre-logits features)."""
+    image model (timm:vit_base_patch16_clip_224.openai, timm:vit_small_patch14_dinov2.lvd142m; needs the package's
+    timm extra; one row per frame: its pooled pre-logits features)."""
     weights: str = "DEFAULT"
     """A torchvision weights name (DEFAULT, IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V1); for timm:NAME, DEFAULT
     or a pretrained tag (from the local Hugging Face cache, downloaded when online); a local .pth/.safetensors

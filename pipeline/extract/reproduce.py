@@ -115,9 +115,9 @@ def backbone_for_spec(
             model_weights_enum(spec.backbone)
     except ValueError:
         raise WeightsError(
-            f"{source} was trained on features of {spec.backbone!r}, which is neither a torchvision model nor a "
-            f"timm model here (timm:NAME needs `pip install 'framecache[timm]'`), so no backbone can make them "
-            f"again"
+            f"{source} was trained on features of {spec.backbone!r}, which is not a torchvision classification model "
+            f"(or video model), nor a timm model here (timm:NAME needs `pip install 'framecache[timm]'`), so no "
+            f"backbone can make them again"
         ) from None
     if backbone_state is not None:
         if weights is not None:

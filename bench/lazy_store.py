@@ -111,7 +111,8 @@ def train(cache: Path, out: Path, memory: str, epochs: int, limit: int | None) -
                 usage = int((group / name).read_text())
         group.rmdir()
     if proc.returncode != 0:
-        raise RuntimeError(f"train-head failed:\n{output}")
+        killed = " (killed: the limit is below what torch itself needs, about 0.5 GiB)" if proc.returncode < 0 else ""
+        raise RuntimeError(f"train-head exited with {proc.returncode}{killed}:\n{output}")
     with open(out / "metrics.csv") as f:
         seconds = [float(r["train_seconds"]) for r in csv.DictReader(f)]
     return float(np.mean(seconds[1:] if len(seconds) > 1 else seconds)), usage

@@ -19,14 +19,16 @@ from pipeline.sweep.storage import Heartbeats, check_driver, counted, open_stora
 
 
 def test_storage_forms(tmp_path):
-    url, storage = open_storage(None, tmp_path / "out", 15, 60)
-    assert url == f"sqlite:///{(tmp_path / 'out' / 'study.db').resolve()}" and storage.get_heartbeat_interval() == 15
-    url, _ = open_storage(str(tmp_path / "s" / "study.db"), tmp_path, 15, 60)
-    assert url.startswith("sqlite:///") and (tmp_path / "s").is_dir()
-    url, _ = open_storage(str(tmp_path / "j" / "study.log"), tmp_path, 15, 60)
-    assert url == f"journal:{(tmp_path / 'j' / 'study.log').resolve()}"
-    with pytest.raises(ValueError, match="expected an RDB URL"):
-        open_storage(str(tmp_path / "study.txt"), tmp_path, 15, 60)
+    with quiet_optuna():
+        url, storage = open_storage(None, tmp_path / "out", 15, 60)
+        assert url == f"sqlite:///{(tmp_path / 'out' / 'study.db').resolve()}"
+        assert storage.get_heartbeat_interval() == 15
+        url, _ = open_storage(str(tmp_path / "s" / "study.db"), tmp_path, 15, 60)
+        assert url.startswith("sqlite:///") and (tmp_path / "s").is_dir()
+        url, _ = open_storage(str(tmp_path / "j" / "study.log"), tmp_path, 15, 60)
+        assert url == f"journal:{(tmp_path / 'j' / 'study.log').resolve()}"
+        with pytest.raises(ValueError, match="expected an RDB URL"):
+            open_storage(str(tmp_path / "study.txt"), tmp_path, 15, 60)
 
 
 def test_a_missing_database_driver_names_what_to_install():

@@ -452,7 +452,7 @@ def test_clear_errors_for_checkpoints_of_another_backbone(tmp_path, head_run):
     videos = head_run / "videos"
     synthetic = feature_cache(tmp_path / "syn.h5", separable_videos(classes=2, per_class=4))
     pipeline.train_head(synthetic, tmp_path / "syn", **{**HEAD, "epochs": 1})
-    with pytest.raises(WeightsError, match="'synthetic', which is neither a torchvision model nor a timm model"):
+    with pytest.raises(WeightsError, match="'synthetic', which is not a torchvision classification model"):
         pipeline.finetune([videos], tmp_path / "syn" / "best.pt", tmp_path / "x", **TUNE)
     # a head on 16-dim features that claim to come from resnet18 (512-dim)
     small = feature_cache(tmp_path / "r18.h5", separable_videos(classes=2, per_class=4), backbone="resnet18")

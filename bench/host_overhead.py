@@ -58,9 +58,6 @@ class MemorySource:
                 events.append(Ended(video, {"decoded_frames": self.frames}))
         return events
 
-    def add(self, video: int) -> None:
-        raise AssertionError("no NVDEC here")
-
     def close(self, device) -> None:
         pass
 

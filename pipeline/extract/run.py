@@ -326,7 +326,7 @@ class _Loop:
             self.batcher.drop(i)
             self.sink.discard(i)
             self.attempt[i] = self.attempt.get(i, 0) + 1
-            self.cpu.work.cpu.append(i)
+            self.cpu.work.retry_on_cpu(i)
         else:
             self.fail(i, event.reason)
 

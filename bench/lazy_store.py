@@ -1,7 +1,7 @@
 """Training on a cache larger than the memory the process may use: `--memory lazy` under a memory limit against
 `--memory ram` on a cache that fits, and where the difference goes.
 
-    python bench/lazy_store.py --dir /tmp/lazy                      # 2.2 GB cache, 1 GiB limit, defaults below
+    python bench/lazy_store.py --dir /tmp/lazy                      # 2.4 GB cache, 1 GiB limit: about 6 minutes
     python bench/lazy_store.py --dir /tmp/lazy --limit-mb 512 --epochs 2
 
 Two caches of the same videos' shape (--rows x --dim float16): a large one (--videos) and a small one (a quarter
@@ -12,8 +12,13 @@ metrics.csv (train seconds per epoch), reported as rows per second so that the t
   lazy-small    --memory lazy on the small cache, its files in the page cache: what the lazy path itself costs
   lazy-large    --memory lazy on the large cache inside a memory cgroup of --limit-mb (page cache included), after
                 dropping the page cache: every epoch reads from disk
+  lazy-packed   the same on the large cache packed into one file (`pipeline pack`): one open file instead of one
+                part file per video (the layout on disk)
   read-large    a cold read of the large cache's part files, bytes only (the disk's bandwidth), and through
                 h5py per video (`features(key)`): the floor under lazy-large
+  chunks        cold reads of --chunk-videos videos written with (R, D) chunks for each R of --chunk-rows: the
+                whole video (what a lazy reader does), and only the 8 rows of a segment clip (what it would read
+                if chunks were small enough to skip the rest)
 
 The memory limit is a cgroup (v1 /sys/fs/cgroup/memory or v2) made for the run, which also bounds the page cache
 the process may fill; without one (not root, no controller) the script says so and falls back to
@@ -35,15 +40,20 @@ from pathlib import Path
 import numpy as np
 from common import load_average, machine  # bench/common.py, beside this script
 
-from pipeline.data.cache import open_cache, parts_dir
+import pipeline.data.cache as cache_format
+from pipeline.data.cache import open_cache, pack, parts_dir
 from pipeline.data.synthetic import synthetic_spec, write_feature_cache
 
 CLASSES = 20
+DEFAULT_CHUNK_ROWS = cache_format.CHUNK_ROWS
+SEGMENTS = 8  # rows of a segment clip (train-head's default sampling)
 
 
-def generate(path: Path, videos: int, rows: int, dim: int) -> None:
+def generate(path: Path, videos: int, rows: int, dim: int, chunk_rows: int | None = None) -> None:
     if path.exists():
         return
+    if chunk_rows is not None:
+        cache_format.CHUNK_ROWS = chunk_rows  # the writer's chunk shape (rows, D): for this bench only
     rng = np.random.default_rng(0)
     means = rng.normal(0, 1.0, (CLASSES, dim)).astype(np.float32)
     bank = rng.standard_normal((8192, dim)).astype(np.float32)
@@ -57,6 +67,7 @@ def generate(path: Path, videos: int, rows: int, dim: int) -> None:
     t = time.perf_counter()
     write_feature_cache(path, items(), synthetic_spec(dim), dtype="float16")
     print(f"# wrote {path} ({videos} videos) in {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
+    cache_format.CHUNK_ROWS = DEFAULT_CHUNK_ROWS
 
 
 def drop_caches() -> bool:
@@ -137,6 +148,35 @@ def read_cold(cache: Path) -> tuple[float, float, int]:
     return total / raw / 1e6, total / h5 / 1e6, total
 
 
+def read_chunks(folder: Path, videos: int, rows: int, dim: int, chunk_rows: list[int]) -> None:
+    """Cold reads per video: the whole video, and the rows of one segment clip (sorted, one per segment)."""
+    import h5py
+
+    rng = np.random.default_rng(0)
+    for r in chunk_rows:
+        path = folder / f"chunks{r}.h5"
+        generate(path, videos, rows, dim, chunk_rows=r)
+        c = open_cache(path)
+        keys = c.keys()
+        parts = [c.part_path(k) for k in keys]
+        picks = [np.sort(rng.choice(rows, SEGMENTS, replace=False)) for _ in keys]
+        timings = {}
+        for what in ("whole", "segment"):
+            drop_caches()
+            t = time.perf_counter()
+            for part, pick in zip(parts, picks, strict=True):
+                with h5py.File(part, "r") as f:
+                    d = f["features"]
+                    d[()] if what == "whole" else d[pick]  # read and checksummed, then dropped
+            timings[what] = (time.perf_counter() - t) / len(keys)
+        size = sum(p.stat().st_size for p in parts) / len(parts)
+        print(
+            f"chunks {r:4d} rows  {size / 1e3:6.0f} KB a video  cold read of a whole video "
+            f"{1e3 * timings['whole']:6.2f} ms  of one {SEGMENTS}-row segment clip {1e3 * timings['segment']:6.2f} ms",
+            flush=True,
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", type=Path, required=True)
@@ -145,6 +185,9 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--limit-mb", type=int, default=1024, help="memory the lazy run may use, page cache included")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--chunk-rows", type=int, nargs="*", default=[256, 64, 16], help="chunk heights to compare")
+    ap.add_argument("--chunk-videos", type=int, default=2000, help="videos of each chunk-height cache")
+    ap.add_argument("--skip", nargs="*", default=[], help="steps not to run (names as above)")
     args = ap.parse_args()
 
     args.dir.mkdir(parents=True, exist_ok=True)
@@ -158,23 +201,36 @@ def main() -> None:
     print(f"; {args.epochs} epochs, train seconds per epoch from metrics.csv (the first epoch left out)")
     rows_large, rows_small = args.videos * args.rows, (args.videos // 4) * args.rows
     results = {}
+    packed = args.dir / "large-packed.h5"
+    if "lazy-packed" not in args.skip and not packed.exists():
+        t = time.perf_counter()
+        pack(large, packed)
+        print(f"# packed the large cache in {time.perf_counter() - t:.0f} s", flush=True)
     for name, cache, memory, rows, limited in (
         ("ram-small", small, "ram", rows_small, False),
         ("lazy-small", small, "lazy", rows_small, False),
         ("lazy-large", large, "lazy", rows_large, True),
+        ("lazy-packed", packed, "lazy", rows_large, True),
     ):
+        if name in args.skip:
+            continue
         dropped = drop_caches() if limited else False
         sec, peak = train(cache, args.dir / f"run-{name}", memory, args.epochs, limit if limited else None)
         results[name] = rows / sec
         note = f"  peak {peak / 2**20:.0f} MiB in the cgroup" if peak else ""
         note += "  (page cache dropped first)" if dropped else ""
         print(f"{name:11s} {sec:7.2f} s/epoch  {rows / sec / 1e3:8.1f} k rows/s{note}", flush=True)
-    raw, h5, total = read_cold(large)
-    print(f"read-large  {raw:7.0f} MB/s raw bytes  {h5:7.0f} MB/s through h5py per video  ({total / 1e9:.2f} GB)")
-    print(f"lazy-large / ram-small: {results['lazy-large'] / results['ram-small']:.2f}x the in-memory speed")
-    print(f"lazy-small / ram-small: {results['lazy-small'] / results['ram-small']:.2f}x (the lazy path, warm)")
-    bytes_per_row = args.dim * 2
-    print(f"disk floor for lazy-large: {h5 * 1e6 / bytes_per_row / 1e3:.1f} k rows/s (h5py cold read)")
+    if "read-large" not in args.skip:
+        raw, h5, total = read_cold(large)
+        print(f"read-large  {raw:7.0f} MB/s raw bytes  {h5:7.0f} MB/s through h5py per video  ({total / 1e9:.2f} GB)")
+        bytes_per_row = args.dim * 2
+        print(f"disk floor for lazy-large: {h5 * 1e6 / bytes_per_row / 1e3:.1f} k rows/s (h5py cold read)")
+    base = results.get("ram-small")
+    for name in ("lazy-small", "lazy-large", "lazy-packed"):
+        if base and name in results:
+            print(f"{name} / ram-small: {results[name] / base:.2f}x the in-memory speed")
+    if "chunks" not in args.skip:
+        read_chunks(args.dir, args.chunk_videos, args.rows, args.dim, args.chunk_rows)
 
 
 if __name__ == "__main__":

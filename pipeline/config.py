@@ -47,6 +47,7 @@ FINETUNE_CLIP_LEN = 16  # rows per fine-tuning clip when the head was trained on
 FINETUNE_BACKBONE_LR_FACTOR = 0.1  # the backbone's peak learning rate is this times --lr
 FINETUNE_UNFREEZE_LAST = 1  # stages trained when neither --unfreeze nor --unfreeze-last is given
 SWEEP_TRIALS = 20  # trials of a tpe or random sweep when --trials is not given (grid: every combination)
+SWEEP_PATIENCE_SHARE = 1 / 10  # a sweep's trial stops after this share of its epochs without a better score (>= 10)
 SWEEP_STACK = 8  # grid and random sweeps: trials asked at once, mean-pool ones of one shape trained as one model
 SWEEP_REFIT = 3  # after a --reduce-dim sweep: the best trials trained again on the full features
 SWEEP_SPACE = {
@@ -105,9 +106,10 @@ def head_budget(train_videos: int, batch_size: int) -> tuple[int, int]:
     return epochs, head_patience(epochs)
 
 
-def head_patience(epochs: int) -> int:
-    """--patience when not given: HEAD_PATIENCE_SHARE of the epochs, at least HEAD_MIN_PATIENCE (10 of 30 and fewer)."""
-    return max(HEAD_MIN_PATIENCE, round(epochs * HEAD_PATIENCE_SHARE))
+def head_patience(epochs: int, share: float = HEAD_PATIENCE_SHARE) -> int:
+    """--patience when not given: HEAD_PATIENCE_SHARE of the epochs, at least HEAD_MIN_PATIENCE (10 of 30 and fewer).
+    A sweep's trials use SWEEP_PATIENCE_SHARE: a trial is one of many, and the sweep's time is theirs added up."""
+    return max(HEAD_MIN_PATIENCE, round(epochs * share))
 
 
 def default_of(cls: type, name: str):
@@ -709,9 +711,12 @@ class SweepConfig(_Settings):
             return self.stack
         return SWEEP_STACK if self.strategy in ("grid", "random") else 1
 
-    def train_config(self, out: Path, **options) -> TrainConfig:
-        """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest."""
-        return TrainConfig(
+    def train_config(self, out: Path, train_videos: int | None = None, **options) -> TrainConfig:
+        """The TrainConfig of a trial: the sweep's split and data settings, `options` (its parameters) for the rest.
+        Given the train split's size, its epochs are train-head's (head_budget) and its patience, unless the space
+        sets it, SWEEP_PATIENCE_SHARE of them: 40 of 400 epochs on a small split instead of train-head's 133, so that
+        a sweep of 20 trials takes less time than 20 train-heads (docs/sweep.md)."""
+        cfg = TrainConfig(
             out=out,
             target=self.target,
             metric=self.metric,
@@ -723,6 +728,10 @@ class SweepConfig(_Settings):
             overwrite=True,
             **options,
         )
+        if train_videos is None or cfg.patience is not None:
+            return cfg
+        cfg = cfg.with_budget(train_videos)
+        return replace(cfg, patience=head_patience(cfg.epochs, SWEEP_PATIENCE_SHARE))
 
 
 # ---------------------------------------------------------------------------------------------- stage three

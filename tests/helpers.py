@@ -105,6 +105,26 @@ def feature_cache(path: Path, videos: list[tuple], dtype: str = "float16", **spe
 
 
 # Small, fast head settings for tests (a few epochs of a 32-wide head on a few dozen short sequences).
+# A sweep trial: a few epochs of a small head on 18 short sequences (a tenth of a second or so), and quiet settings.
+SWEEP_TRIAL = ["epochs=3", "batch_size=8", "clip_len=5"]
+SWEEP_QUICK = {"threads": 2, "progress": False, "plots": False}
+
+
+def study_trials(out: Path, name: str | None = None):
+    """The Optuna trials of the sweep in `out` (its study.db; the study is named after the folder by default)."""
+    import optuna
+
+    storage = f"sqlite:///{(out / 'study.db').resolve()}"
+    return optuna.load_study(study_name=name or out.name, storage=storage).get_trials()
+
+
+def metric_rows(run: Path) -> list[dict]:
+    """A run folder's metrics.csv, one dict per epoch."""
+    import csv
+
+    return list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+
+
 TINY_HEAD = dict(
     hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False, threads=2
 )

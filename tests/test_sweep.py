@@ -1,5 +1,6 @@
-"""`pipeline sweep`: search spaces, grid/TPE/random through Optuna, pruning, resume, cooperating workers, the
-leaderboard and best.pt, and PCA-reduced features folded into the checkpoints."""
+"""`pipeline sweep`: search spaces, grid/TPE/random through Optuna, resume, cooperating workers, the leaderboard and
+best.pt, PCA-reduced features folded into the checkpoints, stacked trials. The trial loop (sweep/trials.py) and the
+refit (sweep/refit.py) have files of their own."""
 
 from __future__ import annotations
 
@@ -16,7 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FAST, feature_cache, make_video, separable_videos
+from helpers import (
+    FAST,
+    SWEEP_QUICK,
+    SWEEP_TRIAL,
+    feature_cache,
+    make_video,
+    metric_rows,
+    separable_videos,
+    study_trials,
+)
 from typer.testing import CliRunner
 
 import pipeline
@@ -29,9 +39,7 @@ from pipeline.train_head.checkpoint import HeadCheckpoint, load_checkpoint
 from pipeline.train_head.model import HeadDims, build_head
 
 runner = CliRunner()
-# Every trial: a few epochs of a small head on 18 short sequences (a tenth of a second or so).
-TRIAL = ["epochs=3", "batch_size=8", "clip_len=5"]
-QUICK = {"threads": 2, "progress": False, "plots": False}
+TRIAL, QUICK = SWEEP_TRIAL, SWEEP_QUICK
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +53,6 @@ def val_list(cache: Path, path: Path) -> Path:
     split = random_split(c.labels(), 0.2, 0)
     path.write_text("\n".join(split.val) + "\n")
     return path
-
-
-def study_trials(out: Path, name: str | None = None):
-    import optuna
-
-    storage = f"sqlite:///{(out / 'study.db').resolve()}"
-    return optuna.load_study(study_name=name or out.name, storage=storage).get_trials()
 
 
 # ------------------------------------------------------------------------------------------------------- spaces
@@ -207,29 +208,6 @@ def test_the_command_shows_no_third_party_warnings(cache, tmp_path):
     assert "Warning" not in result.stderr and "warn(" not in result.stderr, result.stderr
 
 
-@pytest.mark.parametrize("strategy", ["random", "tpe"])
-def test_a_sweep_never_trains_the_same_settings_twice(cache, tmp_path, strategy):
-    out = tmp_path / strategy
-    result = pipeline.sweep(
-        cache,
-        out,
-        params=["head=meanpool", "hidden=8,16", "lr=0.01,0.02", *TRIAL],
-        strategy=strategy,
-        trials=12,
-        pruner="none",
-        **QUICK,
-    )
-    trained = [r["params"] for r in result.rows]
-    assert len(trained) == 4 and len({(p["hidden"], p["lr"]) for p in trained}) == 4
-    assert len(list((out / "trials").iterdir())) == 4
-    duplicates = [t for t in study_trials(out) if "duplicate_of" in t.user_attrs]
-    assert duplicates, "the sampler never drew trained settings again: the test space is too large"
-    for t in duplicates:  # told without training: the earlier trial's value, or pruned
-        earlier = next(e for e in study_trials(out) if e.number == t.user_attrs["duplicate_of"])
-        assert t.params == earlier.params and "run" not in t.user_attrs
-        assert t.value == earlier.value or t.state.name == "PRUNED"
-
-
 # ------------------------------------------------------------------------------------------------ grid, results
 def test_grid_runs_every_combination_once_and_writes_the_leaderboard(cache, tmp_path):
     out = tmp_path / "grid"
@@ -279,45 +257,6 @@ def test_grid_runs_every_combination_once_and_writes_the_leaderboard(cache, tmp_
     assert (out / "search.png").stat().st_size > 0 and result.plot == out / "search.png"
     table = result.table()
     assert table.splitlines()[0].split()[:4] == ["#", "trial", "state", "top-1"] and len(table.splitlines()) == 9
-
-
-def test_pruning_stops_weak_trials_after_the_warmup(cache, tmp_path):
-    out = tmp_path / "pruned"
-    # lr 1e-5 barely moves a head in 8 epochs; lr 0.03 separates the classes in one or two
-    result = pipeline.sweep(
-        cache,
-        out,
-        params=["lr=0.00001,0.03", "seed=0,1,2", "epochs=8", "batch_size=8", "clip_len=5", "hidden=16"],
-        strategy="grid",
-        pruner="median",
-        prune_warmup=2,
-        **QUICK,
-    )
-    pruned = [r for r in result.rows if r["state"] == "pruned"]
-    assert pruned, result.table()
-    for r in pruned:
-        assert 2 <= r["epochs_run"] < 8 and r["stopped"] == f"pruned at epoch {r['epochs_run']}"
-        assert len((Path(r["run"]) / "metrics.csv").read_text().split()) - 1 == r["epochs_run"]
-        assert not (Path(r["run"]) / "summary.json").exists()  # stopped like an interrupted train-head run
-    assert result.best["state"] == "complete" and result.best["params"]["lr"] == 0.03
-    assert sum(r["epochs_run"] for r in result.rows) < 6 * 8
-
-
-def test_timeout_stops_the_running_trial_at_an_epoch_end(cache, tmp_path):
-    result = pipeline.sweep(
-        cache,
-        tmp_path / "t",
-        params=["hidden=8,16", "epochs=100000", "batch_size=8", "clip_len=5"],
-        timeout=4.0,  # room for the first trial to start on a busy machine
-        pruner="none",
-        **QUICK,
-    )
-    (row,) = result.rows
-    assert row["state"] == "pruned" and row["stopped"] == "timeout" and row["epochs_run"] >= 1
-    # stopped at the end of an epoch: every epoch it ran is in metrics.csv, and last.pt is the last of them
-    run = tmp_path / "t" / "trials" / f"{row['trial']:04d}"
-    assert len((run / "metrics.csv").read_text().splitlines()) - 1 == row["epochs_run"]
-    assert load_checkpoint(run / "last.pt").epoch == row["epochs_run"]
 
 
 # ---------------------------------------------------------------------------------------------- studies, workers
@@ -608,11 +547,7 @@ def test_reduced_sweep_checkpoints_take_the_full_features_in_evaluate_and_predic
         assert label == best.classes[int(probs.argmax())] and prob == pytest.approx(float(probs.max()), abs=1e-5)
 
 
-# ----------------------------------------------------------------------------------------- stacked trials, refit
-def _metric_rows(run: Path) -> list[dict]:
-    return list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
-
-
+# ------------------------------------------------------------------------------------------------ stacked trials
 def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
     from pipeline.config import Runtime, TrainConfig
     from pipeline.data.labelled import load_labelled
@@ -655,10 +590,10 @@ def test_stacked_heads_train_as_they_would_alone(cache, tmp_path):
             raise Stop
 
     results = train_stack(data, configs, torch.device("cpu"), [None, stop, None])
-    assert isinstance(results[1], Stop) and len(_metric_rows(configs[1].out)) == 2  # only that head stopped
+    assert isinstance(results[1], Stop) and len(metric_rows(configs[1].out)) == 2  # only that head stopped
     for i, o in enumerate(own):
         alone = pipeline.train_head(cache, tmp_path / f"alone{i}", **shared, **o)
-        a, s = _metric_rows(alone.out), _metric_rows(configs[i].out)
+        a, s = metric_rows(alone.out), metric_rows(configs[i].out)
         assert len(a) == 4 and len(s) == (2 if i == 1 else 4)
         for ra, rs in zip(a, s):  # same seed, same batches, same dropout masks: the same run up to rounding
             for k in ("train_loss", "train_acc", "val_loss", "val_top1"):
@@ -686,74 +621,3 @@ def test_a_grid_sweep_stacks_mean_pool_trials_with_the_same_results(cache, tmp_p
     for r in stacked.rows:
         a = by_params[(r["params"]["head"], r["params"]["lr"])]
         assert r["top1"] == a["top1"] and r["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
-
-
-def test_a_reduced_sweep_refits_the_best_settings_on_the_full_features(cache, tmp_path):
-    params = ["head=meanpool", "lr=0.001,0.03", "hidden=16", *TRIAL]
-    shared = {
-        "head": "meanpool",
-        "hidden": 16,
-        "epochs": 3,
-        "batch_size": 8,
-        "clip_len": 5,
-        "plots": False,
-        "progress": False,
-        "threads": 2,
-    }
-    dim = pipeline.open_cache(cache).spec.dim
-    # --refit 1: the best trial's settings, trained on the full features exactly as train-head trains them
-    out = tmp_path / "one"
-    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, refit=1, **QUICK)
-    refit = result.refit
-    assert refit["trial"] == result.best["trial"] and refit["of"] == 1
-    assert Path(refit["run"]) == out / "refit" / f"{refit['trial']:04d}"
-    assert f"refit of the 1 best on the full features: {refit['top1']:.1%}" in result.summary_line()
-    best = load_checkpoint(out / "best.pt")
-    assert best.dims.in_dim == dim and "reduction" not in best.config  # trained on the full features
-    assert result.best["params"] == {"lr": refit["params"]["lr"]}  # a one-value parameter is fixed, not searched
-    direct = pipeline.train_head(cache, tmp_path / "direct", lr=refit["params"]["lr"], **shared)
-    assert direct.summary["top1"] == refit["top1"] and direct.summary["val_loss"] == pytest.approx(refit["val_loss"])
-    timeless = [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _metric_rows(direct.out)]
-    assert timeless == [
-        {k: v for k, v in r.items() if not k.endswith("_seconds")} for r in _metric_rows(Path(refit["run"]))
-    ]
-
-    # the default refits the 3 best (here both trials, one stack) and keeps the better one as best.pt
-    out = tmp_path / "default"
-    result = pipeline.sweep(cache, out, params=params, strategy="grid", pruner="none", reduce_dim=4, **QUICK)
-    recorded = json.loads((out / "best.json").read_text())
-    refits = recorded["refits"]
-    assert sorted(r["trial"] for r in refits) == [0, 1] and result.refit["of"] == 2
-    winner = max(refits, key=lambda r: (r["top1"], -r["val_loss"]))
-    assert result.refit["trial"] == winner["trial"] == recorded["trial"]
-    assert load_checkpoint(out / "best.pt").metrics["top1"] == winner["top1"]
-    for r in refits:  # trained as one stack: each as train-head would train it, up to rounding
-        alone = (
-            json.loads((tmp_path / "direct" / "summary.json").read_text())
-            if r["params"]["lr"] == refit["params"]["lr"]
-            else pipeline.train_head(cache, tmp_path / "other", lr=r["params"]["lr"], **shared).summary
-        )
-        assert r["top1"] == alone["top1"] and r["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-4)
-    with pytest.raises(ValueError, match="--refit trains the best settings again"):
-        pipeline.sweep(cache, tmp_path / "x", params=params, refit=2, **QUICK)
-
-
-def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_path):
-    out = tmp_path / "ahead"
-    params = ["head=gru,lstm", "hidden=8,16", "epochs=100000", "batch_size=8", "clip_len=5"]
-    first = pipeline.sweep(cache, out, params=params, strategy="grid", stack=4, timeout=1.5, **QUICK)
-    # the one trial that started ran into the time budget; the three others never started and wait for a next run
-    (row,) = [r for r in first.rows if r["state"] != "waiting"]
-    assert row["stopped"] == "timeout" and first.trials_here == 1 and first.counts() == {"pruned": 1, "waiting": 3}
-    trials = study_trials(out)
-    waiting = [t for t in trials if t.state.name == "WAITING"]
-    unstarted = [t for t in trials if t.user_attrs.get("surplus")]
-    assert len(waiting) == len(unstarted) == 3
-    queued = [t.system_attrs["fixed_params"] for t in waiting]
-    assert sorted(map(str, queued)) == sorted(map(str, (t.params for t in unstarted)))
-    assert row["params"] not in queued
-    assert sorted(map(str, (r["params"] for r in first.rows if r["state"] == "waiting"))) == sorted(map(str, queued))
-    second = pipeline.sweep(cache, out, params=params, strategy="grid", stack=1, timeout=1.5, resume=True, **QUICK)
-    started = [r for r in second.rows if r["trial"] != row["trial"] and r["state"] != "waiting"]
-    assert len(started) == 1 and started[0]["params"] in queued
-    assert second.counts() == {"pruned": 2, "waiting": 2}

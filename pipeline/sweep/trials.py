@@ -102,6 +102,7 @@ class TrialLoop:
         import optuna
 
         cfg = self.cfg
+        self.train_videos = len(data.split.train)
         optuna.storages.fail_stale_trials(study)  # trials of killed workers: failed (and retried) before counting
         # The time budget counts from the start of the sweep (reading the cache included).
         remaining = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - self.started)
@@ -163,7 +164,7 @@ class TrialLoop:
             trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
             item = _Pending(trial, params, run)
             try:
-                item.cfg = self.cfg.train_config(run, **params)
+                item.cfg = self.cfg.train_config(run, self.train_videos, **params)
             except ValueError as e:
                 self._conclude(study, item, _TrialError(f"settings do not fit together: {e}"), 0.0, None)
                 continue

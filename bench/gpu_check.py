@@ -477,9 +477,9 @@ def main(argv: list[str] | None = None) -> int:
         ceilings[kind] = embedder_fps(embedder, batch_size, batches)
         fps = ceilings[kind]
         lines.append(Line(f"embedder {kind}", "-", batches * batch_size, fps, fps / forward_fps, None, is_ceiling=True))
-        print(f"embedder {kind}: {ceilings[kind]:.0f} frames/s ({time.perf_counter() - start:.0f}s with set-up)")
+        print(f"embedder {kind}: {fps:.0f} frames/s ({time.perf_counter() - start:.0f}s with set-up)")
         del embedder
-    model_ceiling = ("graphed" if "graphed" in ceilings else "eager", ceilings["graphed" if cuda else "eager"])
+    default_model = "graphed" if cuda else "eager"  # what a run uses unless --compile
     like = load_backbone(MODEL, "none", progress=False)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -489,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
 
         def ceiling_of(label: str, videos: list[Path], decoder: str, **extra) -> tuple[str, float]:
             """The decoder's ceiling (a run through a model that does nothing, on a quarter of `videos`: a rate),
-            and the lowest of it and the model's."""
+            and the lowest of it and the model's (compiled when `extra` says so)."""
+            model = "compiled" if extra.pop("compile", False) and "compiled" in ceilings else default_model
             cache = work / f"noop_{label.replace(' ', '_')}_{decoder}.h5"
             report = run.extract_videos(
                 videos[: max(1, len(videos) // 4)],
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.append(ceiling)
             print(f"  {lines[-1].text()}", flush=True)
             name = f"{decoder} decode"
-            return min((name, fps), model_ceiling, key=lambda c: c[1])
+            return min((name, fps), (f"{model} embedder", ceilings[model]), key=lambda c: c[1])
 
         def timed(label: str, videos: list[Path], decoder: str, **extra) -> Line | None:
             cache = work / f"{label.replace(' ', '_')}_{decoder}.h5"

@@ -104,13 +104,13 @@ def test_trials_asked_ahead_but_not_started_wait_for_the_next_run(cache, tmp_pat
     assert second.counts() == {"pruned": 2, "waiting": 2}
 
 
-def test_a_trial_trains_for_the_heads_budget_with_a_shorter_patience(cache, tmp_path):
+def test_a_trial_trains_for_the_heads_budget_with_a_shorter_patience(tmp_path):
     sweep = SweepConfig(out=tmp_path / "s")
-    for train in (7_600, 647, 13):  # UCF101-sized, the order tasks, a tiny split
-        epochs = head_budget(train, 64)[0]
+    # UCF101-sized, the order tasks, a tiny split: train-head's epochs, a tenth of them as patience (at least 10)
+    for train, budget in ((7_600, (30, 10)), (647, (110, 11)), (13, (400, 40))):
         cfg = sweep.train_config(tmp_path / "t", train)
-        assert (cfg.epochs, cfg.patience) == (epochs, max(HEAD_MIN_PATIENCE, round(epochs * SWEEP_PATIENCE_SHARE)))
-    assert head_budget(13, 64) == (400, 133) and sweep.train_config(tmp_path / "t", 13).patience == 40
+        assert (cfg.epochs, cfg.patience) == budget and cfg.epochs == head_budget(train, 64)[0]
+    assert SWEEP_PATIENCE_SHARE == 1 / 10 and head_budget(13, 64) == (400, 133)
     assert sweep.train_config(tmp_path / "t", 13, patience=5).patience == 5  # a space that sets it keeps it
     assert sweep.train_config(tmp_path / "t", 13, epochs=50).patience == HEAD_MIN_PATIENCE
     assert head_patience(400) == 133  # train-head's own, unchanged

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -79,6 +81,20 @@ def test_train_then_evaluate(cache, tmp_path):
     assert result.exit_code == EXIT_OK
     metrics = json.loads(result.stdout)
     assert metrics["classes"] == ["class0", "class1", "class2"] and len(metrics["confusion_matrix"]) == 3
+
+
+def test_progress_in_a_log_is_a_few_lines_ending_with_the_last_epoch(cache, tmp_path):
+    """stderr to a file or a CI console (not a terminal): the epoch bar is not redrawn ten times a second."""
+    args = [*TINY[: TINY.index("--epochs")], "--epochs", "80", "--patience", "0", *TINY[TINY.index("--batch-size") :]]
+    args.remove("--quiet")
+    command = [sys.executable, "-m", "pipeline", "train-head", str(cache), "--out", str(tmp_path / "run"), *args]
+    t = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    seconds = time.perf_counter() - t
+    assert result.returncode == EXIT_OK, result.stderr
+    draws = re.findall(r"(\d+)/80 \[", result.stderr)  # each drawing of the bar: "lstm: 100%|...| 80/80 [00:02<..."
+    assert draws and draws[-1] == "80", result.stderr  # the last state is written when the bar closes
+    assert len(draws) <= 3, f"{len(draws)} drawings of the bar in a {seconds:.1f} s run"
 
 
 def test_evaluate_refuses_other_features_and_unsafe_checkpoints(cache, tmp_path):

@@ -17,10 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from pipeline.data.cache import CacheError, FeatureCache
-from pipeline.runtime import worker_init
+from pipeline.runtime import progress_bar, worker_init
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +210,7 @@ def load_sequences(cache: FeatureCache, keys: list[str], memory: str = "auto", p
     data = np.empty((int(lengths.sum()), cache.spec.dim), dtype=cache.dtype)
     row = 0
     for key, n in zip(
-        tqdm(keys, desc="loading", unit="video", disable=not progress, leave=False), lengths, strict=True
+        progress_bar(keys, desc="loading", unit="video", disable=not progress, leave=False), lengths, strict=True
     ):
         features = cache.features(key)
         if features.shape != (n, cache.spec.dim):

@@ -14,11 +14,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
-from tqdm import tqdm
 
 from pipeline.data.cache import printable
 from pipeline.extract.decode import list_images, opencv_safe
 from pipeline.extract.inputs import VideoItem
+from pipeline.runtime import progress_bar
 from pipeline.spec import Sampling
 
 PROBE_THREADS = 4  # OpenCV releases the GIL while it opens a file: a few threads probe several at once
@@ -85,7 +85,7 @@ class Progress:
         self.probed = threading.Event()
         self._lock = threading.Lock()
         self._closed = self._stop = False
-        self.bar = tqdm(unit="frame", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
+        self.bar = progress_bar(unit="frame", desc="extract", disable=not enabled, smoothing=0.1, dynamic_ncols=True)
         self.total: int | None = None
         if not self.items or not probe:
             self.probed.set()

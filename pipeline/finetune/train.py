@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.config import (
     FINETUNE_BACKBONE_LR_FACTOR,
@@ -53,7 +52,7 @@ from pipeline.finetune.clips import (
     sampled_rows,
 )
 from pipeline.finetune.model import FinetuneModel, resolve_unfreeze
-from pipeline.runtime import cpu_count, default_workers, pick_device
+from pipeline.runtime import cpu_count, default_workers, pick_device, progress_bar
 from pipeline.spec import FeatureSpec, Sampling
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.metrics import classification_report
@@ -183,7 +182,7 @@ def feature_rows(
 
         # OpenCV releases the GIL while it decodes: threads index several files at once.
         with ThreadPoolExecutor(max(1, workers)) as pool:
-            for key, found, error in tqdm(
+            for key, found, error in progress_bar(
                 pool.map(index, rest), total=len(rest), unit="video", desc="indexing", disable=not progress, leave=False
             ):
                 if error is None:
@@ -534,7 +533,9 @@ class FinetuneRun:
             ckpt.sampling,
         )
         total = sum(len(plan.videos) for plan in plans)
-        with tqdm(total=total, unit="clip", desc=what, disable=not self.cfg.runtime.progress, leave=False) as bar:
+        with progress_bar(
+            total=total, unit="clip", desc=what, disable=not self.cfg.runtime.progress, leave=False
+        ) as bar:
 
             def counted(batches):
                 for batch in batches:
@@ -571,7 +572,7 @@ class FinetuneRun:
         )
         jobs = [ClipJob(plan, rng.integers(0, 2**63, len(plan.videos))) for plan in plans]
         desc = f"epoch {epoch}/{cfg.epochs}"
-        with tqdm(
+        with progress_bar(
             total=len(data.train_idx), unit="clip", desc=desc, disable=not cfg.runtime.progress, leave=False
         ) as bar:
 
@@ -579,7 +580,7 @@ class FinetuneRun:
                 for mode, count in batch.reads.items():
                     self.reads[mode] += count
                 bar.update(len(batch.y))
-                bar.set_postfix(loss=f"{mean_loss:.3f}")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
 
             stats = train_one_epoch(
                 self.model,

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from pipeline.config import TrainConfig
 from pipeline.data.labelled import LabelledData
 from pipeline.data.sequences import batches, eval_plans
+from pipeline.runtime import progress_bar
 from pipeline.train_head.model import MeanPoolHead, dropout_mask, length_mask
 from pipeline.train_head.train import HeadRun, TrainResult
 
@@ -135,7 +135,9 @@ def train_stack(
         members.append(_Member(run, generator))
     lead = members[0].run
     cfg = lead.cfg  # with its epochs set (config.head_budget)
-    bar = tqdm(range(1, cfg.epochs + 1), desc=f"{len(configs)} x {cfg.head}", unit="epoch", disable=not progress)
+    bar = progress_bar(
+        range(1, cfg.epochs + 1), desc=f"{len(configs)} x {cfg.head}", unit="epoch", disable=not progress
+    )
     try:
         for epoch in bar:
             active = [m for m in members if m.active]
@@ -155,7 +157,7 @@ def train_stack(
                 except Exception as e:  # the head's hook stopped it (e.g. a pruned trial): the others go on
                     m.run.close()
                     m.result = e
-            bar.set_postfix(best=f"{max(m.run.best['score'] for m in members):.1%}")
+            bar.set_postfix(best=f"{max(m.run.best['score'] for m in members):.1%}", refresh=False)
         for m in members:
             if m.active:
                 m.result = m.run.finish()

@@ -13,10 +13,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from pipeline.config import SweepConfig, TrainConfig
 from pipeline.data.labelled import LabelledData
+from pipeline.runtime import progress_bar
 from pipeline.sweep.reduce import Reduction, fold_reduction
 from pipeline.sweep.results import Leaderboard
 from pipeline.sweep.space import SearchSpace, SpaceError
@@ -108,7 +107,7 @@ class TrialLoop:
         remaining = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - self.started)
         self.deadline = None if remaining is None else time.time() + remaining
         done = sum(1 for t in study.get_trials(deepcopy=False) if counted(t) and t.state.is_finished())
-        self.bar = tqdm(
+        self.bar = progress_bar(
             total=self.trials,
             initial=min(done, self.trials),
             desc="sweep",

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline.config import FRAME_METRICS, VIDEO_METRICS, TrainConfig, config_with
 from pipeline.data.labelled import LabelledData, load_labelled
@@ -32,7 +31,7 @@ from pipeline.data.sequences import (
     with_row_targets,
 )
 from pipeline.data.splits import Split
-from pipeline.runtime import cpu_count, pick_device
+from pipeline.runtime import cpu_count, pick_device, progress_bar
 from pipeline.train_head.checkpoint import HeadCheckpoint, eval_description, load_checkpoint
 from pipeline.train_head.losses import frame_loss
 from pipeline.train_head.metrics import classification_report, scores_line
@@ -269,7 +268,7 @@ def train_head(
     if data is None:
         data = load_labelled(cache, cfg)
     run = HeadRun(cfg, data, device, on_epoch, started)
-    bar = tqdm(range(1, run.cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
+    bar = progress_bar(range(1, run.cfg.epochs + 1), desc=cfg.head, unit="epoch", disable=not cfg.runtime.progress)
     try:
         for epoch in bar:
             t0 = time.perf_counter()
@@ -285,7 +284,7 @@ def train_head(
             t1 = time.perf_counter()
             if not run.end_epoch(epoch, stats, run.validate(), lr, t1 - t0, time.perf_counter() - t1):
                 break
-            bar.set_postfix(run.postfix())
+            bar.set_postfix(run.postfix(), refresh=False)
     finally:
         bar.close()
         run.close()

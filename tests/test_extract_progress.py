@@ -91,3 +91,19 @@ def test_sampled_rows_follow_the_sampling():
     assert sampled_rows(100, 25.0, Sampling(num_frames=8)) == 8
     assert sampled_rows(5, 25.0, Sampling(num_frames=8)) == 5
     assert sampled_rows(0, 25.0, Sampling()) == 0
+
+
+def test_in_a_log_the_bar_is_drawn_a_few_times_not_once_a_video(mixed, capsys):
+    """stderr not a terminal (pytest captures it): finishing videos does not redraw the bar each time."""
+    truth = [decoded_rows(item, Sampling()) for item in mixed] * 20  # 180 videos
+    progress = Progress(mixed * 20, Sampling(), enabled=True)
+    try:
+        assert progress.probed.wait(5.0)
+        for i, rows in enumerate(truth):
+            progress.frames(rows)
+            progress.video_done(i, rows)
+    finally:
+        progress.close()
+    err = capsys.readouterr().err
+    assert f"{sum(truth)}/{sum(truth)}" in err  # its last state, written when it closes
+    assert err.count("videos,") <= 3, err

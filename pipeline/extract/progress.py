@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -134,7 +135,9 @@ class Progress:
                 total += (estimate if estimate is not None else mean) * ratio[self._kind(i)]
         self.total = max(round(total), self.n)
         self.bar.total = self.total
-        self.bar.refresh()
+        # redrawn at the bar's own pace (tqdm's clock and interval), so a log gets no line per video
+        if not self.bar.disable and time.time() - self.bar.last_print_t >= self.bar.mininterval:
+            self.bar.refresh()
 
     # -- what the run reports
     def frames(self, n: int) -> None:

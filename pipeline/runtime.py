@@ -1,4 +1,5 @@
-"""Where and how things run: the device of a --device setting, the CPU cores, threads and worker processes.
+"""Where and how things run: the device of a --device setting, the CPU cores, threads and worker processes, and
+the progress bars.
 
 Imports nothing heavy at module level, so that the CLI's --help stays instant.
 """
@@ -15,21 +16,6 @@ from collections.abc import Iterator
 # work (decode workers, other jobs, a loaded 2-core machine) the spinning threads take the cores the busy ones need,
 # and runs take 2-3.5x longer (docs/performance.md). PASSIVE threads sleep at once.
 THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-# A progress bar writing to a log file or a CI console (stderr not a terminal) redraws at most this often: tqdm's
-# default of ten times a second leaves hundreds of lines in a log for a run of a minute.
-LOG_REFRESH_S = 30.0
-
-
-def progress_bar(iterable=None, **options):
-    """A tqdm bar over `iterable` (tqdm's options), redrawn at most every LOG_REFRESH_S seconds when stderr is not a
-    terminal; its last state is always written when it closes."""
-    from tqdm import tqdm
-
-    if not sys.stderr.isatty():
-        options.setdefault("mininterval", LOG_REFRESH_S)
-    return tqdm(iterable, **options)
 
 
 def default_threading() -> dict[str, str]:
@@ -184,3 +170,18 @@ def die_with_parent(parent: int) -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+
+
+# A progress bar writing to a log file or a CI console (stderr not a terminal) redraws at most this often: tqdm's
+# default of ten times a second leaves hundreds of lines in a log for a run of a minute.
+LOG_REFRESH_S = 30.0
+
+
+def progress_bar(iterable=None, **options):
+    """A tqdm bar over `iterable` (tqdm's options), redrawn at most every LOG_REFRESH_S seconds when stderr is not a
+    terminal; its last state is always written when it closes."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        options.setdefault("mininterval", LOG_REFRESH_S)
+    return tqdm(iterable, **options)

@@ -104,7 +104,6 @@ def feature_cache(path: Path, videos: list[tuple], dtype: str = "float16", **spe
     return write_feature_cache(path, videos, synthetic_spec(dim, **spec_fields), dtype=dtype)
 
 
-# Small, fast head settings for tests (a few epochs of a 32-wide head on a few dozen short sequences).
 # A sweep trial: a few epochs of a small head on 18 short sequences (a tenth of a second or so), and quiet settings.
 SWEEP_TRIAL = ["epochs=3", "batch_size=8", "clip_len=5"]
 SWEEP_QUICK = {"threads": 2, "progress": False, "plots": False}
@@ -125,6 +124,7 @@ def metric_rows(run: Path) -> list[dict]:
     return list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
 
 
+# Small, fast head settings for tests (a few epochs of a 32-wide head on a few dozen short sequences).
 TINY_HEAD = dict(
     hidden=32, epochs=12, batch_size=8, lr=1e-2, clip_len=5, patience=0, progress=False, plots=False, threads=2
 )
